@@ -1,0 +1,85 @@
+"""The `edgeprune` command. Subcommands are listed once, here; each is a module of this package
+with `add_parser(subparsers)` and `run(args) -> int` (STYLE.md section 3).
+
+Heavy imports (torch, onnx) happen inside each `run()`, so `edgeprune run --help` works on a
+runtime-only install. A subcommand whose module cannot be imported still shows up and explains.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from edgeprune import __version__
+from edgeprune.errors import EdgepruneError
+
+# name -> module under edgeprune.cli (the module's docstring first line is the --help summary)
+SUBCOMMANDS: dict[str, str] = {
+    "methods": "methods",
+    "generate": "generate",
+    "export": "export",
+    "run": "run",
+    "inspect": "inspect",
+    "build-engine": "build_engine",
+}
+
+log = logging.getLogger("edgeprune")
+
+
+class _MissingSubcommand:
+    """Stands in for a subcommand whose module failed to import (e.g. a dependency is absent)."""
+
+    def __init__(self, name: str, error: Exception):
+        self.name, self.error = name, error
+        self.__doc__ = f"(unavailable: {error})"
+
+    def add_parser(self, subparsers):
+        p = subparsers.add_parser(self.name, help=self.__doc__, add_help=True)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        return p
+
+    def run(self, args) -> int:
+        raise EdgepruneError(f"'{self.name}' is unavailable here: {self.error}")
+
+
+def _load(name: str, module: str):
+    try:
+        return importlib.import_module(f"edgeprune.cli.{module}")
+    except ImportError as err:
+        return _MissingSubcommand(name, err)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edgeprune.cli import args as common
+
+    parser = argparse.ArgumentParser(
+        prog="edgeprune", description="Visual-token pruning compiled into the exported vision graph of VLMs.")
+    parser.add_argument("--version", action="version", version=f"edgeprune {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in SUBCOMMANDS.items():
+        mod = _load(name, module)
+        sub = mod.add_parser(subparsers)
+        common.add_logging_args(sub)
+        sub.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from edgeprune.cli.args import setup_logging
+
+    setup_logging(args)
+    try:
+        return int(args._run(args) or 0)
+    except EdgepruneError as err:
+        print(f"edgeprune {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

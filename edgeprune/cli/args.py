@@ -1,0 +1,82 @@
+"""Argument groups shared by subcommands: each adds its options and turns them into a small value."""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeprune.errors import EdgepruneError
+
+__all__ = ["add_logging_args", "setup_logging", "add_pruner_args", "pruner_options", "PrunerOptions",
+           "add_bundle_args", "add_device_args", "parse_key_values"]
+
+
+def add_logging_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("logging")
+    group.add_argument("-v", "--verbose", action="count", default=0, help="more output (-vv for debug)")
+    group.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    group.add_argument("--log-file", type=Path, help="also write the log to this file")
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if getattr(args, "quiet", False) else (
+        logging.DEBUG if getattr(args, "verbose", 0) >= 2 else logging.INFO)
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if getattr(args, "log_file", None):
+        handlers.append(logging.FileHandler(args.log_file))
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+
+
+def parse_key_values(items: list[str] | None) -> dict:
+    """`--cfg alpha=0.5 --cfg selection=dart` -> {"alpha": 0.5, "selection": "dart"} (YAML scalars)."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise EdgepruneError(f"--cfg {item!r}: expected KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+@dataclass(frozen=True)
+class PrunerOptions:
+    method: str
+    keep: int | None
+    config: dict
+
+
+def add_pruner_args(parser: argparse.ArgumentParser, keep_required: bool = False) -> None:
+    from edgeprune.pruners import available  # torch: only subcommands that prune call this
+
+    group = parser.add_argument_group("pruner")
+    group.add_argument("--method", default="divprune", choices=sorted(available()), help="pruning method")
+    group.add_argument("--keep", type=int, required=keep_required,
+                       help="token budget K (default: N, i.e. no pruning)")
+    group.add_argument("--cfg", action="append", metavar="KEY=VALUE",
+                       help="method option, repeatable (see `edgeprune methods`)")
+
+
+def pruner_options(args: argparse.Namespace) -> PrunerOptions:
+    if args.keep is not None and args.keep < 1:
+        raise EdgepruneError(f"--keep {args.keep}: expected an integer >= 1")
+    return PrunerOptions(method=args.method, keep=args.keep, config=parse_key_values(args.cfg))
+
+
+def add_bundle_args(parser: argparse.ArgumentParser, output: bool = False) -> None:
+    group = parser.add_argument_group("bundle")
+    if output:
+        group.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+        group.add_argument("--force", action="store_true", help="overwrite an existing bundle")
+    else:
+        group.add_argument("bundle", type=Path, help="bundle folder written by `edgeprune export`")
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("device")
+    group.add_argument("--provider", action="append", metavar="NAME",
+                       help="ONNX Runtime execution provider, repeatable, in priority order "
+                            "(cpu, cuda, tensorrt; default: cpu)")
+    group.add_argument("--device-profile", metavar="NAME|FILE", help="device profile (see profiles/)")

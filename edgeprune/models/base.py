@@ -1,0 +1,73 @@
+"""The adapter interface: what pruning, the torch reference and the exporter need from a VLM family.
+
+An adapter is an nn.Module that owns the vision encoder, the projector and the LLM of one model,
+and knows its preprocessing, prompt layout and position rule. Pruners never see model code: they
+get `Signals` (METHODS.md, Common contract).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from edgeprune.runtime.preprocess import PreprocessConfig, preprocess
+from edgeprune.runtime.prompt import ChatTemplate
+
+__all__ = ["Signals", "Adapter", "ALL_SIGNALS"]
+
+ALL_SIGNALS = ("tokens", "feats", "keys", "attn", "pixels")
+
+
+@dataclass
+class Signals:
+    """Encoder outputs for one batch of images; `None` for what was not asked for."""
+
+    grid: tuple[int, int]
+    tokens: Tensor | None = None   # [B, N, D_llm] after the projector
+    feats: Tensor | None = None    # [B, N, C] encoder features used for similarity / projection
+    keys: Tensor | None = None     # [B, N, Ck] head-mean keys of the layer that feeds `feats`
+    attn: Tensor | None = None     # [B, N] [CLS]-to-patch attention (summed over heads) or mean received
+    pixels: Tensor | None = None   # [B, 3, h, w] the preprocessed image
+
+    def as_kwargs(self) -> dict:
+        """Keyword arguments for `pruner(**signals.as_kwargs())`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Adapter(nn.Module):
+    """Base class of model adapters. Subclasses set the attributes and implement the methods below."""
+
+    family: ClassVar[str] = ""            # manifest "model.family"
+    preprocess_config: PreprocessConfig
+    chat_template: ChatTemplate
+    grid: tuple[int, int]                 # patch grid after the encoder (N = H * W image tokens)
+    llm: nn.Module                        # transformers causal LM taking inputs_embeds/position_ids/past_key_values
+    tokenizer: object                     # tokenizers.Tokenizer (the runtime loads the same tokenizer.json)
+    eos_token_ids: tuple[int, ...]
+    default_positions: str = "compact"
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def preprocess(self, images) -> Tensor:
+        """Images (paths, PIL, uint8 arrays) -> pixels [B, 3, h, w], with the runtime's own numpy code."""
+        return torch.from_numpy(preprocess(images, self.preprocess_config))
+
+    def encode(self, pixels: Tensor, need: tuple[str, ...] = ALL_SIGNALS) -> Signals:
+        """Run the vision encoder; compute only the signals in `need` (tokens implies projection)."""
+        raise NotImplementedError
+
+    def project(self, feats: Tensor) -> Tensor:
+        """Encoder features [B, M, C] -> LLM embeddings [B, M, D_llm]."""
+        raise NotImplementedError
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """Token ids [B, L] -> input embeddings [B, L, D_llm]."""
+        return self.llm.get_input_embeddings()(ids)
+
+    def tokenizer_json(self) -> str:
+        """tokenizer.json content for the bundle (the runtime loads it with tokenizers.Tokenizer)."""
+        return self.tokenizer.to_str()

@@ -1,0 +1,22 @@
+"""Pruners: one module per METHODS.md method, all behind `build(name, keep=K, **cfg)`.
+
+Every pruner module is imported here explicitly so that `build()` and `available()` see it.
+"""
+from edgeprune.pruners._registry import available, build, register_pruner
+from edgeprune.pruners.base import SIGNALS, Pruner, Selection
+
+from edgeprune.pruners import (  # noqa: F401  (registration side effect)
+    adbts,
+    attention,
+    autoselect,
+    d2pruner,
+    dart,
+    divprune,
+    dpc,
+    polymorphic,
+    random,
+    uniform,
+    visionzip,
+)
+
+__all__ = ["build", "available", "register_pruner", "Pruner", "Selection", "SIGNALS"]

@@ -1,0 +1,67 @@
+"""Pruner registry: `@register_pruner` at the definition, `build()` and `available()` for users."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+from edgeprune.errors import PrunerConfigError
+from edgeprune.pruners.base import Pruner
+
+__all__ = ["register_pruner", "build", "available", "PrunerInfo"]
+
+_PRUNERS: dict[str, type[Pruner]] = {}
+
+
+@dataclass(frozen=True)
+class PrunerInfo:
+    name: str
+    description: str
+    requires: tuple[str, ...]
+    space: str
+    defaults: dict           # config keyword -> default (keep excluded); required ones map to inspect.Parameter.empty
+    extra_outputs: tuple[str, ...]
+
+
+def register_pruner(name: str):
+    """Class decorator: registers under `name` (= module file = --method value). Duplicates are errors."""
+    def wrap(cls: type[Pruner]) -> type[Pruner]:
+        if name in _PRUNERS:
+            raise RuntimeError(f"pruner '{name}' registered twice: {_PRUNERS[name].__qualname__} and {cls.__qualname__}")
+        cls.name = name
+        cls.description = (inspect.getdoc(cls) or "").splitlines()[0] if cls.__doc__ else ""
+        _PRUNERS[name] = cls
+        return cls
+    return wrap
+
+
+def _config_params(cls: type[Pruner]) -> dict[str, inspect.Parameter]:
+    params = dict(inspect.signature(cls.__init__).parameters)
+    params.pop("self", None)
+    params.pop("keep", None)
+    return params
+
+
+def available() -> dict[str, PrunerInfo]:
+    """Every registered pruner, sorted by name."""
+    return {
+        name: PrunerInfo(name=name, description=cls.description, requires=cls.requires, space=cls.space,
+                         defaults={k: p.default for k, p in _config_params(cls).items()},
+                         extra_outputs=cls.extra_outputs)
+        for name, cls in sorted(_PRUNERS.items())
+    }
+
+
+def build(name: str, keep: int, **cfg) -> Pruner:
+    """Instantiate pruner `name` with budget `keep`; unknown names or config keys are clear errors."""
+    if name not in _PRUNERS:
+        raise PrunerConfigError(f"unknown pruner {name!r}; available: {', '.join(sorted(_PRUNERS))}")
+    cls = _PRUNERS[name]
+    params = _config_params(cls)
+    unknown = sorted(set(cfg) - set(params))
+    if unknown:
+        accepted = ", ".join(params) or "none"
+        raise PrunerConfigError(f"{name}: unknown option(s) {', '.join(unknown)}; accepted: {accepted}")
+    missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in cfg]
+    if missing:
+        raise PrunerConfigError(f"{name}: missing required option(s) {', '.join(missing)}")
+    return cls(keep=keep, **cfg).eval()

@@ -1,0 +1,1 @@
+"""Not implemented yet (placeholder so the package imports)."""

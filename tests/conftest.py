@@ -1,0 +1,34 @@
+"""Shared fixtures: seeded synthetic signals shaped like a real encoder's (METHODS.md, Common contract)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+PATCH = 14
+
+
+def make_signals(batch: int = 2, grid: tuple[int, int] = (24, 24), dim: int = 32, feat_dim: int = 24,
+                 key_dim: int = 8, seed: int = 0) -> dict:
+    """Random but well-conditioned signals: every pruner in `available()` can run on them."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = grid
+    n = h * w
+    attn = torch.rand(batch, n, generator=g)
+    return {
+        "tokens": torch.randn(batch, n, dim, generator=g),
+        "feats": torch.randn(batch, n, feat_dim, generator=g),
+        "keys": torch.randn(batch, n, key_dim, generator=g),
+        "attn": attn / attn.sum(-1, keepdim=True),
+        "grid": (h, w),
+        "pixels": torch.randn(batch, 3, h * PATCH, w * PATCH, generator=g),
+    }
+
+
+def row(signals: dict, b: int) -> dict:
+    """Batch row b of `signals`, keeping the batch dimension."""
+    return {k: (v if k == "grid" else v[b:b + 1]) for k, v in signals.items()}
+
+
+@pytest.fixture
+def signals():
+    return make_signals()
