@@ -68,6 +68,12 @@ class Adapter(nn.Module):
         """Token ids [B, L] -> input embeddings [B, L, D_llm]."""
         return self.llm.get_input_embeddings()(ids)
 
+    def pruner_options(self) -> dict:
+        """Model facts a pruner may take as options. The exporter and `generate` pass each entry
+        whose name the chosen method accepts (see `available()[name].defaults`), unless the user
+        set it: one generic rule, no per-method code. E.g. adbts reads pixel_mean / pixel_std."""
+        return {"pixel_mean": tuple(self.preprocess_config.mean), "pixel_std": tuple(self.preprocess_config.std)}
+
     def tokenizer_json(self) -> str:
         """tokenizer.json content for the bundle (the runtime loads it with tokenizers.Tokenizer)."""
         return self.tokenizer.to_str()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from edgeprune.errors import PrunerConfigError
 from edgeprune.pruners.base import Pruner
 
-__all__ = ["register_pruner", "build", "available", "PrunerInfo"]
+__all__ = ["register_pruner", "build", "build_for_model", "available", "PrunerInfo"]
 
 _PRUNERS: dict[str, type[Pruner]] = {}
 
@@ -65,3 +65,14 @@ def build(name: str, keep: int, **cfg) -> Pruner:
     if missing:
         raise PrunerConfigError(f"{name}: missing required option(s) {', '.join(missing)}")
     return cls(keep=keep, **cfg).eval()
+
+
+def build_for_model(name: str, keep: int, model_options: dict, **cfg) -> Pruner:
+    """`build()` with the model's facts (Adapter.pruner_options()) filled in for the options this
+    method accepts; explicit `cfg` wins. The one rule export and generate use for every method."""
+    if name not in _PRUNERS:
+        return build(name, keep, **cfg)  # raises the unknown-pruner error
+    accepted = _config_params(_PRUNERS[name])
+    merged = {k: v for k, v in model_options.items() if k in accepted}
+    merged.update(cfg)
+    return build(name, keep, **merged)
