@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "run": "run",
     "inspect": "inspect",
     "build-engine": "build_engine",
+    "train": "train",
 }
 
 log = logging.getLogger("edgeprune")
