@@ -13,7 +13,7 @@ from edgeprune.errors import PrunerConfigError
 
 __all__ = [
     "check_keep", "exporting", "topk_indices", "argmax", "gather_rows", "sort_by_position",
-    "cosine_matrix", "one_hot", "NEG_INF",
+    "cosine_matrix", "one_hot", "NEG_INF", "unchosen_indices",
 ]
 
 # A large finite negative: -inf would turn into NaN through 0 * -inf in masked arithmetic.
@@ -77,3 +77,17 @@ def one_hot(index: Tensor, n: int) -> Tensor:
     if index.dim() == 1:
         return ar.unsqueeze(0) == index.unsqueeze(1)
     return (ar.view(1, 1, n) == index.unsqueeze(-1)).any(dim=1)
+
+
+def unchosen_indices(chosen: Tensor, ranks: Tensor) -> Tensor:
+    """For each r in `ranks` [R], the index of the r-th token (0-based, in position order) NOT in
+    `chosen` [B, J] (unique indices, any order) -> [B, R]. Each r must be < N - J.
+
+    Sort-free over N (no NonZero, no TopK over N): with the chosen indices sorted, c_0 < ... < c_{J-1}
+    (a TopK over J), c_j - j unchosen tokens precede c_j, so the r-th unchosen index is
+    r + |{j : c_j - j <= r}|. Counts are summed in float32 (exact below 2^24; TensorRT reduces floats).
+    """
+    c = sort_by_position(chosen)[0]                                        # [B, J] ascending
+    before = c - torch.arange(c.shape[1], device=c.device).unsqueeze(0)    # [B, J] unchosen tokens before c_j
+    count = (before.unsqueeze(1) <= ranks.view(1, -1, 1)).to(torch.float32).sum(dim=-1)  # [B, R]
+    return ranks.unsqueeze(0) + count.to(torch.long)
