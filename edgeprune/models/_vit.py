@@ -1,0 +1,85 @@
+"""Signals from a ViT with a [CLS] token (CLIP, DINOv2), shared by the adapters of this package.
+
+`encode` runs the encoder only up to the layer that produces `feats` (layers after it are never
+run) and computes `keys` and `attn` from that layer's input with plain tensor ops, so the encoder
+keeps its sdpa attention (NOTES.md: `output_attentions` with sdpa returns None) and the same code
+traces to ONNX. No Python branching on tensor values: only on `need`, which is static.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from edgeprune.errors import ModelError
+from edgeprune.models.base import ALL_SIGNALS, Adapter, Signals
+
+__all__ = ["ClsViTAdapter", "check_need"]
+
+
+def check_need(need) -> tuple[str, ...]:
+    if isinstance(need, str):
+        need = (need,)
+    need = tuple(need)
+    unknown = [n for n in need if n not in ALL_SIGNALS]
+    if unknown:
+        raise ModelError(f"encode: unknown signal(s) {', '.join(map(repr, unknown))}; "
+                         f"expected some of {', '.join(ALL_SIGNALS)}")
+    return need
+
+
+class ClsViTAdapter(Adapter):
+    """Adapter base for encoders with a [CLS] token at index 0 and pre-norm layers.
+
+    Subclasses implement `_embed(pixels) -> [B, 1+N, C]` (everything before the first layer),
+    `_layers()` (the encoder layers, called as `layer(hidden, None)`), `_attn_parts(layer)` ->
+    (pre-attention norm, q projection, k projection, heads, scale), and set `feature_layer`, the
+    0-based index of the layer whose output (without [CLS]) is `feats`.
+    """
+
+    feature_layer: int
+
+    def _embed(self, pixels: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def _attn_parts(self, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, int, float]:
+        raise NotImplementedError
+
+    def _check_pixels(self, pixels: Tensor) -> None:
+        h, w = self.preprocess_config.size
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, h, w):
+            raise ModelError(f"{self.family}: pixels of shape {tuple(pixels.shape)}, expected [B, 3, {h}, {w}] "
+                             "(use adapter.preprocess(images))")
+
+    def encode(self, pixels: Tensor, need: tuple[str, ...] = ALL_SIGNALS) -> Signals:
+        need = check_need(need)
+        self._check_pixels(pixels)
+        layers = self._layers()
+        hidden = self._embed(pixels)                                      # [B, 1+N, C]
+        for layer in layers[:self.feature_layer]:
+            hidden = layer(hidden, None)
+        out = Signals(grid=self.grid, pixels=pixels if "pixels" in need else None)
+        if "feats" in need or "tokens" in need:
+            feats = layers[self.feature_layer](hidden, None)[:, 1:]        # [B, N, C], [CLS] dropped
+            out.feats = feats if "feats" in need else None
+            out.tokens = self.project(feats) if "tokens" in need else None  # [B, N, D_llm]
+        if "keys" in need or "attn" in need:
+            out.keys, out.attn = self._keys_attn(layers[self.feature_layer], hidden, need)
+        return out
+
+    def _keys_attn(self, layer: nn.Module, hidden: Tensor, need: tuple[str, ...]):
+        """Head-mean keys [B, N, hd] and [CLS]-to-patch attention summed over heads [B, N] of `layer`,
+        recomputed from its input `hidden` [B, 1+N, C] exactly as the layer computes them."""
+        norm, q_proj, k_proj, heads, scale = self._attn_parts(layer)
+        b, t, _ = hidden.shape
+        x = norm(hidden)                                                  # [B, 1+N, C]
+        k = k_proj(x).reshape(b, t, heads, -1)                            # [B, 1+N, H, hd]
+        keys = k.mean(dim=2)[:, 1:] if "keys" in need else None           # [B, N, hd]
+        attn = None
+        if "attn" in need:
+            q = q_proj(x[:, :1]).reshape(b, 1, heads, -1)                 # [B, 1, H, hd] query of [CLS]
+            scores = (q * k).sum(dim=-1) * scale                          # [B, 1+N, H]
+            # softmax over all 1+N keys ([CLS] column included, as in the layer), then drop [CLS]
+            attn = scores.softmax(dim=1).sum(dim=2)[:, 1:]                # [B, N]
+        return keys, attn
