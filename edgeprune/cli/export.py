@@ -1,11 +1,124 @@
-"""(not implemented yet)"""
+"""Export a VLM with a pruner to a bundle: vision graph (static K), LLM graphs, tokenizer, manifest.
+
+Validates the graphs against torch on seeded inputs and prints the parity report.
+Example: edgeprune export --method dart --keep 64 --out bundles/mini-dart64
+"""
+from __future__ import annotations
+
+import sys
+
+DEFAULT_MODEL = "edgeprune-mini"
 
 
 def add_parser(subparsers):
-    return subparsers.add_parser("export", help=__doc__.splitlines()[0])
+    from edgeprune.cli.args import add_bundle_args, add_pruner_args
+    from edgeprune.runtime.positions import POSITION_MODES
+
+    p = subparsers.add_parser("export", help=__doc__.splitlines()[0], description=__doc__)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"preset name or local model directory (default: {DEFAULT_MODEL})")
+    try:
+        add_pruner_args(p)       # imports the pruners (torch) for --method's choices
+    except ImportError:          # a runtime-only install: keep `edgeprune --help` and `run` working
+        group = p.add_argument_group("pruner (unavailable: torch is not installed)")
+        group.add_argument("--method", default="divprune")
+        group.add_argument("--keep", type=int)
+        group.add_argument("--cfg", action="append", metavar="KEY=VALUE")
+    p.add_argument("--positions", choices=POSITION_MODES,
+                   help="position ids of the kept image tokens (default: the model's convention)")
+    p.add_argument("--scorer", metavar="CKPT", help="learned scorer checkpoint, for methods with a `scorer` option "
+                   "(autoselect)")
+    p.add_argument("--fp16", action="store_true", help="float16 LLM graphs (the vision graph stays float32 in ONNX; "
+                   "`build-engine --fp16` makes its TensorRT engine fp16)")
+    p.add_argument("--batch", type=int, metavar="N", help="fix the vision graph's batch to N (default: dynamic)")
+    p.add_argument("--attention", choices=("fused", "plain"), default="fused",
+                   help="LLM attention kernel: ORT's fused GroupQueryAttention or plain ONNX ops (default: fused)")
+    p.add_argument("--no-validate", action="store_true", help="skip the ORT-vs-torch parity checks")
+    add_bundle_args(p, output=True)
+    return p
 
 
 def run(args) -> int:
-    from edgeprune.errors import EdgepruneError
+    from edgeprune.errors import EdgepruneError, MissingDependencyError
 
-    raise EdgepruneError("not implemented yet")
+    try:
+        from tqdm import tqdm
+
+        from edgeprune.export.bundle import EXPORT_STEPS, check_target, export_bundle
+        from edgeprune.models import load
+        from edgeprune.pruners import available
+    except ImportError as err:
+        raise MissingDependencyError(f"export needs the full install (torch, transformers, onnx): {err}; "
+                                     "this looks like a runtime-only install") from err
+    from edgeprune.cli.args import pruner_options
+
+    opts = pruner_options(args)
+    cfg = dict(opts.config)
+    if args.scorer is not None:
+        accepted = available()[opts.method].defaults
+        if "scorer" not in accepted:
+            raise EdgepruneError(f"--scorer: method {opts.method!r} takes no scorer option; its options: "
+                                 f"{', '.join(accepted) or 'none'}")
+        cfg["scorer"] = str(args.scorer)
+    if args.batch is not None and args.batch < 1:
+        raise EdgepruneError(f"--batch {args.batch}: expected an integer >= 1")
+    check_target(args.out, args.force)  # before the model loads: a refused --out should fail fast
+
+    bar = tqdm(total=1 + len(EXPORT_STEPS), desc="load model", unit="step", file=sys.stderr,
+               disable=getattr(args, "quiet", False), bar_format="{desc:<34}{bar:20}| {n_fmt}/{total_fmt} [{elapsed}]")
+    try:
+        adapter = load(args.model)
+        bar.update(1)
+
+        started = []
+
+        def on_step(name: str) -> None:  # a step starts: the previous one is done
+            if started:
+                bar.update(1)
+            started.append(name)
+            bar.set_description_str(name)
+
+        manifest = export_bundle(adapter, args.out, method=opts.method, keep=opts.keep, cfg=cfg,
+                                 positions=args.positions, dtype="float16" if args.fp16 else "float32",
+                                 batch=args.batch, attention=args.attention, force=args.force, source=str(args.model),
+                                 validate=not args.no_validate, on_step=on_step)
+        bar.update(1)
+        bar.set_description_str("done")
+    finally:
+        bar.close()
+    print(summary(manifest, args.out))
+    return 0
+
+
+def summary(manifest: dict, out) -> str:
+    """The lines printed after an export: what was written and the parity report."""
+    from edgeprune.runtime.format import Keys
+
+    m = manifest
+    lines = [f"exported {out}: {m[Keys.MODEL_SOURCE]} ({m[Keys.MODEL_FAMILY]}), method {m[Keys.PRUNER_METHOD]}, "
+             f"K={m[Keys.PRUNER_KEEP]} of N={m[Keys.MODEL_NUM_IMAGE_TOKENS]}, {m[Keys.POSITIONS_MODE]} positions, "
+             f"LLM {m[Keys.LLM_SPEC].get('dtype')}, vision batch {m[Keys.VISION_BATCH] or 'dynamic'}"]
+    lines += parity_lines(m.get(Keys.VALIDATION) or {})
+    return "\n".join(lines)
+
+
+def parity_lines(validation: dict) -> list[str]:
+    if not validation:
+        return ["parity: not validated (--no-validate)"]
+    lines = ["parity (ONNX Runtime vs torch, seeded inputs):"]
+    v = validation.get("vision")
+    if v:
+        pos = ("positions identical" if v["positions_equal"]
+               else f"positions DIFFER in rows {v['positions_mismatch_rows']}")
+        diff = "n/a" if v["max_abs_diff"] is None else f"{v['max_abs_diff']:.2e}"
+        extras = "".join(f", {k} max |diff| {d:.2e}" for k, d in v.get("extras_max_abs_diff", {}).items())
+        lines.append(f"  vision: {v['images']} images, {pos}, image tokens max |diff| {diff} "
+                     f"(tolerance {v['tolerance']:.0e}){extras}  {'OK' if v['passed'] else 'FAILED'}")
+    llm = validation.get("llm")
+    if llm:
+        ok = llm.get("passed", llm.get("ok"))
+        numbers = ", ".join(f"{k} {val:.2e}" for k, val in llm.items()
+                            if isinstance(val, float) and k != "tolerance")
+        tol = f" (tolerance {llm['tolerance']:.0e})" if isinstance(llm.get("tolerance"), float) else ""
+        lines.append(f"  llm:    max |logit diff| {numbers}{tol}  {'OK' if ok else 'FAILED' if ok is False else ''}")
+    return lines

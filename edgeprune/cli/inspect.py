@@ -1,11 +1,86 @@
-"""(not implemented yet)"""
+"""Summarise a bundle's manifest (model, method, K, positions, graphs, validation) and verify its files.
+
+Exits 1 when a file is missing or its sha256 does not match the manifest.
+"""
+from __future__ import annotations
 
 
 def add_parser(subparsers):
-    return subparsers.add_parser("inspect", help=__doc__.splitlines()[0])
+    from edgeprune.cli.args import add_bundle_args
+
+    p = subparsers.add_parser("inspect", help=__doc__.splitlines()[0], description=__doc__)
+    add_bundle_args(p)
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    p.add_argument("--no-verify", action="store_true", help="do not hash the files")
+    return p
 
 
 def run(args) -> int:
-    from edgeprune.errors import EdgepruneError
+    import json
 
-    raise EdgepruneError("not implemented yet")
+    from edgeprune.cli.export import parity_lines
+    from edgeprune.errors import BundleError
+    from edgeprune.runtime.bundle import load_bundle, read_manifest
+    from edgeprune.runtime.format import Keys
+
+    manifest = read_manifest(args.bundle)          # schema and required keys: a BundleError stops here
+    problem = None
+    if not args.no_verify:
+        try:
+            load_bundle(args.bundle, verify=True)
+        except BundleError as err:
+            problem = str(err)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        print(summary(manifest, args.bundle, Keys))
+        print("\n".join(parity_lines(manifest.get(Keys.VALIDATION) or {})))
+        if not args.no_verify:
+            print(f"files: {'OK' if problem is None else 'ERROR'} "
+                  f"({len(manifest[Keys.FILES_SHA256])} files, sha256 checked)")
+    if problem is not None:
+        raise BundleError(problem)
+    return 0
+
+
+def summary(m: dict, path, Keys) -> str:
+    spec = m[Keys.LLM_SPEC]
+    cfg = ", ".join(f"{k}={v}" for k, v in m[Keys.PRUNER_CONFIG].items()) or "-"
+    lines = [
+        f"bundle {path} (schema {m[Keys.SCHEMA_VERSION]}, edgeprune {m[Keys.EDGEPRUNE_VERSION]}, "
+        f"created {m.get(Keys.CREATED, '?')})",
+        f"model:     {m.get(Keys.MODEL_SOURCE, '?')} (family {m[Keys.MODEL_FAMILY]}), grid "
+        f"{'x'.join(map(str, m[Keys.MODEL_GRID]))} = N {m[Keys.MODEL_NUM_IMAGE_TOKENS]}, eos {m[Keys.MODEL_EOS_TOKEN_IDS]}",
+        f"pruner:    {m[Keys.PRUNER_METHOD]} K={m[Keys.PRUNER_KEEP]} ({cfg}); extras: "
+        f"{', '.join(m[Keys.PRUNER_EXTRA_OUTPUTS]) or '-'}",
+        f"positions: {m[Keys.POSITIONS_MODE]}",
+    ]
+    for name, graph in [("vision", m[Keys.VISION_GRAPH]), ("embed", spec.get("embed")), ("decoder", spec.get("decoder"))]:
+        if not graph:
+            continue
+        ins = "; ".join(f"{k} {_shape(v)}" for k, v in graph.get("inputs", {}).items())
+        outs = "; ".join(f"{k} {_shape(v)}" for k, v in graph.get("outputs", {}).items())
+        if name == "decoder":  # dozens of past/present tensors: list the first of each kind
+            ins = _fold(graph.get("inputs", {}), "past_key_values", ins)
+            outs = _fold(graph.get("outputs", {}), "present", outs)
+        lines.append(f"{name + ':':<10} {graph.get('file', '?')}: {ins} -> {outs}")
+    lines.append(f"llm:       {spec.get('num_layers')} layers, hidden {spec.get('hidden_size')}, vocab "
+                 f"{spec.get('vocab_size')}, {spec.get('dtype')}, attention {spec.get('attention')}")
+    engines = m.get(Keys.ENGINES) or {}
+    for name, engine in engines.items():
+        lines.append(f"engine:    {name}: {engine.get('file')} (TensorRT {engine.get('tensorrt_version')}, "
+                     f"{engine.get('precision')})")
+    return "\n".join(lines)
+
+
+def _shape(v) -> str:
+    shape = v.get("shape") if isinstance(v, dict) else v
+    return "[" + ", ".join(str(d) for d in (shape or [])) + "]"
+
+
+def _fold(values: dict, prefix: str, full: str) -> str:
+    kv = [k for k in values if k.startswith(prefix)]
+    if len(kv) <= 2:
+        return full
+    rest = "; ".join(f"{k} {_shape(v)}" for k, v in values.items() if not k.startswith(prefix))
+    return f"{rest}; {kv[0]} {_shape(values[kv[0]])} (+{len(kv) - 1} more {prefix}.*)"

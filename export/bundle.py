@@ -1,0 +1,221 @@
+"""Write a bundle (format: runtime/format.py): vision graph, LLM graphs, tokenizer, preprocessing and
+a manifest with every file's sha256 and the validation results.
+
+Atomic: everything is built in a temp folder beside the target and renamed into place at the end,
+so a crash leaves either the old bundle or the new one, never half of one. An existing bundle is
+replaced only with force=True; a non-empty folder that is not a bundle is never replaced.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import inspect
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edgeprune import __version__
+from edgeprune.errors import BundleError, EdgepruneError
+from edgeprune.export.validate import ParityError, check_graph, validate_vision
+from edgeprune.export.vision import export_vision, graph_io
+from edgeprune.models.base import Adapter
+from edgeprune.pruners import available, build_for_model
+from edgeprune.pruners.ops import check_keep
+from edgeprune.runtime.bundle import hash_files
+from edgeprune.runtime.format import SCHEMA_VERSION, Files, Keys
+from edgeprune.runtime.positions import POSITION_MODES
+
+__all__ = ["export_bundle", "write_manifest", "check_target", "EXPORT_STEPS", "effective_config"]
+
+log = logging.getLogger(__name__)
+
+# Step names reported to `on_step`, in order (the CLI's progress bar counts them).
+EXPORT_STEPS = ("build pruner", "export vision graph", "check vision graph", "validate vision graph",
+                "export LLM graphs", "write tokenizer and preprocessing", "hash files and write manifest")
+
+
+def effective_config(method: str, adapter: Adapter, cfg: dict) -> dict:
+    """The options the pruner is built with: its defaults, the model facts it accepts
+    (build_for_model's rule), then the user's `cfg`."""
+    defaults = {k: v for k, v in available()[method].defaults.items() if v is not inspect.Parameter.empty}
+    merged = {**defaults, **{k: v for k, v in adapter.pruner_options().items() if k in defaults}}
+    merged.update(cfg)
+    return merged
+
+
+def _jsonable(value):
+    """Tuples -> lists recursively; raises TypeError for anything JSON cannot hold."""
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(type(value).__name__)
+
+
+def _store_config(config: dict, folder: Path) -> tuple[dict, dict]:
+    """JSON part of `config`, with tensors/arrays saved as `pruner/<key>.npy` (referenced by path);
+    anything else that JSON cannot hold is omitted with a note."""
+    stored, omitted = {}, {}
+    for key, value in sorted(config.items()):
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        if isinstance(value, np.ndarray):
+            rel = f"pruner/{key}.npy"
+            (folder / "pruner").mkdir(exist_ok=True)
+            np.save(folder / rel, value)
+            stored[key] = {"file": rel, "shape": list(value.shape), "dtype": value.dtype.name}
+            continue
+        try:
+            stored[key] = _jsonable(value)
+        except TypeError as err:
+            omitted[key] = f"{err} is not JSON-serialisable; baked into the vision graph"
+    return stored, omitted
+
+
+def check_target(out: str | Path, force: bool) -> None:
+    """Raise BundleError unless `out` may be written: absent, empty, or a bundle and force=True."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise BundleError(f"{out}: exists and is not a folder; choose another --out")
+    if not any(out.iterdir()):
+        return
+    if not (out / Files.MANIFEST).is_file():
+        raise BundleError(f"{out}: a non-empty folder that is not a bundle (no {Files.MANIFEST}); "
+                          "refusing to replace it, even with --force")
+    if not force:
+        raise BundleError(f"{out}: a bundle already exists there; pass --force (force=True) to overwrite it")
+
+
+def _normalise_permissions(folder: Path) -> None:
+    """mkdtemp creates 0700 folders and some writers 0600 files; a bundle is read by other users
+    (a service account on the device), so give it the umask's usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / "bundle")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int | None = None,
+                  cfg: dict | None = None, positions: str | None = None, dtype: str = "float32",
+                  batch: int | None = None, attention: str = "fused", force: bool = False, source: str = "",
+                  validate: bool = True, on_step: Callable[[str], None] | None = None) -> dict:
+    """Export `adapter` pruned by `method` to K=`keep` (None: N, no pruning) into the bundle `out`.
+
+    positions: "original" | "compact" (default: the adapter's); dtype: "float32" | "float16" (the LLM
+    graphs; the vision graph stays float32 in ONNX, build-engine --fp16 makes its engine fp16);
+    batch: fixed vision batch, None for dynamic. Returns the manifest. Raises ParityError when
+    validation fails (nothing is written then).
+    """
+    out = Path(out)
+    cfg = dict(cfg or {})
+    positions = positions or adapter.default_positions
+    if positions not in POSITION_MODES:
+        raise EdgepruneError(f"positions={positions!r}; expected one of {', '.join(POSITION_MODES)}")
+    if dtype not in ("float32", "float16"):
+        raise EdgepruneError(f"dtype={dtype!r}; expected float32 or float16")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise EdgepruneError(f"batch={batch!r}; expected an integer >= 1 or None (dynamic)")
+    check_target(out, force)
+    step = on_step or (lambda name: log.info("export: %s", name))
+    n = adapter.num_image_tokens
+    if keep is not None:
+        check_keep(method, keep, n)  # before any work: the pruner itself checks only when it runs
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        step(EXPORT_STEPS[0])
+        pruner = build_for_model(method, keep if keep is not None else n, adapter.pruner_options(), **cfg)
+        config, omitted = _store_config(effective_config(method, adapter, cfg), tmp)
+
+        step(EXPORT_STEPS[1])
+        export_vision(adapter, pruner, tmp / Files.VISION, batch=batch)
+        step(EXPORT_STEPS[2])
+        check_graph(tmp / Files.VISION)
+        step(EXPORT_STEPS[3])
+        validation = {"vision": validate_vision(adapter, pruner, tmp / Files.VISION, batch=batch)} if validate else {}
+        if validate and not validation["vision"]["passed"]:
+            raise ParityError(f"vision graph ORT vs torch: {_summary(validation['vision'])}")
+
+        step(EXPORT_STEPS[4])
+        from edgeprune.export.llm import export_llm
+
+        spec = export_llm(adapter.llm, tmp, dtype=dtype, attention=attention, validate=validate)
+        if validate and "validation" in spec:
+            validation["llm"] = spec["validation"]
+            if spec["validation"].get("passed", spec["validation"].get("ok")) is False:
+                raise ParityError(f"LLM graphs ORT vs torch: {spec['validation']}")
+
+        step(EXPORT_STEPS[5])
+        (tmp / Files.TOKENIZER).write_text(adapter.tokenizer_json(), encoding="utf-8")
+        (tmp / Files.PREPROCESS).write_text(json.dumps(_jsonable(adapter.preprocess_config.to_dict()), indent=2),
+                                            encoding="utf-8")
+
+        step(EXPORT_STEPS[6])
+        manifest = {
+            Keys.SCHEMA_VERSION: SCHEMA_VERSION,
+            Keys.EDGEPRUNE_VERSION: __version__,
+            Keys.CREATED: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            Keys.MODEL_FAMILY: adapter.family,
+            Keys.MODEL_SOURCE: source or getattr(adapter, "name", ""),
+            Keys.MODEL_GRID: list(adapter.grid),
+            Keys.MODEL_NUM_IMAGE_TOKENS: n,
+            Keys.MODEL_EOS_TOKEN_IDS: [int(i) for i in adapter.eos_token_ids],
+            Keys.MODEL_CHAT_TEMPLATE: adapter.chat_template.to_dict(),
+            Keys.PRUNER_METHOD: method,
+            Keys.PRUNER_KEEP: pruner.keep,
+            Keys.PRUNER_CONFIG: config,
+            Keys.PRUNER_CONFIG_OMITTED: omitted,
+            Keys.PRUNER_SPACE: pruner.space,
+            Keys.PRUNER_EXTRA_OUTPUTS: list(pruner.extra_outputs),
+            Keys.POSITIONS_MODE: positions,
+            Keys.VISION_GRAPH: {"file": Files.VISION, **graph_io(tmp / Files.VISION)},
+            Keys.VISION_DTYPE: "float32",
+            Keys.VISION_BATCH: batch,
+            Keys.LLM_SPEC: _jsonable(spec),
+            Keys.FILES_SHA256: hash_files(tmp),
+            Keys.VALIDATION: _jsonable(validation),
+        }
+        write_manifest(tmp, manifest)
+        _normalise_permissions(tmp)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> None:
+    """Write manifest.json atomically (also used by build-engine to record engines)."""
+    folder = Path(folder)
+    tmp = folder / f".{Files.MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / Files.MANIFEST)
+
+
+def _summary(v: dict) -> str:
+    if not v["positions_equal"]:
+        return f"positions differ in row(s) {v['positions_mismatch_rows']} of {v['images']} seeded images"
+    return f"image tokens max abs diff {v['max_abs_diff']:.3g} > tolerance {v['tolerance']:.3g}"

@@ -1,0 +1,117 @@
+"""The vision graph: pixels -> encoder -> pruner (-> projector) -> K image tokens and their positions.
+
+One ONNX graph per bundle (DESIGN.md, data flow step 3). Generic over methods: the signals asked
+of the encoder are the pruner's `requires`, the projector runs after the pruner only when the
+pruner works in `feats` space, and every name in `pruner.extra_outputs` becomes a graph output.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgeprune.export.onnx_io import export_onnx
+from edgeprune.models.base import Adapter
+from edgeprune.pruners import Pruner
+from edgeprune.runtime.format import VISION_INPUT, VISION_POSITIONS, VISION_TOKENS
+
+__all__ = ["VisionGraph", "encoder_need", "export_vision", "graph_io"]
+
+
+def encoder_need(pruner: Pruner) -> tuple[str, ...]:
+    """Signals to ask of `adapter.encode`: what the pruner reads, plus the space its output lives in."""
+    need = [s for s in pruner.requires if s != "grid"]
+    if pruner.space not in need:
+        need.append(pruner.space)
+    return tuple(need)
+
+
+class VisionGraph(nn.Module):
+    """forward(pixels [B,3,H,W]) -> (image_tokens [B,K,D_llm], positions [B,K] int64, *extras)."""
+
+    def __init__(self, adapter: Adapter, pruner: Pruner):
+        super().__init__()
+        self.adapter = adapter
+        self.pruner = pruner
+        self.need = encoder_need(pruner)
+        self.output_names = [VISION_TOKENS, VISION_POSITIONS, *pruner.extra_outputs]
+
+    def forward(self, pixels: torch.Tensor):
+        signals = self.adapter.encode(pixels, self.need)
+        if "pixels" in self.need and signals.pixels is None:
+            signals.pixels = pixels
+        sel = self.pruner(**signals.as_kwargs())
+        tokens = sel.tokens if self.pruner.space == "tokens" else self.adapter.project(sel.tokens)  # [B, K, D_llm]
+        return (tokens, sel.positions.to(torch.int64),
+                *(sel.extras[name] for name in self.pruner.extra_outputs))
+
+
+def example_pixels(adapter: Adapter, batch: int, seed: int = 0) -> torch.Tensor:
+    """Seeded normalised-range pixels [B, 3, H, W] to trace with (values do not matter: shapes are static)."""
+    h, w = adapter.preprocess_config.size
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, h, w, generator=g)
+
+
+def export_vision(adapter: Adapter, pruner: Pruner, path: str | Path, *, batch: int | None = None) -> Path:
+    """Export the vision graph to `path`; `batch=None` leaves the batch dimension dynamic.
+
+    Traced at batch 2 when dynamic, so no batch-1 special case (a Squeeze of the batch) is baked in.
+    """
+    graph = VisionGraph(adapter, pruner).eval()
+    pixels = example_pixels(adapter, batch or 2)
+    axes = None
+    if batch is None:
+        axes = {name: {0: "batch"} for name in (VISION_INPUT, *graph.output_names)}
+    with torch.no_grad():
+        shapes = [list(t.shape) for t in graph(pixels)]
+    path = export_onnx(graph, (pixels,), path, input_names=[VISION_INPUT], output_names=graph.output_names,
+                       dynamic_axes=axes, external_data=_large(adapter))
+    _pin_output_shapes(path, shapes, dynamic_batch=batch is None)
+    return path
+
+
+def _pin_output_shapes(path: Path, shapes: list[list[int]], dynamic_batch: bool) -> None:
+    """The legacy exporter names every output dim it cannot prove static ("GatherElements..._dim_1");
+    K and D are static by construction, so write them into the graph's output types (the runtime
+    and TensorRT read K from there)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for value, shape in zip(model.graph.output, shapes):
+        dims = value.type.tensor_type.shape.dim
+        for i, size in enumerate(shape):
+            if i == 0 and dynamic_batch:
+                dims[i].dim_param = "batch"
+            else:
+                dims[i].dim_value = int(size)
+    tmp = path.with_name(f".{path.name}.tmp")
+    onnx.save_model(model, str(tmp))  # external data (if any) stays where it is: same folder, same location
+    os.replace(tmp, path)
+
+
+def _large(adapter: Adapter) -> bool:
+    """Weights above ~1.5 GB must go to external data (protobuf's 2 GB limit)."""
+    size = sum(p.numel() * p.element_size() for p in adapter.parameters())
+    return size > 1_500_000_000
+
+
+def graph_io(path: str | Path) -> dict:
+    """{"inputs": {name: {"shape", "dtype"}}, "outputs": {...}} of an ONNX file (dims: int or name)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values) -> dict:
+        out = {}
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+            out[v.name] = {"shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name}
+        return out
+
+    initializers = {i.name for i in model.graph.initializer}
+    return {"inputs": describe(v for v in model.graph.input if v.name not in initializers),
+            "outputs": describe(model.graph.output)}

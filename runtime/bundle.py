@@ -1,0 +1,149 @@
+"""Read and verify a bundle (the format is in runtime/format.py). numpy-free, torch-free.
+
+`load_bundle(path)` checks, in order, and raises `BundleError` naming the file or key:
+the folder and manifest.json exist and parse; the schema version is one this runtime reads; every
+required key is present; every file listed under `files.sha256` exists and its sha256 matches.
+`check_vision_outputs` compares K (and the extras) in the manifest with the vision graph itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeprune.errors import BundleError
+from edgeprune.runtime.format import (MIN_SCHEMA_VERSION, REQUIRED_KEYS, SCHEMA_VERSION, VISION_POSITIONS,
+                                      VISION_TOKENS, Files, Keys)
+from edgeprune.runtime.preprocess import PreprocessConfig
+from edgeprune.runtime.prompt import ChatTemplate
+
+__all__ = ["Bundle", "load_bundle", "read_manifest", "sha256_file", "hash_files", "check_vision_outputs"]
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_files(root: str | Path) -> dict[str, str]:
+    """sha256 of every file under `root` except the manifest, keyed by POSIX relative path, sorted."""
+    root = Path(root)
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != Files.MANIFEST)
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in paths}
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Parse `<bundle>/manifest.json` and check the schema version and required keys (no hashing)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"{root}: not a bundle folder (it does not exist or is a file)")
+    manifest_path = root / Files.MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path}: missing; is {root} a bundle written by `edgeprune export`?")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{manifest_path}: not valid JSON ({err})") from err
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path}: expected a JSON object, got {type(manifest).__name__}")
+    version = manifest.get(Keys.SCHEMA_VERSION)
+    if not isinstance(version, int) or not MIN_SCHEMA_VERSION <= version <= SCHEMA_VERSION:
+        raise BundleError(f"{manifest_path}: {Keys.SCHEMA_VERSION}={version!r}, this runtime reads "
+                          f"{MIN_SCHEMA_VERSION}-{SCHEMA_VERSION}")
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise BundleError(f"{manifest_path}: missing key(s) {', '.join(missing)}")
+    return manifest
+
+
+def _verify_files(root: Path, manifest: dict) -> None:
+    listed = manifest[Keys.FILES_SHA256]
+    if not isinstance(listed, dict) or not listed:
+        raise BundleError(f"{root / Files.MANIFEST}: {Keys.FILES_SHA256} must be a non-empty object")
+    for required in (Files.VISION, Files.TOKENIZER, Files.PREPROCESS):
+        if required not in listed:
+            raise BundleError(f"{root / Files.MANIFEST}: {Keys.FILES_SHA256} does not list {required}")
+    for rel, expected in listed.items():
+        path = root / rel
+        if not path.is_file():
+            raise BundleError(f"{path}: missing (listed in {Files.MANIFEST}); re-export the bundle")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(f"{path}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}...; "
+                              "the file was modified or corrupted — re-export the bundle")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle: its folder, manifest and the small configs parsed."""
+
+    path: Path
+    manifest: dict
+    preprocess: PreprocessConfig
+    chat_template: ChatTemplate
+
+    def file(self, rel: str) -> Path:
+        return self.path / rel
+
+    @property
+    def keep(self) -> int:
+        return int(self.manifest[Keys.PRUNER_KEEP])
+
+    @property
+    def num_image_tokens(self) -> int:
+        return int(self.manifest[Keys.MODEL_NUM_IMAGE_TOKENS])
+
+    @property
+    def positions_mode(self) -> str:
+        return self.manifest[Keys.POSITIONS_MODE]
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return [int(i) for i in self.manifest[Keys.MODEL_EOS_TOKEN_IDS]]
+
+    @property
+    def extra_outputs(self) -> list[str]:
+        return list(self.manifest[Keys.PRUNER_EXTRA_OUTPUTS])
+
+    @property
+    def llm_spec(self) -> dict:
+        return self.manifest[Keys.LLM_SPEC]
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Read and verify the bundle at `path` (verify=False skips hashing, e.g. for `inspect`)."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    if verify:
+        _verify_files(root, manifest)
+    try:
+        pre = PreprocessConfig.from_dict(json.loads((root / Files.PREPROCESS).read_text(encoding="utf-8")))
+    except FileNotFoundError as err:
+        raise BundleError(f"{root / Files.PREPROCESS}: missing") from err
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"{root / Files.PREPROCESS}: malformed ({err})") from err
+    try:
+        template = ChatTemplate.from_dict(manifest[Keys.MODEL_CHAT_TEMPLATE])
+    except (KeyError, TypeError) as err:
+        raise BundleError(f"{root / Files.MANIFEST}: {Keys.MODEL_CHAT_TEMPLATE} malformed ({err})") from err
+    return Bundle(path=root, manifest=manifest, preprocess=pre, chat_template=template)
+
+
+def check_vision_outputs(bundle: Bundle, outputs: dict[str, list]) -> None:
+    """`outputs`: the vision graph's output name -> shape (ints or symbolic names), as ORT reports them.
+    K and the extra outputs in the manifest must be what the graph produces."""
+    where = f"{bundle.path / Files.VISION}"
+    expected = [VISION_TOKENS, VISION_POSITIONS, *bundle.extra_outputs]
+    if sorted(outputs) != sorted(expected):
+        raise BundleError(f"{where}: outputs {sorted(outputs)}, the manifest expects {sorted(expected)}")
+    for name in (VISION_TOKENS, VISION_POSITIONS):
+        k = outputs[name][1] if len(outputs[name]) > 1 else None
+        if k != bundle.keep:
+            raise BundleError(f"{where}: output '{name}' has K={k}, the manifest says "
+                              f"{Keys.PRUNER_KEEP}={bundle.keep}")

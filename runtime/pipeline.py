@@ -1,0 +1,184 @@
+"""The on-device pipeline: bundle -> preprocess -> vision (encoder + pruner) -> LLM -> text.
+
+numpy, onnxruntime, tokenizers and Pillow only (no torch, no transformers). The steps mirror the torch
+reference (edgeprune/reference.py) using the same shared code: runtime.preprocess, runtime.prompt,
+runtime.positions and runtime.sampling (through OrtLLM), so greedy tokens match it exactly.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgeprune.errors import BundleError, ModelError
+from edgeprune.runtime.bundle import Bundle, check_vision_outputs, load_bundle
+from edgeprune.runtime.format import VISION_INPUT, VISION_POSITIONS, VISION_TOKENS, Files
+from edgeprune.runtime.positions import sequence_positions
+from edgeprune.runtime.preprocess import preprocess
+from edgeprune.runtime.prompt import encode_prompt
+from edgeprune.runtime.providers import resolve_providers, session_options
+
+__all__ = ["Pipeline", "Result"]
+
+log = logging.getLogger(__name__)
+
+STAGES = ("preprocess", "vision", "embed", "prefill", "decode")
+
+
+@dataclass
+class Result:
+    """One `Pipeline.__call__`: a row per image."""
+
+    texts: list[str]                      # decoded new tokens per row (special tokens skipped)
+    ids: list[list[int]]                  # new token ids per row, up to and including its first EOS
+    positions: np.ndarray                 # [B, K] int64 kept image-token positions
+    extras: dict[str, np.ndarray]         # the pruner's extra graph outputs (e.g. "gate")
+    timings: dict[str, float]             # seconds per stage (STAGES); decode = all decode steps
+    num_prompt_tokens: int                # prefill length (prefix + K + suffix)
+    kv_bytes: int                         # KV cache at the end of generation
+    decode_steps: list[float] = field(default_factory=list)  # seconds per decode step
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+    @property
+    def tokens_per_s(self) -> float:
+        steps = len(self.decode_steps)
+        return steps / self.timings["decode"] if steps and self.timings["decode"] > 0 else float("nan")
+
+
+class Pipeline:
+    """`Pipeline(bundle_dir)(images, prompt)` -> Result. Verifies the bundle on load (BundleError if
+    the manifest, a file or a hash is wrong, or K in the manifest differs from the vision graph's)."""
+
+    def __init__(self, bundle_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 verify: bool = True):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        from edgeprune.runtime.llm import OrtLLM
+
+        self.bundle: Bundle = load_bundle(bundle_dir, verify=verify)
+        root = self.bundle.path
+        self.providers = resolve_providers(providers, cache_dir=root / Files.ENGINES)
+        try:
+            self.vision = ort.InferenceSession(str(root / Files.VISION), session_options(threads),
+                                               providers=self.providers)
+        except Exception as err:  # onnxruntime raises its own (non-Edgeprune) errors for a broken file
+            raise BundleError(f"{root / Files.VISION}: onnxruntime cannot load it ({err})") from err
+        check_vision_outputs(self.bundle, {o.name: o.shape for o in self.vision.get_outputs()})
+        self._vision_batch = self.vision.get_inputs()[0].shape[0]
+        self._pixel_dtype = np.float16 if "float16" in self.vision.get_inputs()[0].type else np.float32
+        try:
+            self.tokenizer = Tokenizer.from_file(str(root / Files.TOKENIZER))
+        except Exception as err:  # tokenizers raises a bare Exception on a malformed file
+            raise BundleError(f"{root / Files.TOKENIZER}: cannot load ({err})") from err
+        self.llm = OrtLLM(root, self.bundle.llm_spec, providers=providers, threads=threads)
+
+    @property
+    def keep(self) -> int:
+        return self.bundle.keep
+
+    def __call__(self, images, prompt: str, *, max_new_tokens: int = 32, do_sample: bool = False,
+                 top_p: float = 1.0, temperature: float = 1.0, seed: int = 0,
+                 on_text: Callable[[int, str], None] | None = None) -> Result:
+        """Answer `prompt` about each image (path, PIL image or uint8 array; or a list: one row each).
+
+        `on_text(row, piece)` streams decoded text as tokens arrive (pieces concatenate to the row's
+        text). Greedy by default; `do_sample` draws top-p samples seeded by `seed`."""
+        timings = {}
+        # 1. preprocess (the adapter's own numpy code)
+        start = time.perf_counter()
+        pixels = preprocess(images, self.bundle.preprocess).astype(self._pixel_dtype)  # [B, 3, H, W]
+        timings["preprocess"] = time.perf_counter() - start
+        b = pixels.shape[0]
+        if isinstance(self._vision_batch, int) and self._vision_batch != b:
+            raise ModelError(f"{b} image(s) given; this bundle's vision graph takes exactly {self._vision_batch} "
+                             f"(exported with --batch {self._vision_batch})")
+
+        # 2. vision: encoder + pruner (+ projector) in one graph
+        start = time.perf_counter()
+        names = [o.name for o in self.vision.get_outputs()]
+        outputs = dict(zip(names, self.vision.run(names, {VISION_INPUT: pixels})))
+        timings["vision"] = time.perf_counter() - start
+        image_tokens, positions = outputs.pop(VISION_TOKENS), outputs.pop(VISION_POSITIONS)  # [B, K, D], [B, K]
+
+        # 3. sequence [prefix, K image tokens, suffix] and its position ids (the bundle's mode)
+        start = time.perf_counter()
+        prefix, suffix = encode_prompt(self.tokenizer, self.bundle.chat_template, prompt)
+        dtype = self.llm.dtype
+        parts = [self._embed_text(prefix, b), image_tokens.astype(dtype), self._embed_text(suffix, b)]
+        embeds = np.ascontiguousarray(np.concatenate(parts, axis=1))                    # [B, L, D]
+        position_ids = sequence_positions(len(prefix), positions, self.bundle.num_image_tokens, len(suffix),
+                                          self.bundle.positions_mode)                     # [B, L]
+        timings["embed"] = time.perf_counter() - start
+
+        # 4. prefill + decode with the KV cache; stream text per row
+        streamer = _Streamer(self.tokenizer, b, self.bundle.eos_token_ids, on_text) if on_text else None
+        gen = self.llm.generate(embeds, position_ids, max_new_tokens=max_new_tokens,
+                                eos_token_ids=self.bundle.eos_token_ids, do_sample=do_sample, top_p=top_p,
+                                temperature=temperature, seed=seed,
+                                on_token=streamer.push if streamer else None)
+        timings["prefill"] = gen.prefill_s
+        timings["decode"] = float(sum(gen.decode_s))
+        ids = _cut_at_eos(gen.ids, self.bundle.eos_token_ids)
+        texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+        if streamer:
+            streamer.flush(texts)
+        return Result(texts=texts, ids=ids, positions=positions.astype(np.int64), extras=outputs, timings=timings,
+                      num_prompt_tokens=gen.num_prompt_tokens, kv_bytes=gen.kv_bytes, decode_steps=list(gen.decode_s))
+
+    def _embed_text(self, ids: list[int], batch: int) -> np.ndarray:
+        """ids of one text part -> [B, len, D], the same embeddings for every row (one prompt)."""
+        if not ids:
+            return np.zeros((batch, 0, self.llm.spec["hidden_size"]), dtype=self.llm.dtype)
+        emb = self.llm.embed(np.asarray([ids], dtype=np.int64))                         # [1, len, D]
+        return np.broadcast_to(emb, (batch, *emb.shape[1:])).astype(self.llm.dtype)
+
+
+def _cut_at_eos(ids: np.ndarray, eos: list[int]) -> list[list[int]]:
+    """[B, T] -> per row, the ids up to and including the first EOS (finished rows repeat EOS after it)."""
+    stops = set(eos)
+    rows = []
+    for row in np.asarray(ids).tolist():
+        end = next((i for i, tok in enumerate(row) if tok in stops), None)
+        rows.append(row if end is None else row[:end + 1])
+    return rows
+
+
+class _Streamer:
+    """Turns per-step ids into text pieces per row. Decodes the row so far and emits the new suffix,
+    holding back an incomplete UTF-8 character (byte-level tokens decode to U+FFFD until complete)."""
+
+    def __init__(self, tokenizer, batch: int, eos: list[int], on_text: Callable[[int, str], None]):
+        self.tokenizer, self.on_text, self.eos = tokenizer, on_text, set(eos)
+        self.ids: list[list[int]] = [[] for _ in range(batch)]
+        self.sent = [""] * batch
+        self.done = [False] * batch
+
+    def push(self, step: int, ids: np.ndarray) -> None:
+        for row, tok in enumerate(np.asarray(ids).tolist()):
+            if self.done[row]:
+                continue
+            self.ids[row].append(tok)
+            self.done[row] = tok in self.eos
+            text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
+            if text.endswith("\ufffd") and not self.done[row]:
+                continue
+            self._emit(row, text)
+
+    def flush(self, texts: list[str]) -> None:
+        for row, text in enumerate(texts):
+            self._emit(row, text)
+
+    def _emit(self, row: int, text: str) -> None:
+        if text.startswith(self.sent[row]) and len(text) > len(self.sent[row]):
+            self.on_text(row, text[len(self.sent[row]):])
+            self.sent[row] = text
+        elif not text.startswith(self.sent[row]):
+            log.debug("stream row %d: decoded text changed retroactively; piece dropped", row)

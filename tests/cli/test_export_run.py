@@ -1,0 +1,145 @@
+"""`edgeprune export / run / inspect / build-engine` through cli.main([...]) on the tiny preset."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import pytest
+
+from edgeprune.cli import main
+from edgeprune.runtime.format import Files, Keys
+
+
+@pytest.fixture(autouse=True)
+def _drop_cli_log_handler():
+    """cli.main installs a StreamHandler on the (captured) stderr; drop it so later logging does
+    not write to a closed capture stream."""
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:
+        root.removeHandler(handler)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    from PIL import Image
+
+    from edgeprune.export.validate import seeded_images
+
+    path = tmp_path_factory.mktemp("img") / "image.png"
+    Image.fromarray(seeded_images((336, 336), 1, seed=9)[0]).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """One CLI export, shared (exports cost seconds)."""
+    out = tmp_path_factory.mktemp("cli") / "bundle"
+    code = main(["export", "--model", "tiny-llava", "--method", "dart", "--keep", "16", "--out", str(out),
+                 "--positions", "original", "--cfg", "pivots=4", "-q"])
+    assert code == 0
+    return out
+
+
+def test_export_writes_bundle_and_reports_parity(bundle, capsys):
+    m = json.loads((bundle / Files.MANIFEST).read_text())
+    assert m[Keys.PRUNER_METHOD] == "dart" and m[Keys.PRUNER_KEEP] == 16
+    assert m[Keys.POSITIONS_MODE] == "original" and m[Keys.PRUNER_CONFIG] == {"pivots": 4}
+    assert m[Keys.VALIDATION]["vision"]["passed"]
+
+
+def test_export_prints_summary(tmp_path, capsys):
+    code = main(["export", "--model", "tiny-llava", "--method", "attention", "--keep", "8", "--out",
+                 str(tmp_path / "b"), "-q"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "method attention, K=8 of N=576, compact positions" in out
+    assert "parity (ONNX Runtime vs torch, seeded inputs):" in out
+    assert "vision: 2 images, positions identical" in out and "OK" in out
+    # an existing bundle: refused without --force (before loading the model), replaced with it
+    assert main(["export", "--model", "tiny-llava", "--method", "attention", "--keep", "4", "--out",
+                 str(tmp_path / "b"), "-q"]) == 1
+    assert "a bundle already exists there; pass --force" in capsys.readouterr().err
+    assert main(["export", "--model", "tiny-llava", "--method", "attention", "--keep", "4", "--out",
+                 str(tmp_path / "b"), "--force", "--no-validate", "-q"]) == 0
+    assert json.loads((tmp_path / "b" / Files.MANIFEST).read_text())[Keys.PRUNER_KEEP] == 4
+    assert "parity: not validated" in capsys.readouterr().out
+
+
+def test_scorer_maps_to_the_scorer_option(tmp_path, monkeypatch, capsys):
+    assert main(["export", "--model", "tiny-llava", "--method", "dart", "--keep", "8", "--scorer", "s.safetensors",
+                 "--out", str(tmp_path / "x"), "-q"]) == 1
+    assert "--scorer: method 'dart' takes no scorer option" in capsys.readouterr().err
+    seen = {}
+
+    def fake_export(adapter, out, **kw):
+        seen.update(kw)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("edgeprune.export.bundle.export_bundle", fake_export)
+    with pytest.raises(SystemExit):
+        main(["export", "--model", "tiny-llava", "--method", "autoselect", "--keep", "8", "--scorer",
+              "s.safetensors", "--out", str(tmp_path / "y"), "--fp16", "--batch", "2", "-q"])
+    assert seen["cfg"] == {"scorer": "s.safetensors"} and seen["method"] == "autoselect"
+    assert seen["dtype"] == "float16" and seen["batch"] == 2 and seen["keep"] == 8
+
+
+def test_run_streams_text_and_timing(bundle, image, capsys):
+    from edgeprune.runtime.pipeline import Pipeline
+
+    assert main(["run", str(bundle), "--image", str(image), "--prompt", "What is it?", "--max-new-tokens", "8",
+                 "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    expected = Pipeline(bundle, threads=1)(str(image), "What is it?", max_new_tokens=8).text
+    assert captured.out == expected + "\n"
+    assert "timing: preprocess" in captured.err and "prefill" in captured.err and "K=16 of N=576" in captured.err
+
+
+def test_run_batch_and_sampling(bundle, image, capsys):
+    args = ["run", str(bundle), "--image", str(image), "--image", str(image), "--prompt", "hi",
+            "--max-new-tokens", "6", "--sample", "--top-p", "0.8", "--seed", "5"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert first.count(f"[{image}]") == 2
+    assert main(args) == 0
+    assert capsys.readouterr().out == first            # seeded
+
+
+def test_run_errors_are_one_line(bundle, tmp_path, capsys):
+    assert main(["run", str(tmp_path), "--image", "x.png", "--prompt", "hi"]) == 1
+    assert "manifest.json: missing" in capsys.readouterr().err
+    assert main(["run", str(bundle), "--image", str(tmp_path / "none.png"), "--prompt", "hi"]) == 1
+    assert "cannot read image" in capsys.readouterr().err
+
+
+def test_inspect(bundle, tmp_path, capsys):
+    assert main(["inspect", str(bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "pruner:    dart K=16 (pivots=4)" in out and "positions: original" in out
+    assert "vision:    vision.onnx: pixels [batch, 3, 336, 336] -> image_tokens [batch, 16, 64]" in out
+    assert "files: OK" in out
+    assert main(["inspect", str(bundle), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[Keys.PRUNER_KEEP] == 16
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    (bad / Files.PREPROCESS).write_text("{}")
+    assert main(["inspect", str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert "files: ERROR" in captured.out and "preprocess.json: sha256" in captured.err
+
+
+def test_build_engine_without_tensorrt_is_clear(bundle, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)   # import tensorrt -> ImportError, even where installed
+    assert main(["build-engine", str(bundle), "--fp16"]) == 1
+    err = capsys.readouterr().err
+    assert "build-engine needs TensorRT's Python package 'tensorrt'" in err
+    assert "Traceback" not in err
+
+    from edgeprune.errors import MissingDependencyError
+    from edgeprune.export.engine import build_engine
+
+    with pytest.raises(MissingDependencyError):
+        build_engine(bundle)

@@ -1,0 +1,118 @@
+"""The runtime runs without torch and transformers: a subprocess blocks their import (meta-path
+finder that raises) and still loads a bundle, runs it, and matches the tokens of the full install."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BLOCKED = ("torch", "transformers", "onnx", "onnxscript", "accelerate", "safetensors")
+
+BLOCKER = textwrap.dedent(f"""
+    import importlib.abc, sys
+    BLOCKED = {BLOCKED!r}
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{{name}} is blocked: the runtime must not import it")
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    for mod in list(sys.modules):
+        if mod.split(".")[0] in BLOCKED:
+            del sys.modules[mod]
+""")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from edgeprune.export.bundle import export_bundle
+    from edgeprune.export.validate import seeded_images
+    from edgeprune.models import load
+    from PIL import Image
+
+    adapter = load("tiny-llava")
+    root = tmp_path_factory.mktemp("notorch")
+    export_bundle(adapter, root / "bundle", method="attention", keep=16, validate=False)
+    image = root / "image.png"
+    Image.fromarray(seeded_images(adapter.preprocess_config.size, 1, seed=3)[0]).save(image)
+    return root / "bundle", image
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCKER + textwrap.dedent(code)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=240, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_blocker_blocks():
+    proc = _run("import torch\n")
+    assert proc.returncode != 0 and "torch is blocked" in proc.stderr
+
+
+def test_pipeline_runs_without_torch(bundle):
+    path, image = bundle
+    proc = _run(f"""
+        import json, sys
+        from edgeprune.runtime.pipeline import Pipeline
+        result = Pipeline({str(path)!r}, threads=1)({str(image)!r}, "What is it?", max_new_tokens=6)
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        print(json.dumps({{"ids": result.ids, "heavy": heavy, "k": int(result.positions.shape[1])}}))
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["heavy"] == [] and out["k"] == 16 and len(out["ids"][0]) == 6
+
+    from edgeprune.runtime.pipeline import Pipeline  # the same bundle with torch importable: same tokens
+
+    assert Pipeline(path, threads=1)(str(image), "What is it?", max_new_tokens=6).ids == out["ids"]
+
+
+def test_cli_run_and_inspect_without_torch(bundle):
+    """Our subcommands (run, inspect, export's clear refusal), dispatched the way cli.main does."""
+    path, image = bundle
+    proc = _run(f"""
+        import argparse
+        from edgeprune.cli import args as common
+        from edgeprune.cli import export, inspect, run
+        from edgeprune.errors import EdgepruneError
+
+        def main(argv):
+            parser = argparse.ArgumentParser(prog="edgeprune")
+            sub = parser.add_subparsers(dest="command", required=True)
+            for mod in (export, inspect, run):
+                p = mod.add_parser(sub)
+                common.add_logging_args(p)
+                p.set_defaults(_run=mod.run)
+            args = parser.parse_args(argv)
+            try:
+                return args._run(args)
+            except EdgepruneError as err:
+                print(f"edgeprune {{args.command}}: error: {{err}}", file=sys.stderr)
+                return 1
+
+        assert main(["inspect", {str(path)!r}]) == 0
+        assert main(["run", {str(path)!r}, "--image", {str(image)!r}, "--prompt", "hi", "--max-new-tokens", "3",
+                     "--threads", "1"]) == 0
+        assert main(["export", "--model", "tiny-llava", "--out", "/nonexistent/x"]) == 1  # explains, no traceback
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pruner:    attention K=16" in proc.stdout
+    assert "timing: preprocess" in proc.stderr
+    assert "export needs the full install" in proc.stderr
+
+
+@pytest.mark.xfail(reason="cli/args.py add_pruner_args imports torch for --method choices, and generate's "
+                          "add_parser calls it, so the whole parser fails without torch (reported to the lead)",
+                   strict=False)
+def test_full_cli_builds_without_torch():
+    proc = _run("""
+        from edgeprune.cli import build_parser
+        build_parser()
+    """)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,0 +1,186 @@
+"""The runtime pipeline (runtime/pipeline.py) against the torch reference (edgeprune/reference.py):
+greedy tokens identical for 16 new tokens, both position modes, batch 1 and 2; sampling with a seed,
+streaming, EOS, extras and batch errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgeprune.errors import ModelError
+from edgeprune.export.bundle import export_bundle, write_manifest
+from edgeprune.export.validate import seeded_images
+from edgeprune.pruners import Pruner, Selection, available, build_for_model
+from edgeprune.pruners._registry import _PRUNERS
+from edgeprune.pruners.ops import gather_rows, sort_by_position, topk_indices
+from edgeprune.reference import generate
+from edgeprune.runtime.format import Files, Keys
+from edgeprune.runtime.pipeline import Pipeline
+
+TARGETS = ("dart", "divprune", "visionzip", "autoselect")
+METHODS = [m for m in TARGETS if m in available()] or ["attention", "uniform"]
+MODES = ("original", "compact")
+KEEP = 32
+PROMPT = "What is shown here?"
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    from edgeprune.models import load
+
+    return load("tiny-llava")
+
+
+@pytest.fixture(scope="module")
+def images(adapter):
+    return seeded_images(adapter.preprocess_config.size, 2, seed=11)
+
+
+class _Bundles:
+    """Module-scoped cache: one export per (method, mode), shared by every test that needs it."""
+
+    def __init__(self, adapter, root):
+        self.adapter, self.root, self.paths = adapter, root, {}
+
+    def get(self, method: str, mode: str):
+        key = (method, mode)
+        if key not in self.paths:
+            out = self.root / f"{method}-{mode}"
+            # parity of each graph is tested elsewhere (test_vision, test_bundle): skip it here for speed
+            export_bundle(self.adapter, out, method=method, keep=KEEP, positions=mode, validate=False)
+            self.paths[key] = out
+        return self.paths[key]
+
+
+@pytest.fixture(scope="module")
+def bundles(adapter, tmp_path_factory):
+    return _Bundles(adapter, tmp_path_factory.mktemp("bundles"))
+
+
+@pytest.fixture(scope="module")
+def pipelines(bundles):
+    cache = {}
+
+    def get(method, mode):
+        if (method, mode) not in cache:
+            cache[method, mode] = Pipeline(bundles.get(method, mode), threads=1)
+        return cache[method, mode]
+    return get
+
+
+def _reference(adapter, method, mode, images, **kw):
+    pruner = build_for_model(method, KEEP, adapter.pruner_options())
+    return generate(adapter, pruner, images, PROMPT, max_new_tokens=NEW, positions=mode, **kw)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("method", METHODS)
+def test_greedy_tokens_match_reference(method, mode, adapter, images, pipelines):
+    pipe = pipelines(method, mode)
+    for batch in (images[:1], images):          # batch 1 and batch 2
+        ref = _reference(adapter, method, mode, batch)
+        got = pipe(batch, PROMPT, max_new_tokens=NEW)
+        np.testing.assert_array_equal(got.positions, ref.image_positions, err_msg=f"{method}/{mode} positions")
+        assert got.ids == ref.ids, f"{method}/{mode} batch {len(batch)}: runtime {got.ids} vs torch {ref.ids}"
+        assert got.texts == ref.text
+        assert all(len(row) == NEW for row in got.ids)  # tiny-llava's EOS logit is zeroed: no early stop
+        assert got.num_prompt_tokens == ref.position_ids.shape[1]
+
+
+def test_positions_mode_changes_what_the_llm_sees(pipelines, images):
+    """Same graphs, different position rule: prefill positions differ, so (almost surely) the logits do."""
+    a = pipelines(METHODS[0], "original")(images[:1], PROMPT, max_new_tokens=NEW)
+    b = pipelines(METHODS[0], "compact")(images[:1], PROMPT, max_new_tokens=NEW)
+    np.testing.assert_array_equal(a.positions, b.positions)
+    assert a.ids != b.ids
+
+
+def test_batch_rows_equal_single_runs(pipelines, images):
+    pipe = pipelines(METHODS[0], "compact")
+    both = pipe(images, PROMPT, max_new_tokens=NEW)
+    for i, image in enumerate(images):
+        alone = pipe(image, PROMPT, max_new_tokens=NEW)
+        assert alone.ids[0] == both.ids[i]
+
+
+def test_sampling_matches_reference_and_is_seeded(adapter, images, pipelines):
+    method, mode = METHODS[0], "compact"
+    pipe = pipelines(method, mode)
+    kw = dict(do_sample=True, top_p=0.9, temperature=1.0, seed=123)
+    got = pipe(images, PROMPT, max_new_tokens=NEW, **kw)
+    ref = _reference(adapter, method, mode, images, **kw)
+    assert got.ids == ref.ids
+    assert pipe(images, PROMPT, max_new_tokens=NEW, **kw).ids == got.ids
+    assert pipe(images, PROMPT, max_new_tokens=NEW, **{**kw, "seed": 124}).ids != got.ids
+
+
+def test_streaming_pieces_concatenate_to_text(pipelines, images):
+    pieces = {0: [], 1: []}
+    result = pipelines(METHODS[0], "compact")(images, PROMPT, max_new_tokens=NEW,
+                                              on_text=lambda row, piece: pieces[row].append(piece))
+    for row in (0, 1):
+        assert "".join(pieces[row]) == result.texts[row]
+    assert set(result.timings) == {"preprocess", "vision", "embed", "prefill", "decode"}
+    assert all(v >= 0 for v in result.timings.values()) and len(result.decode_steps) == NEW - 1
+
+
+def test_stops_at_eos(bundles, images, tmp_path):
+    import shutil
+
+    path = tmp_path / "eos"
+    shutil.copytree(bundles.get(METHODS[0], "compact"), path)
+    first = Pipeline(path, threads=1)(images[:1], PROMPT, max_new_tokens=NEW).ids[0]
+    eos = first[2]                                   # make the third generated token an EOS
+    m = json.loads((path / Files.MANIFEST).read_text())
+    m[Keys.MODEL_EOS_TOKEN_IDS] = [eos]              # the manifest is not hashed: this is a config edit
+    write_manifest(path, m)
+    got = Pipeline(path, threads=1)(images[:1], PROMPT, max_new_tokens=NEW)
+    stop = first.index(eos)
+    assert got.ids[0] == first[:stop + 1]
+
+
+def test_fixed_batch_bundle_rejects_other_batch(adapter, images, tmp_path):
+    out = tmp_path / "b1"
+    export_bundle(adapter, out, method="attention", keep=8, batch=1, validate=False)
+    pipe = Pipeline(out, threads=1)
+    assert len(pipe(images[0], PROMPT, max_new_tokens=2).ids) == 1
+    with pytest.raises(ModelError, match=r"2 image\(s\) given; this bundle's vision graph takes exactly 1"):
+        pipe(images, PROMPT, max_new_tokens=2)
+
+
+class _GatePruner(Pruner):
+    """A stand-in with an extra output (registered only inside the test)."""
+
+    requires = ("tokens", "attn")
+    extra_outputs = ("gate",)
+
+    def select(self, tokens, attn):                                   # [B, N, D], [B, N]
+        chosen = topk_indices(attn, self.keep)
+        positions, kept = sort_by_position(chosen, gather_rows(tokens, chosen))
+        return Selection(tokens=kept, positions=positions, extras={"gate": attn.max(dim=1).values})
+
+
+def test_extras_reach_the_result(adapter, images, tmp_path, monkeypatch):
+    monkeypatch.setitem(_PRUNERS, "gate_probe", _GatePruner)
+    monkeypatch.setattr(_GatePruner, "name", "gate_probe")
+    out = tmp_path / "gate"
+    m = export_bundle(adapter, out, method="gate_probe", keep=8)
+    assert m[Keys.PRUNER_EXTRA_OUTPUTS] == ["gate"] and "gate" in m[Keys.VISION_GRAPH]["outputs"]
+    result = Pipeline(out, threads=1)(images, PROMPT, max_new_tokens=2)
+    with torch.no_grad():
+        attn = adapter.encode(adapter.preprocess(images), ("attn",)).attn
+    np.testing.assert_allclose(result.extras["gate"], attn.max(dim=1).values.numpy(), rtol=1e-5)
+
+
+def test_fp16_llm_bundle_runs(adapter, images, tmp_path):
+    out = tmp_path / "fp16"
+    m = export_bundle(adapter, out, method=METHODS[0], keep=KEEP, dtype="float16")
+    assert m[Keys.LLM_SPEC]["dtype"] == "float16" and m[Keys.VALIDATION]["vision"]["passed"]
+    result = Pipeline(out, threads=1)(images, PROMPT, max_new_tokens=4)
+    assert [len(row) for row in result.ids] == [4, 4]
+    # same vision graph precision: the kept positions are the fp32 reference's
+    np.testing.assert_array_equal(result.positions, _reference(adapter, METHODS[0], adapter.default_positions,
+                                                               images).image_positions)
