@@ -1,0 +1,126 @@
+"""Run the exported LLM (embed.onnx + decoder.onnx, see export/llm.py) with ONNX Runtime. numpy + onnxruntime only.
+
+Prefill on the whole prompt (past = 0), then one decoder call per new token with the KV cache fed back.
+Decode token t (0-based) gets position id position_ids[:, -1] + 1 + t per row; rows have equal length, so the
+attention mask is all ones (the fused graph supports right padding only, which the runtime never needs).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+from edgeprune.errors import BundleError, EdgepruneError
+from edgeprune.runtime.providers import resolve_providers, session_options
+from edgeprune.runtime.sampling import check_sampling, make_rng, next_tokens
+
+__all__ = ["OrtLLM", "Generation"]
+
+log = logging.getLogger(__name__)
+
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass
+class Generation:
+    ids: np.ndarray                                   # [B, T] int64, T <= max_new_tokens
+    prefill_s: float
+    decode_s: list[float] = field(default_factory=list)  # one entry per decoder call after the prefill
+    kv_bytes: int = 0                                 # bytes of the present KV cache at the end
+    num_prompt_tokens: int = 0
+
+
+class OrtLLM:
+    """embed.onnx + decoder.onnx from `bundle_dir`, described by `spec` (export_llm's return value)."""
+
+    def __init__(self, bundle_dir: Path, spec: dict, providers: list[str] | None = None, threads: int | None = None,
+                 engine_cache: Path | None = None):
+        """`providers`: short names (cpu, cuda, tensorrt) in priority order; missing ones are skipped, CPU is
+        always the fallback. `engine_cache`: where the TensorRT provider keeps its engines."""
+        bundle_dir = Path(bundle_dir)
+        self.spec = spec
+        try:
+            self.num_layers, self.kv_heads, self.head_dim = spec["num_layers"], spec["num_kv_heads"], spec["head_dim"]
+            self.dtype = NP_DTYPES[spec["dtype"]]
+            files = {part: bundle_dir / spec[part]["file"] for part in ("embed", "decoder")}
+        except KeyError as err:
+            raise BundleError(f"LLM spec: missing or unsupported key {err}; expected export_llm's spec") from None
+        for part, path in files.items():
+            if not path.is_file():
+                raise BundleError(f"{path}: {part} graph not found")
+        self.providers = resolve_providers(providers, cache_dir=engine_cache)
+        opts = session_options(threads)
+        self.embed_session = ort.InferenceSession(str(files["embed"]), opts, providers=self.providers)
+        self.decoder = ort.InferenceSession(str(files["decoder"]), opts, providers=self.providers)
+        log.info("LLM on %s (threads=%s, attention=%s, %s)", self.decoder.get_providers(), threads,
+                 spec.get("attention"), spec["dtype"])
+        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+        self.output_names = ["logits"] + [f"present.{i}.{kind}" for i in range(self.num_layers)
+                                          for kind in ("key", "value")]
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """ids [B, L] int64 -> inputs_embeds [B, L, D] in the graph's dtype."""
+        return self.embed_session.run(None, {"input_ids": np.asarray(ids, dtype=np.int64)})[0]
+
+    def step(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+             past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder call. past None = prefill. Returns (logits [B, V] float32, present [k0, v0, k1, ...])."""
+        b = inputs_embeds.shape[0]
+        if past is None:
+            empty = np.zeros((b, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
+            past = [empty] * len(self.past_names)
+        feeds = {"inputs_embeds": np.ascontiguousarray(inputs_embeds, dtype=self.dtype),
+                 "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+                 "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
+                 **dict(zip(self.past_names, past))}
+        logits, *present = self.decoder.run(self.output_names, feeds)
+        return logits, present
+
+    def generate(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, *, max_new_tokens: int, eos_token_ids,
+                 do_sample: bool = False, top_p: float = 1.0, temperature: float = 1.0, seed: int = 0,
+                 on_token: Callable[[int, np.ndarray], None] | None = None) -> Generation:
+        """Prefill `inputs_embeds` [B, L, D] at `position_ids` [B, L], then decode until every row has emitted
+        an EOS or `max_new_tokens` tokens exist. Finished rows keep emitting EOS."""
+        inputs_embeds, position_ids = np.asarray(inputs_embeds), np.asarray(position_ids, dtype=np.int64)
+        if inputs_embeds.ndim != 3 or position_ids.shape != inputs_embeds.shape[:2]:
+            raise EdgepruneError(f"inputs_embeds {inputs_embeds.shape} and position_ids {position_ids.shape}: "
+                                 f"expected [B, L, D] and [B, L]")
+        if max_new_tokens < 1:
+            raise EdgepruneError(f"max_new_tokens={max_new_tokens}; expected >= 1")
+        eos = np.array(sorted({int(e) for e in np.atleast_1d(eos_token_ids)}) if eos_token_ids is not None else [],
+                       dtype=np.int64)
+        if do_sample:
+            check_sampling(top_p, temperature)
+        rng = make_rng(seed)
+        b, length = position_ids.shape
+        last_pos = position_ids[:, -1:]                                      # [B, 1]
+
+        start = time.perf_counter()
+        logits, present = self.step(inputs_embeds, position_ids, np.ones((b, length), np.int64), None)
+        prefill_s = time.perf_counter() - start
+        tokens, decode_s = [], []
+        done = np.zeros(b, dtype=bool)
+        finished_with = np.zeros(b, dtype=np.int64)                          # the EOS each finished row emitted
+        for t in range(max_new_tokens):
+            nxt = next_tokens(logits, do_sample, rng, top_p=top_p, temperature=temperature)  # [B]
+            if len(eos):
+                nxt = np.where(done, finished_with, nxt)                     # finished rows keep their EOS
+                finished_with = np.where(done, finished_with, nxt)
+                done |= np.isin(nxt, eos)
+            tokens.append(nxt)
+            if on_token is not None:
+                on_token(t, nxt)
+            if done.all() or t == max_new_tokens - 1:
+                break
+            start = time.perf_counter()
+            total = length + t + 1
+            logits, present = self.step(self.embed(nxt[:, None]), last_pos + 1 + t, np.ones((b, total), np.int64),
+                                        present)
+            decode_s.append(time.perf_counter() - start)
+        return Generation(ids=np.stack(tokens, axis=1), prefill_s=prefill_s, decode_s=decode_s,
+                          kv_bytes=int(sum(p.nbytes for p in present)), num_prompt_tokens=length)

@@ -1,0 +1,164 @@
+"""export/llm.py: embed.onnx + decoder.onnx of a tiny seeded Llama, ORT vs the HF torch forward."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from edgeprune.errors import ModelError
+from edgeprune.export.llm import export_llm
+from edgeprune.runtime.llm import OrtLLM
+
+VENV_BIN = Path(sys.executable).parent
+POSITIONS = [0, 1, 2, 3, 10, 12, 20, 21, 22, 23, 24, 25]  # gaps, as after pruning
+
+
+def tiny_llm(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return tiny_llm()
+
+
+@pytest.fixture(scope="module", params=["plain", "fused"])
+def exported(request, llm, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"llm-{request.param}")
+    spec = export_llm(llm, out, attention=request.param, validate=True)
+    return out, spec
+
+
+def inputs(batch: int = 2, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (batch, len(POSITIONS)), generator=g)
+    return ids, torch.tensor([POSITIONS] * batch)
+
+
+def test_spec_matches_graph_io(exported):
+    out, spec = exported
+    assert (spec["num_layers"], spec["num_kv_heads"], spec["head_dim"]) == (2, 2, 16)
+    assert (spec["hidden_size"], spec["vocab_size"], spec["dtype"]) == (64, 256, "float32")
+    for part in ("embed", "decoder"):
+        model = onnx.load(str(out / spec[part]["file"]), load_external_data=False)
+        for values, want in ((model.graph.input, spec[part]["inputs"]), (model.graph.output, spec[part]["outputs"])):
+            got = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
+            assert got == want
+    assert list(spec["decoder"]["inputs"])[:3] == ["inputs_embeds", "position_ids", "attention_mask"]
+    assert spec["decoder"]["inputs"]["past_key_values.1.value"] == ["batch", 2, "past_sequence", 16]
+    assert spec["decoder"]["outputs"]["present.1.value"] == ["batch", 2, "total_sequence", 16]
+    assert spec["decoder"]["outputs"]["logits"] == ["batch", 256]
+
+
+def test_weights_are_external_data(exported):
+    out, spec = exported
+    model = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(external) >= 2 * 7  # every layer's 7 projection matrices at least
+    assert (out / "decoder.onnx.data").stat().st_size > 2 * 7 * 64 * 64 * 4 > (out / "decoder.onnx").stat().st_size
+    assert (out / "embed.onnx.data").stat().st_size == 256 * 64 * 4
+
+
+def test_attention_variant_ops(exported):
+    out, spec = exported
+    model = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+    ops = {(n.domain, n.op_type) for n in model.graph.node}
+    fused = ("com.microsoft", "GroupQueryAttention")
+    if spec["attention"] == "fused":
+        assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == 2  # one per layer
+    else:
+        assert fused not in ops and {domain for domain, _ in ops} == {""}  # pure ONNX
+        assert "Softmax" in {op for _, op in ops}
+
+
+def test_validation_reports_small_errors(exported):
+    _, spec = exported
+    v = spec["validation"]
+    assert v["ok"] and v["embed"] == 0.0
+    assert v["prefill"] < 1e-4 and v["decode"] < 1e-4
+
+
+@torch.no_grad()
+def test_prefill_and_4_decode_steps_match_torch(exported, llm):
+    out, spec = exported
+    ort_llm = OrtLLM(out, spec)
+    ids, pos = inputs()
+    embeds = llm.get_input_embeddings()(ids)                                   # [2, 12, 64]
+    np.testing.assert_array_equal(ort_llm.embed(ids.numpy()), embeds.numpy())
+    mask = torch.ones(ids.shape, dtype=torch.int64)
+    ref = llm(inputs_embeds=embeds, position_ids=pos, attention_mask=mask, use_cache=True)
+    logits, present = ort_llm.step(embeds.numpy(), pos.numpy(), mask.numpy(), None)
+    np.testing.assert_allclose(logits, ref.logits[:, -1].numpy(), atol=1e-4, rtol=0)
+    assert present[0].shape == (2, 2, 12, 16)
+    cache = ref.past_key_values
+    for t in range(4):
+        nxt = ref.logits[:, -1].argmax(-1, keepdim=True)
+        step = llm.get_input_embeddings()(nxt)
+        step_pos = pos[:, -1:] + 1 + t
+        mask = torch.ones(2, 12 + t + 1, dtype=torch.int64)
+        ref = llm(inputs_embeds=step, position_ids=step_pos, attention_mask=mask, past_key_values=cache,
+                  use_cache=True)
+        cache = ref.past_key_values
+        logits, present = ort_llm.step(step.numpy(), step_pos.numpy(), mask.numpy(), present)
+        np.testing.assert_allclose(logits, ref.logits[:, -1].numpy(), atol=1e-4, rtol=0)
+    assert present[-1].shape == (2, 2, 16, 16)
+    np.testing.assert_allclose(present[-1], cache.layers[-1].values.numpy(), atol=1e-5, rtol=0)
+
+
+def test_position_ids_are_used(exported):
+    """Gaps change the logits: the graph must not recompute positions as 0..L-1."""
+    out, spec = exported
+    ort_llm = OrtLLM(out, spec)
+    ids, pos = inputs()
+    embeds = ort_llm.embed(ids.numpy())
+    mask = np.ones(ids.shape, np.int64)
+    gapped, _ = ort_llm.step(embeds, pos.numpy(), mask, None)
+    dense, _ = ort_llm.step(embeds, np.broadcast_to(np.arange(12), (2, 12)), mask, None)
+    assert np.abs(gapped - dense).max() > 1e-3
+
+
+def test_fp16_graph_greedy_tokens_match_fp32(llm, tmp_path):
+    spec16 = export_llm(llm, tmp_path / "fp16", dtype="float16", attention="fused", validate=False)
+    spec32 = export_llm(llm, tmp_path / "fp32", dtype="float32", attention="fused", validate=False)
+    assert next(llm.parameters()).dtype == torch.float32  # the caller's model is not cast in place
+    ids, pos = inputs()
+    runs = {}
+    for name, spec in (("fp16", spec16), ("fp32", spec32)):
+        ort_llm = OrtLLM(tmp_path / name, spec)
+        embeds = ort_llm.embed(ids.numpy())
+        assert embeds.dtype == (np.float16 if name == "fp16" else np.float32)
+        runs[name] = ort_llm.generate(embeds, pos.numpy(), max_new_tokens=8, eos_token_ids=None).ids
+    np.testing.assert_array_equal(runs["fp16"], runs["fp32"])
+
+
+def test_bad_arguments_raise(llm, tmp_path):
+    with pytest.raises(ModelError, match="attention='flash'"):
+        export_llm(llm, tmp_path, attention="flash")
+    with pytest.raises(ModelError, match="dtype='bfloat16'"):
+        export_llm(llm, tmp_path, dtype="bfloat16")
+    gemma = GemmaForCausalLM(GemmaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    with pytest.raises(ModelError, match="model_type 'gemma'; export supports llama"):
+        export_llm(gemma, tmp_path)  # scaled embeddings and 1+w norms: not what the decoder replay does
+
+
+def test_polygraphy_run_onnxrt(exported):
+    out, spec = exported
+    shapes = {"inputs_embeds": [1, 3, 64], "position_ids": [1, 3], "attention_mask": [1, 5]}
+    shapes.update({name: [1, 2, 2, 16] for name in spec["decoder"]["inputs"] if name.startswith("past_")})
+    cmd = [str(VENV_BIN / "polygraphy"), "run", str(out / "decoder.onnx"), "--onnxrt",
+           "--input-shapes", *[f"{n}:{s}".replace(" ", "") for n, s in shapes.items()],
+           # an all-ones mask: the fused op reads lengths from its row sums (right padding only)
+           "--val-range", "attention_mask:[1,1]", "position_ids:[0,20]"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "PASSED" in result.stdout + result.stderr
