@@ -49,10 +49,13 @@ class PrunerOptions:
 
 
 def add_pruner_args(parser: argparse.ArgumentParser, keep_required: bool = False) -> None:
-    from edgeprune.pruners import available  # torch: only subcommands that prune call this
-
-    group = parser.add_argument_group("pruner")
-    group.add_argument("--method", default="divprune", choices=sorted(available()), help="pruning method")
+    try:
+        from edgeprune.pruners import available  # torch: for --method's choices
+        choices, title = sorted(available()), "pruner"
+    except ImportError:  # a runtime-only install: the parser (and `run --help`) must still build
+        choices, title = None, "pruner (unavailable: torch is not installed)"
+    group = parser.add_argument_group(title)
+    group.add_argument("--method", default="divprune", choices=choices, help="pruning method")
     group.add_argument("--keep", type=int, required=keep_required,
                        help="token budget K (default: N, i.e. no pruning)")
     group.add_argument("--cfg", action="append", metavar="KEY=VALUE",

@@ -17,13 +17,7 @@ def add_parser(subparsers):
     p = subparsers.add_parser("export", help=__doc__.splitlines()[0], description=__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"preset name or local model directory (default: {DEFAULT_MODEL})")
-    try:
-        add_pruner_args(p)       # imports the pruners (torch) for --method's choices
-    except ImportError:          # a runtime-only install: keep `edgeprune --help` and `run` working
-        group = p.add_argument_group("pruner (unavailable: torch is not installed)")
-        group.add_argument("--method", default="divprune")
-        group.add_argument("--keep", type=int)
-        group.add_argument("--cfg", action="append", metavar="KEY=VALUE")
+    add_pruner_args(p)
     p.add_argument("--positions", choices=POSITION_MODES,
                    help="position ids of the kept image tokens (default: the model's convention)")
     p.add_argument("--scorer", metavar="CKPT", help="learned scorer checkpoint, for methods with a `scorer` option "

@@ -107,9 +107,6 @@ def test_cli_run_and_inspect_without_torch(bundle):
     assert "export needs the full install" in proc.stderr
 
 
-@pytest.mark.xfail(reason="cli/args.py add_pruner_args imports torch for --method choices, and generate's "
-                          "add_parser calls it, so the whole parser fails without torch (reported to the lead)",
-                   strict=False)
 def test_full_cli_builds_without_torch():
     proc = _run("""
         from edgeprune.cli import build_parser
