@@ -36,6 +36,7 @@ class GenerationResult:
     image_positions: np.ndarray      # [B, K] int64 original indices of the kept tokens
     position_ids: np.ndarray         # [B, L] the prefill position ids passed to the LLM
     prompt_ids: tuple[list[int], list[int]] = field(default=((), ()))  # (prefix ids, suffix ids)
+    positions_mode: str = ""         # the position rule used ("original" or "compact")
 
 
 def signals_needed(pruner) -> tuple[str, ...]:
@@ -73,9 +74,9 @@ def generate(adapter: Adapter, pruner, images, prompt: str, max_new_tokens: int 
     for a text-only prompt: the template without image tokens).
 
     `pruner`: a built pruner (edgeprune.pruners.build_for_model(name, keep, adapter.pruner_options()))
-    or None for no pruning. `positions`: "original" or "compact" (default: the adapter's).
+    or None for no pruning. `positions`: "original" or "compact" (default: the pruner's convention, else the adapter's).
     `on_token(step, ids [B])` is called after every decode step (streaming)."""
-    positions = positions or adapter.default_positions
+    positions = positions or getattr(pruner, "default_positions", None) or adapter.default_positions
     if positions not in POSITION_MODES:
         raise EdgepruneError(f"positions={positions!r}, expected one of {', '.join(POSITION_MODES)}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -149,7 +150,7 @@ def generate(adapter: Adapter, pruner, images, prompt: str, max_new_tokens: int 
         rows.append(row if stop is None else row[:stop + 1])
     text = [adapter.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
     return GenerationResult(ids=rows, text=text, num_image_tokens=k, image_positions=kept.numpy().astype(np.int64),
-                            position_ids=pos, prompt_ids=(list(prefix), list(suffix)))
+                            position_ids=pos, prompt_ids=(list(prefix), list(suffix)), positions_mode=positions)
 
 
 def _image_placeholder_ids(adapter: Adapter) -> set[int]:

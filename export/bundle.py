@@ -27,7 +27,7 @@ from edgeprune.export.vision import export_vision, graph_io
 from edgeprune.models.base import Adapter
 from edgeprune.pruners import available, build_for_model
 from edgeprune.pruners.ops import check_keep
-from edgeprune.runtime.bundle import hash_files
+from edgeprune.runtime.bundle import hash_files, load_bundle
 from edgeprune.runtime.format import SCHEMA_VERSION, Files, Keys
 from edgeprune.runtime.positions import POSITION_MODES
 
@@ -120,16 +120,21 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int | None = None,
                   cfg: dict | None = None, positions: str | None = None, dtype: str = "float32",
                   batch: int | None = None, attention: str = "fused", force: bool = False, source: str = "",
-                  validate: bool = True, on_step: Callable[[str], None] | None = None) -> dict:
+                  validate: bool = True, on_step: Callable[[str], None] | None = None,
+                  reuse_llm_from: str | Path | None = None) -> dict:
     """Export `adapter` pruned by `method` to K=`keep` (None: N, no pruning) into the bundle `out`.
 
-    positions: "original" | "compact" (default: the adapter's); dtype: "float32" | "float16" (the LLM
+    positions: "original" | "compact" (default: the method's own convention, else the adapter's); dtype: "float32" | "float16" (the LLM
     graphs; the vision graph stays float32 in ONNX, build-engine --fp16 makes its engine fp16);
-    batch: fixed vision batch, None for dynamic. Returns the manifest. Raises ParityError when
+    batch: fixed vision batch, None for dynamic. reuse_llm_from: a bundle of the same model, LLM dtype
+    and attention whose LLM graphs are hard-linked (or copied) instead of exported again, e.g. by a
+    sweep over methods and K, where only the vision graph differs. Returns the manifest. Raises ParityError when
     validation fails (nothing is written then).
     """
     out = Path(out)
     cfg = dict(cfg or {})
+    if method in available():
+        positions = positions or available()[method].default_positions
     positions = positions or adapter.default_positions
     if positions not in POSITION_MODES:
         raise EdgepruneError(f"positions={positions!r}; expected one of {', '.join(POSITION_MODES)}")
@@ -160,9 +165,12 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
             raise ParityError(f"vision graph ORT vs torch: {_summary(validation['vision'])}")
 
         step(EXPORT_STEPS[4])
-        from edgeprune.export.llm import export_llm
+        if reuse_llm_from is not None:
+            spec = _reuse_llm(Path(reuse_llm_from), tmp, adapter, source, dtype, attention)
+        else:
+            from edgeprune.export.llm import export_llm
 
-        spec = export_llm(adapter.llm, tmp, dtype=dtype, attention=attention, validate=validate)
+            spec = export_llm(adapter.llm, tmp, dtype=dtype, attention=attention, validate=validate)
         if validate and "validation" in spec:
             validation["llm"] = spec["validation"]
             if spec["validation"].get("passed", spec["validation"].get("ok")) is False:
@@ -205,6 +213,26 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _reuse_llm(src: Path, tmp: Path, adapter: Adapter, source: str, dtype: str, attention: str) -> dict:
+    """Link the LLM graphs of bundle `src` into `tmp` after checking they are the ones this export
+    would write; returns their spec (with the validation recorded when they were exported)."""
+    manifest = load_bundle(src).manifest  # verifies src's hashes: a tampered source is refused
+    spec = manifest[Keys.LLM_SPEC]
+    theirs = (manifest[Keys.MODEL_FAMILY], manifest[Keys.MODEL_SOURCE], spec["dtype"], spec.get("attention"))
+    ours = (adapter.family, source or getattr(adapter, "name", ""), dtype, attention)
+    if theirs != ours:
+        raise EdgepruneError(f"reuse_llm_from={src}: its LLM graphs are (family, source, dtype, attention) = {theirs}, "
+                             f"this export needs {ours}")
+    for part in ("embed", "decoder"):
+        for name in (spec[part]["file"], spec[part]["file"] + ".data"):
+            if (src / name).exists():
+                try:
+                    os.link(src / name, tmp / name)
+                except OSError:  # another file system, or links not allowed
+                    shutil.copy2(src / name, tmp / name)
+    return spec
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> None:

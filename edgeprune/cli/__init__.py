@@ -23,6 +23,10 @@ SUBCOMMANDS: dict[str, str] = {
     "inspect": "inspect",
     "build-engine": "build_engine",
     "train": "train",
+    "profile": "profile",
+    "sweep": "sweep",
+    "plan": "plan",
+    "eval": "eval",
 }
 
 log = logging.getLogger("edgeprune")

@@ -19,7 +19,8 @@ def add_parser(subparsers):
                    help=f"preset name or local model directory (default: {DEFAULT_MODEL})")
     add_pruner_args(p)
     p.add_argument("--positions", choices=POSITION_MODES,
-                   help="position ids of the kept image tokens (default: the model's convention)")
+                   help="position ids of the kept image tokens (default: the method's convention, e.g. original "
+                        "for dart and autoselect, else the model's)")
     p.add_argument("--scorer", metavar="CKPT", help="learned scorer checkpoint, for methods with a `scorer` option "
                    "(autoselect)")
     p.add_argument("--fp16", action="store_true", help="float16 LLM graphs (the vision graph stays float32 in ONNX; "

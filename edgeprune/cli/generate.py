@@ -54,5 +54,5 @@ def run(args) -> int:
             print(f"[{image}]")
         print(text.strip())
     print(f"image tokens: {result.num_image_tokens} of {adapter.num_image_tokens} (method: {method}, "
-          f"positions: {args.positions or adapter.default_positions})")
+          f"positions: {result.positions_mode})")
     return 0

@@ -18,7 +18,7 @@ def run(args) -> int:
         import json
 
         print(json.dumps({name: {"description": i.description, "requires": list(i.requires), "space": i.space,
-                                 "extra_outputs": list(i.extra_outputs),
+                                 "extra_outputs": list(i.extra_outputs), "default_positions": i.default_positions,
                                  "defaults": {k: (None if v is inspect.Parameter.empty else repr(v))
                                               for k, v in i.defaults.items()}}
                           for name, i in infos.items()}, indent=2))
@@ -27,5 +27,6 @@ def run(args) -> int:
         options = ", ".join(f"{k}={'<required>' if v is inspect.Parameter.empty else repr(v)}"
                             for k, v in info.defaults.items()) or "-"
         print(f"{name:<12} {info.description}")
-        print(f"{'':<12} needs: {', '.join(info.requires)}; output space: {info.space}; options: {options}")
+        positions = f"; positions: {info.default_positions}" if info.default_positions else ""
+        print(f"{'':<12} needs: {', '.join(info.requires)}; output space: {info.space}{positions}; options: {options}")
     return 0

@@ -20,6 +20,7 @@ class PrunerInfo:
     space: str
     defaults: dict           # config keyword -> default (keep excluded); required ones map to inspect.Parameter.empty
     extra_outputs: tuple[str, ...]
+    default_positions: str | None
 
 
 def register_pruner(name: str):
@@ -46,7 +47,7 @@ def available() -> dict[str, PrunerInfo]:
     return {
         name: PrunerInfo(name=name, description=cls.description, requires=cls.requires, space=cls.space,
                          defaults={k: p.default for k, p in _config_params(cls).items()},
-                         extra_outputs=cls.extra_outputs)
+                         extra_outputs=cls.extra_outputs, default_positions=cls.default_positions)
         for name, cls in sorted(_PRUNERS.items())
     }
 

@@ -127,6 +127,7 @@ class AutoSelect(Pruner):
     """AutoSelect: top-K tokens by a learned Transformer scorer on encoder features."""
 
     requires = ("tokens", "feats")
+    default_positions = "original"   # AutoSelect keeps the original RoPE ids (METHODS.md)
 
     def __init__(self, keep: int, scorer: str | Path | nn.Module | None = None, dim: int | None = None,
                  depth: int = 2, heads: int | None = None, seed: int = 0):

@@ -46,6 +46,10 @@ class Pruner(nn.Module):
     requires: ClassVar[tuple[str, ...]] = ()
     space: ClassVar[str] = "tokens"   # the signal whose space `Selection.tokens` is in
     extra_outputs: ClassVar[tuple[str, ...]] = ()  # names of Selection.extras
+    # The position mode the method was designed with ("original" for AutoSelect and DART, whose
+    # papers keep original RoPE ids), or None to follow the model. Export and the reference
+    # pipeline use it when the user does not choose (DESIGN.md, Position ids).
+    default_positions: ClassVar[str | None] = None
 
     def __init__(self, keep: int):
         super().__init__()

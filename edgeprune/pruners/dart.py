@@ -30,6 +30,7 @@ class DartPruner(Pruner):
     """DART: P high-norm pivots, each keeps its quota of the tokens least similar to it."""
 
     requires = ("tokens",)
+    default_positions = "original"   # DART (and TensorRT Edge-LLM) keep original ids (DESIGN.md)
 
     def __init__(self, keep: int, pivots: int = 8):
         super().__init__(keep)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgeprune.errors import BundleError, PrunerConfigError
+from edgeprune.errors import BundleError, EdgepruneError, PrunerConfigError
 from edgeprune.export import bundle as bundle_mod
 from edgeprune.export.bundle import _store_config, effective_config, export_bundle, write_manifest
 from edgeprune.runtime.bundle import hash_files, load_bundle, read_manifest, sha256_file
@@ -55,7 +55,8 @@ def test_manifest_contents(exported, adapter):
     assert m[Keys.PRUNER_METHOD] == METHOD and m[Keys.PRUNER_KEEP] == 16
     assert m[Keys.MODEL_NUM_IMAGE_TOKENS] == 576 and m[Keys.MODEL_GRID] == [24, 24]
     assert m[Keys.PRUNER_CONFIG] == {"pivots": 8}                       # dart's default, recorded
-    assert m[Keys.POSITIONS_MODE] == adapter.default_positions
+    # DART's own convention (original ids) wins over the tiny preset's default (compact)
+    assert adapter.default_positions == "compact" and m[Keys.POSITIONS_MODE] == "original"
     assert m[Keys.MODEL_EOS_TOKEN_IDS] == list(adapter.eos_token_ids)
     assert m[Keys.MODEL_CHAT_TEMPLATE] == adapter.chat_template.to_dict()
     assert m[Keys.VISION_GRAPH]["outputs"]["positions"] == {"shape": ["batch", 16], "dtype": "int64"}
@@ -180,3 +181,19 @@ def test_hash_files_skips_manifest_and_sorts(tmp_path):
     (tmp_path / "sub" / "a.txt").write_text("a")
     (tmp_path / Files.MANIFEST).write_text("{}")
     assert list(hash_files(tmp_path)) == ["b.txt", "sub/a.txt"]
+
+
+def test_reuse_llm_links_the_graphs_and_checks_they_fit(exported, adapter, tmp_path):
+    exported = exported[0]
+    manifest = export_bundle(adapter, tmp_path / "reused", method="uniform", keep=16, validate=False,
+                             source="tiny-llava", reuse_llm_from=exported)
+    source = load_bundle(exported).manifest
+    assert manifest[Keys.LLM_SPEC] == source[Keys.LLM_SPEC]
+    decoder = manifest[Keys.LLM_SPEC]["decoder"]["file"]
+    assert manifest[Keys.FILES_SHA256][decoder] == source[Keys.FILES_SHA256][decoder]
+    load_bundle(tmp_path / "reused")  # hashes verify
+    assert manifest[Keys.POSITIONS_MODE] == adapter.default_positions  # uniform has no convention of its own
+    with pytest.raises(EdgepruneError, match=r"reuse_llm_from=.*this export needs .*'float16'"):
+        export_bundle(adapter, tmp_path / "fp16", method="uniform", keep=16, dtype="float16", validate=False,
+                      source="tiny-llava", reuse_llm_from=exported)
+    assert not (tmp_path / "fp16").exists()

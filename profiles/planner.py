@@ -1,0 +1,186 @@
+"""K planner: the largest image-token budget K that fits a device's memory and a TTFT target.
+
+Memory is predicted from the model's shapes (weights + activations + KV cache for the context);
+latency comes from a measured sweep when one is given (interpolated between measured K), otherwise
+from a two-point calibration of the LLM prefill on this machine (a line in the token count). Every
+figure in the plan says whether it was measured or estimated. Torch-free.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeprune.errors import EdgepruneError
+from edgeprune.profiles.device import DeviceProfile
+
+__all__ = ["ModelFacts", "facts_from_bundle", "predict_memory", "LatencyModel", "plan", "CANDIDATE_KEEPS"]
+
+log = logging.getLogger(__name__)
+
+CANDIDATE_KEEPS = (2880, 1152, 576, 384, 256, 192, 144, 128, 96, 64, 48, 32, 16, 8)
+PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    name: str
+    num_image_tokens: int        # N
+    vision_params: int
+    llm_params: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    vision_hidden: int
+    vision_layers: int
+    vision_tokens: int           # tokens the encoder attends over (N, + [CLS] where present)
+
+
+def facts_from_bundle(bundle_dir: Path) -> ModelFacts:
+    """Shapes from the manifest; parameter counts from the graphs' initializers."""
+    import onnx
+
+    from edgeprune.runtime.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir, verify=False)
+    spec = bundle.llm_spec
+
+    def count(path: Path) -> tuple[int, dict]:
+        model = onnx.load(str(path), load_external_data=False)
+        shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+        return sum(int(np.prod(s)) for s in shapes.values()), shapes
+
+    vision_params, vision_shapes = count(bundle.file(bundle.manifest["vision.graph"]["file"]))
+    llm_params = count(bundle.file(spec["decoder"]["file"]))[0] + count(bundle.file(spec["embed"]["file"]))[0]
+    hidden = spec["hidden_size"]
+    heads = spec.get("num_heads", hidden // spec["head_dim"])
+    n = bundle.num_image_tokens
+    widths = [s[0] for s in vision_shapes.values() if len(s) == 1]
+    vision_hidden = max(set(widths), key=widths.count) if widths else hidden
+    return ModelFacts(name=str(bundle_dir), num_image_tokens=n, vision_params=vision_params, llm_params=llm_params,
+                      num_layers=spec["num_layers"], num_heads=heads, num_kv_heads=spec["num_kv_heads"],
+                      head_dim=spec["head_dim"], hidden_size=hidden,
+                      intermediate_size=spec.get("intermediate_size", 4 * hidden), vocab_size=spec["vocab_size"],
+                      vision_hidden=vision_hidden, vision_layers=spec.get("vision_layers", 12), vision_tokens=n + 1)
+
+
+def predict_memory(facts: ModelFacts, keep: int, context: int, precision: str, batch: int = 1) -> dict:
+    """Bytes: weights, KV cache for K + context tokens, and the activation peak (the larger of the
+    vision encoder's and the LLM prefill's), assuming unfused attention scores (an upper bound)."""
+    b = PRECISION_BYTES[precision]
+    seq = keep + context
+    weights = (facts.vision_params + facts.llm_params) * b
+    kv = facts.num_layers * 2 * facts.num_kv_heads * facts.head_dim * seq * b * batch
+    llm_act = batch * (seq * (4 * facts.hidden_size + 2 * facts.intermediate_size) * b
+                       + facts.num_heads * seq * seq * b + facts.vocab_size * 4)
+    vis_act = batch * (facts.vision_tokens * 8 * facts.vision_hidden * b
+                       + max(1, facts.vision_hidden // 64) * facts.vision_tokens ** 2 * b)
+    activations = max(llm_act, vis_act)
+    return {"weights": weights, "kv_cache": kv, "activations": activations, "total": weights + kv + activations}
+
+
+class LatencyModel:
+    """TTFT(K) for one method: measured points (linear interpolation between them, linear
+    extrapolation beyond) or a calibrated line a + b * tokens."""
+
+    def __init__(self, keeps: list[int], ttft_s: list[float], source: str):
+        order = np.argsort(keeps)
+        self.keeps = np.asarray(keeps, dtype=np.float64)[order]
+        self.ttft = np.asarray(ttft_s, dtype=np.float64)[order]
+        self.source = source
+
+    def __call__(self, keep: int) -> tuple[float, str]:
+        if keep in self.keeps:
+            return float(self.ttft[list(self.keeps).index(keep)]), "measured"
+        if len(self.keeps) == 1:
+            return float(self.ttft[0]), "estimated (single point)"
+        if self.keeps[0] <= keep <= self.keeps[-1]:
+            return float(np.interp(keep, self.keeps, self.ttft)), "estimated (interpolated)"
+        slope, icpt = np.polyfit(self.keeps, self.ttft, 1)
+        return float(max(0.0, icpt + slope * keep)), "estimated (extrapolated)"
+
+
+def latency_from_sweep(path: Path) -> dict[str, LatencyModel]:
+    try:
+        rows = json.loads(Path(path).read_text())["rows"]
+    except (OSError, ValueError, KeyError) as err:
+        raise EdgepruneError(f"--sweep {path}: not a sweep.json written by `edgeprune sweep` ({err})") from err
+    models = {}
+    for method in sorted({r["method"] for r in rows}):
+        rs = [r for r in rows if r["method"] == method]
+        models[method] = LatencyModel([r["keep"] for r in rs], [r["ttft_ms"] / 1e3 for r in rs], f"sweep {path}")
+    return models
+
+
+def calibrate_prefill(bundle_dir: Path, text_tokens: int, threads: int | None = None, runs: int = 3) -> LatencyModel:
+    """Time the bundle's LLM prefill (random embeddings) at K = 64 and K = N, plus its vision graph once.
+    TTFT(K) ~ vision + prefill(K + M), the prefill a line through the two measured lengths."""
+    from edgeprune.runtime.bundle import load_bundle
+    from edgeprune.runtime.llm import OrtLLM
+
+    bundle = load_bundle(bundle_dir)
+    llm = OrtLLM(bundle.path, bundle.llm_spec, threads=threads)
+    rng = np.random.default_rng(0)
+    n = bundle.num_image_tokens
+    keeps = sorted({min(64, n), n})
+    times = []
+    for k in keeps:
+        length = k + text_tokens
+        embeds = (rng.standard_normal((1, length, llm.spec["hidden_size"])) * 0.02).astype(llm.dtype)
+        pos = np.arange(length, dtype=np.int64)[None]
+        samples = []
+        for _ in range(runs + 1):
+            start = time.perf_counter()
+            llm.step(embeds, pos, np.ones((1, length), np.int64), None)
+            samples.append(time.perf_counter() - start)
+        times.append(float(np.median(samples[1:])))
+    return LatencyModel(keeps, times, f"prefill calibration of {bundle_dir} on this machine (vision excluded)")
+
+
+def plan(facts: ModelFacts, device: DeviceProfile, *, context: int, ttft_ms: float | None = None,
+         latency: dict[str, LatencyModel] | None = None, batch: int = 1, keeps=None) -> dict:
+    """Every candidate K with its memory and (if known) TTFT; the recommendation is the largest K that
+    fits both the memory budget and the TTFT target, with the fastest method there."""
+    if context < 1:
+        raise EdgepruneError(f"--context {context}: expected the text tokens of a request (prompt + answer), >= 1")
+    n = facts.num_image_tokens
+    candidates = sorted({k for k in (keeps or CANDIDATE_KEEPS) if 1 <= k <= n} | {n}, reverse=True)
+    budget = device.memory_available_bytes
+    rows = []
+    for k in candidates:
+        mem = predict_memory(facts, k, context, device.precision, batch)
+        row = {"keep": k, "memory": mem, "fits_memory": mem["total"] <= budget, "ttft_ms": {}, "ttft_source": {}}
+        for method, model in (latency or {}).items():
+            t, source = model(k)
+            row["ttft_ms"][method] = t * 1e3
+            row["ttft_source"][method] = source
+        rows.append(row)
+
+    def meets(row) -> tuple[bool, str | None]:
+        if not row["fits_memory"]:
+            return False, None
+        if ttft_ms is None or not row["ttft_ms"]:
+            return True, min(row["ttft_ms"], key=row["ttft_ms"].get) if row["ttft_ms"] else None
+        ok = {m: t for m, t in row["ttft_ms"].items() if t <= ttft_ms}
+        return (bool(ok), min(ok, key=ok.get) if ok else None)
+
+    choice = next(((r, m) for r in rows for ok, m in [meets(r)] if ok), None)
+    notes = ["memory: estimated from the model's shapes (weights in the device precision, KV cache for K + context "
+             "tokens, activation peak with unfused attention: an upper bound)"]
+    if ttft_ms is not None and not latency:
+        notes.append("TTFT target given but no latency source: pass --sweep sweep.json (measured on the device) or "
+                     "--calibrate BUNDLE")
+    for method, model in (latency or {}).items():
+        notes.append(f"TTFT for {method}: {model.source}")
+    return {"device": device.name, "memory_budget_bytes": budget, "context": context, "batch": batch,
+            "ttft_target_ms": ttft_ms, "num_image_tokens": n, "rows": rows,
+            "recommendation": None if choice is None else {"keep": choice[0]["keep"], "method": choice[1]},
+            "notes": notes}

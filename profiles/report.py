@@ -1,0 +1,130 @@
+"""Profile and sweep reports: JSON (stable keys), Markdown tables and PNG plots, written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["write_atomic", "profile_markdown", "sweep_markdown", "sweep_plots", "ms", "mib"]
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, allow_nan=False, default=str) + "\n")
+
+
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def profile_markdown(report: dict) -> str:
+    lat = report["latency_s"]
+    rows = [("preprocess", lat["preprocess"]), ("vision (encoder + pruner + projector)", lat["vision"]),
+            ("embed + sequence", lat["embed"]), ("LLM prefill", lat["prefill"]),
+            ("time to first token", lat["ttft"]), ("decode per token", lat["decode_per_token"]),
+            ("decode (all tokens)", lat["decode"]), ("total", lat["total"])]
+    if "pruner" in lat:
+        rows.insert(2, ("  of which pruner (vision K - vision N)", lat["pruner"]))
+    lines = [f"### {report['method']} K={report['keep']} of N={report['num_image_tokens']} ({report['bundle']})", "",
+             "| stage | median ms | p90 ms | min-max ms |", "|---|---:|---:|---:|"]
+    for name, s in rows:
+        lines.append(f"| {name} | {ms(s['median'])} | {ms(s['p90'])} | {ms(s['min'])}-{ms(s['max'])} |")
+    mem = report["memory"]
+    tps = report["tokens_per_s"]
+    lines += ["", f"tokens/s: {tps:.1f}" if tps else "tokens/s: -",
+              f"prompt tokens: {report['tokens']['prompt']} (K={report['keep']} image + "
+              f"{report['tokens']['text_tokens']} text), generated: {report['tokens']['generated']}", "",
+              "| memory | MiB |", "|---|---:|",
+              f"| peak RSS | {mib(mem['peak_rss_bytes'])} |",
+              *(f"| weights: {k} | {mib(v)} |" for k, v in mem["weights_bytes"].items()),
+              f"| KV cache at end ({mem['kv_cache_tokens']} tokens) | {mib(mem['kv_cache_bytes'])} |"]
+    for name, probe in mem["device"].items():
+        lines.append(f"| {name} memory | {mib(probe['used_bytes'])} |" if probe["available"]
+                     else f"| {name} memory | n/a ({probe['reason']}) |")
+    return "\n".join(lines) + "\n"
+
+
+SWEEP_COLUMNS = ("method", "keep", "ttft_ms", "prefill_ms", "vision_ms", "pruner_overhead_pct", "decode_ms_per_token",
+                 "kv_bytes", "kv_ratio", "prefill_speedup", "token_limit")
+
+
+def sweep_markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"## Sweep: {meta['model']} (N={meta['num_image_tokens']}, M={meta['text_tokens']} text tokens, "
+             f"{meta['runs']} runs, {meta['new_tokens']} new tokens)", "",
+             "| method | K | TTFT ms | prefill ms | vision ms | pruner % of vision | decode ms/token | KV MiB | "
+             "KV ratio | prefill speedup | limit (N+M)/(K+M) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        overhead = "-" if r["pruner_overhead_pct"] is None else f"{r['pruner_overhead_pct']:.1f}"
+        lines.append(f"| {r['method']} | {r['keep']} | {r['ttft_ms']:.1f} | {r['prefill_ms']:.1f} | "
+                     f"{r['vision_ms']:.1f} | {overhead} | {r['decode_ms_per_token']:.1f} | {mib(r['kv_bytes'])} | "
+                     f"{r['kv_ratio']:.3f} | {r['prefill_speedup']:.2f}x | {r['token_limit']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    """TTFT and prefill vs K per method, KV bytes vs K, pruner overhead, speedup vs the token-count limit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({r["method"] for r in rows})
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    (ax_ttft, ax_pre), (ax_kv, ax_speed) = axes
+    for method in methods:
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["keep"])
+        ks = [r["keep"] for r in rs]
+        ax_ttft.plot(ks, [r["ttft_ms"] for r in rs], marker="o", label=method)
+        ax_pre.plot(ks, [r["prefill_ms"] for r in rs], marker="o", label=method)
+        ax_speed.plot(ks, [r["prefill_speedup"] for r in rs], marker="o", label=method)
+    ks_all = sorted({r["keep"] for r in rows})
+    limit = {r["keep"]: r["token_limit"] for r in rows}
+    ax_speed.plot(ks_all, [limit[k] for k in ks_all], "k--", label="limit (N+M)/(K+M)")
+    kv = {r["keep"]: r["kv_bytes"] / 2**20 for r in rows}
+    ax_kv.plot(ks_all, [kv[k] for k in ks_all], "k-o")
+    for ax, title, ylabel in ((ax_ttft, "Time to first token", "ms"), (ax_pre, "LLM prefill", "ms"),
+                              (ax_kv, "KV cache at end of generation", "MiB"),
+                              (ax_speed, "Prefill speedup vs K = N", "x")):
+        ax.set_title(title)
+        ax.set_xlabel("K (image tokens kept)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    ax_ttft.legend(fontsize=8)
+    ax_speed.legend(fontsize=8)
+    fig.tight_layout()
+    paths = [out_dir / "sweep.png"]
+    _save(fig, paths[0])
+    overhead = [r for r in rows if r["pruner_overhead_pct"] is not None and r["keep"] < r["num_image_tokens"]]
+    if overhead:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        labels = [f"{r['method']}\nK={r['keep']}" for r in overhead]
+        ax.bar(range(len(overhead)), [r["pruner_overhead_pct"] for r in overhead])
+        ax.set_xticks(range(len(overhead)), labels, fontsize=7)
+        ax.set_ylabel("% of the unpruned vision graph time")
+        ax.set_title("Pruner overhead")
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        paths.append(out_dir / "pruner_overhead.png")
+        _save(fig, paths[-1])
+    plt.close("all")
+    return paths
+
+
+def _save(fig, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)

@@ -1,0 +1,36 @@
+"""`edgeprune sweep` on the tiny preset: every file, stable keys, and pruning shortens TTFT."""
+from __future__ import annotations
+
+import json
+
+from edgeprune.cli import main
+
+
+def test_sweep_tiny_preset(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", "tiny-llava", "--methods", "attention,dart", "--keep", "576,64",
+                 "--runs", "5", "--new-tokens", "2", "--threads", "1", "--out", str(out)]) == 0
+    for name in ("sweep.json", "sweep.md", "sweep.png", "pruner_overhead.png"):
+        assert (out / name).stat().st_size > 0, name
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["meta"]["num_image_tokens"] == 576 and result["meta"]["keeps"] == [576, 64]
+    rows = {(r["method"], r["keep"]): r for r in result["rows"]}
+    assert set(rows) == {("attention", 576), ("attention", 64), ("dart", 576), ("dart", 64)}
+    for method in ("attention", "dart"):
+        full, pruned = rows[method, 576], rows[method, 64]
+        # one run, one machine: a ratio, not an absolute time. The prefill is 576 + M vs 64 + M tokens.
+        assert pruned["ttft_ms"] < full["ttft_ms"], (method, pruned["ttft_ms"], full["ttft_ms"])
+        assert pruned["prefill_ms"] < full["prefill_ms"]
+        assert pruned["kv_bytes"] < full["kv_bytes"] and full["kv_ratio"] == 1.0
+        m = result["meta"]["text_tokens"]
+        assert pruned["token_limit"] == (576 + m) / (64 + m)
+        assert pruned["pruner_overhead_pct"] is not None and full["pruner_overhead_pct"] is None
+    # the LLM graphs were exported once and reused by every other bundle
+    bundles = sorted(p.name for p in (out / "bundles").iterdir())
+    assert bundles == ["attention-k64", "dart-k64", "full-k576"]
+    assert "| attention | 64 |" in capsys.readouterr().out
+    # a second sweep reuses the bundles (their manifests match)
+    mtimes = {name: (out / "bundles" / name / "manifest.json").stat().st_mtime_ns for name in bundles}
+    assert main(["sweep", "--model", "tiny-llava", "--methods", "dart", "--keep", "64", "--runs", "1",
+                 "--new-tokens", "1", "--threads", "1", "--out", str(out)]) == 0
+    assert mtimes == {name: (out / "bundles" / name / "manifest.json").stat().st_mtime_ns for name in bundles}
