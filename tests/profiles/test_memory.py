@@ -1,15 +1,19 @@
+import mmap
 import sys
 
 from edgeprune.profiles import memory
 
 
 def test_rss_sampler_sees_an_allocation():
+    size = 64 * 1024 * 1024
     with memory.RssSampler() as sampler:
         before = memory.rss_bytes()
-        block = bytearray(64 * 1024 * 1024)
-        block[::4096] = b"x" * len(block[::4096])  # touch every page
+        # a fresh anonymous mapping: new pages, unlike malloc, which may reuse memory freed earlier
+        block = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):  # touch every page
+            block[offset] = 1
     assert sampler.peak >= before + 60 * 1024 * 1024
-    del block
+    block.close()
 
 
 def test_missing_nvml_and_tegrastats_are_reported_not_raised(monkeypatch):
