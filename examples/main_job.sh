@@ -1,19 +1,13 @@
 #!/usr/bin/env bash
 # The main job on the embedded default model (edgeprune-mini): export it unpruned (K = N = 576) and
-# pruned to K = 64, answer a question about a real photo with each, and profile both on this device.
-# Re-running reuses the bundles (pass FORCE=1 to export again). Run from the repository root.
+# pruned to K = 64, profile both on this device and print one table (TTFT, prefill speedup against
+# the token-count limit, KV cache, pruner overhead), then answer a question about a real photo with
+# the pruned bundle. Re-running reuses the bundles. Run from the repository root.
+#   METHOD=dart DEVICE=jetson-orin-nano-8gb OUT=reports/main-job bash examples/main_job.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EP=.venv/bin/edgeprune
-OUT=${OUT:-bundles}
+OUT=${OUT:-reports/main-job}
 METHOD=${METHOD:-divprune}
-DEVICE=${DEVICE:-cpu-generic}
-force=(); [ "${FORCE:-0}" = 1 ] && force=(--force)
-[ -f "$OUT/mini-full/manifest.json" ] && [ "${FORCE:-0}" != 1 ] || $EP export --method "$METHOD" --out "$OUT/mini-full" "${force[@]}"
-[ -f "$OUT/mini-k64/manifest.json" ] && [ "${FORCE:-0}" != 1 ] || $EP export --method "$METHOD" --keep 64 --out "$OUT/mini-k64" "${force[@]}"
-for b in mini-full mini-k64; do
-  echo "== $b"
-  $EP run "$OUT/$b" --image examples/chelsea.png --prompt "What animal is this?" --max-new-tokens 24
-done
-$EP profile "$OUT/mini-full" --device-profile "$DEVICE" --runs 3 --new-tokens 16 -q
-$EP profile "$OUT/mini-k64" --reference "$OUT/mini-full" --device-profile "$DEVICE" --runs 3 --new-tokens 16 -q
+$EP sweep --model edgeprune-mini --methods "$METHOD" --keep 576,64 --runs 3 --new-tokens 16 --out "$OUT"
+$EP run "$OUT/bundles/$METHOD-k64" --image examples/chelsea.png --prompt "What animal is this?" --max-new-tokens 24
