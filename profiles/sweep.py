@@ -47,7 +47,8 @@ def sweep_rows(reports: list[dict], baseline: dict) -> list[dict]:
         lat, k = r["latency_s"], r["keep"]
         rows.append({
             "method": r["sweep_method"], "keep": k, "num_image_tokens": n,
-            "ttft_ms": lat["ttft"]["median"] * 1e3, "prefill_ms": lat["prefill"]["median"] * 1e3,
+            "ttft_ms": lat["ttft"]["median"] * 1e3, "ttft_min_ms": lat["ttft"]["min"] * 1e3,
+            "prefill_ms": lat["prefill"]["median"] * 1e3, "prefill_min_ms": lat["prefill"]["min"] * 1e3,
             "vision_ms": lat["vision"]["median"] * 1e3,
             "pruner_overhead_pct": None if k == n else 100.0 * (lat["vision"]["median"] - base_vision) / base_vision,
             "decode_ms_per_token": (lat["decode_per_token"]["median"] or 0.0) * 1e3,

@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+from PIL import Image
+
 from edgeprune.cli import main
 
 
 def test_sweep_tiny_preset(tmp_path, capsys):
     out = tmp_path / "sweep"
+    image = tmp_path / "image.png"   # already at the model's size: no resize time in the TTFT
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (336, 336, 3), dtype=np.uint8)).save(image)
     assert main(["sweep", "--model", "tiny-llava", "--methods", "attention,dart", "--keep", "576,64",
-                 "--runs", "5", "--new-tokens", "2", "--threads", "1", "--out", str(out)]) == 0
+                 "--runs", "7", "--new-tokens", "2", "--threads", "1", "--image", str(image), "--out", str(out)]) == 0
     for name in ("sweep.json", "sweep.md", "sweep.png", "pruner_overhead.png"):
         assert (out / name).stat().st_size > 0, name
     result = json.loads((out / "sweep.json").read_text())
@@ -18,9 +23,10 @@ def test_sweep_tiny_preset(tmp_path, capsys):
     assert set(rows) == {("attention", 576), ("attention", 64), ("dart", 576), ("dart", 64)}
     for method in ("attention", "dart"):
         full, pruned = rows[method, 576], rows[method, 64]
-        # one run, one machine: a ratio, not an absolute time. The prefill is 576 + M vs 64 + M tokens.
-        assert pruned["ttft_ms"] < full["ttft_ms"], (method, pruned["ttft_ms"], full["ttft_ms"])
-        assert pruned["prefill_ms"] < full["prefill_ms"]
+        # one run, one machine: a comparison, not an absolute time. The prefill is 576 + M vs 64 + M
+        # tokens; the tiny LLM makes that a few ms, so compare the fastest of 7 runs (noise only adds).
+        assert pruned["ttft_min_ms"] < full["ttft_min_ms"], (method, pruned["ttft_min_ms"], full["ttft_min_ms"])
+        assert pruned["prefill_min_ms"] < full["prefill_min_ms"]
         assert pruned["kv_bytes"] < full["kv_bytes"] and full["kv_ratio"] == 1.0
         m = result["meta"]["text_tokens"]
         assert pruned["token_limit"] == (576 + m) / (64 + m)
