@@ -1,6 +1,8 @@
 """Shared fixtures: seeded synthetic signals shaped like a real encoder's (METHODS.md, Common contract)."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -32,3 +34,13 @@ def row(signals: dict, b: int) -> dict:
 @pytest.fixture
 def signals():
     return make_signals()
+
+
+@pytest.fixture(autouse=True)
+def _drop_cli_log_handler():
+    """cli.main installs a StreamHandler on the (captured) stderr; drop it so later logging does
+    not write to a closed capture stream."""
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:
+        root.removeHandler(handler)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 
@@ -14,16 +13,6 @@ pytestmark = pytest.mark.slow
 
 METHOD = "dart"
 PROMPT = "Describe the image."
-
-
-@pytest.fixture(autouse=True)
-def _drop_cli_log_handler():
-    """cli.main installs a StreamHandler on the (captured) stderr; drop it so later logging does
-    not write to a closed capture stream."""
-    yield
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:
-        root.removeHandler(handler)
 
 
 @pytest.fixture(scope="module")

@@ -2,23 +2,12 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
 import pytest
 
 from edgeprune.cli import main
 from edgeprune.runtime.format import Files, Keys
-
-
-@pytest.fixture(autouse=True)
-def _drop_cli_log_handler():
-    """cli.main installs a StreamHandler on the (captured) stderr; drop it so later logging does
-    not write to a closed capture stream."""
-    yield
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:
-        root.removeHandler(handler)
 
 
 @pytest.fixture(scope="module")
