@@ -2,11 +2,13 @@
 
 images -> adapter.preprocess -> adapter.encode(need) -> pruner -> (project if the pruner works on
 `feats`) -> [prefix ids, K image tokens, suffix ids] (runtime.prompt.encode_prompt) -> embeddings
--> position ids (runtime.positions.sequence_positions, the runtime's own rule) -> prefill of the
+-> position ids (runtime.positions.build_positions, the runtime's own rule: [B, L] for 1-D RoPE,
+[3, B, L] for M-RoPE) -> prefill of the
 HF causal LM (inputs_embeds, explicit position_ids, all-ones attention mask, DynamicCache) ->
 greedy or top-p decode with the KV cache (runtime.sampling, the runtime's own code).
 
-Decode step t (0-based) of row b gets position id = last prefill position of row b + 1 + t.
+Decode step t (0-based) of row b gets position id = last prefill position of row b + 1 + t
+(runtime.positions.next_positions; M-RoPE: the row's largest id + 1 + t on all three axes).
 Rows stop at their first EOS and then keep emitting EOS; the loop ends when every row has stopped
 or after max_new_tokens steps. A batch of images shares one prompt, so all rows have one length.
 """
@@ -21,7 +23,10 @@ from torch import Tensor
 
 from edgeprune.errors import EdgepruneError, ModelError
 from edgeprune.models.base import Adapter
-from edgeprune.runtime.positions import POSITION_MODES, sequence_positions
+from edgeprune.runtime.buckets import pick_bucket
+from edgeprune.runtime.positions import (POSITION_MODES, build_positions, build_positions_rows, check_rope_mode,
+                                         next_positions)
+from edgeprune.runtime.preprocess import load_image
 from edgeprune.runtime.prompt import encode_prompt
 from edgeprune.runtime.sampling import check_sampling, make_rng, next_tokens
 
@@ -34,7 +39,7 @@ class GenerationResult:
     text: list[str]                  # decoded `ids`, special tokens skipped
     num_image_tokens: int            # K image tokens the LLM saw per image (N without a pruner)
     image_positions: np.ndarray      # [B, K] int64 original indices of the kept tokens
-    position_ids: np.ndarray         # [B, L] the prefill position ids passed to the LLM
+    position_ids: np.ndarray         # [B, L] ([3, B, L] for M-RoPE) the prefill position ids passed to the LLM
     prompt_ids: tuple[list[int], list[int]] = field(default=((), ()))  # (prefix ids, suffix ids)
     positions_mode: str = ""         # the position rule used ("original" or "compact")
 
@@ -54,11 +59,26 @@ def encode_and_prune(adapter: Adapter, pruner, pixels: Tensor) -> tuple[Tensor, 
     The same composition the exporter traces: encode -> pruner -> project if space == 'feats'."""
     signals = adapter.encode(pixels, need=signals_needed(pruner))
     if pruner is None:
-        b, n = signals.tokens.shape[:2]
-        return signals.tokens, torch.arange(n).unsqueeze(0).expand(b, n)
+        return adapter.unpruned(signals)
     selection = pruner(**signals.as_kwargs())
     tokens = selection.tokens if pruner.space == "tokens" else adapter.project(selection.tokens)
     return tokens, selection.positions
+
+
+def _encode_buckets(adapter: Adapter, pruner, images, buckets) -> tuple[Tensor, Tensor, list[Adapter]]:
+    """Each image through the adapter at its bucket's size (runtime/buckets.py's rule), rows in image
+    order: (embeddings [B, K, D], positions [B, K], the adapter used for each row)."""
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    sizes = [tuple(int(v) for v in s) for s in buckets]
+    chosen = [pick_bucket((im.height, im.width), sizes) for im in map(load_image, images)]
+    by_size = {j: adapter.with_image_size(sizes[j]) for j in set(chosen)}
+    embeds, kept = [None] * len(images), [None] * len(images)
+    for j, sub in by_size.items():
+        rows = [i for i, c in enumerate(chosen) if c == j]
+        e, p = encode_and_prune(sub, pruner, sub.preprocess([images[i] for i in rows]))
+        for r, i in enumerate(rows):
+            embeds[i], kept[i] = e[r], p[r]
+    return torch.stack(embeds), torch.stack(kept), [by_size[c] for c in chosen]
 
 
 def _llm_dtype(adapter: Adapter) -> torch.dtype:
@@ -69,16 +89,22 @@ def _llm_dtype(adapter: Adapter) -> torch.dtype:
 def generate(adapter: Adapter, pruner, images, prompt: str, max_new_tokens: int = 32,
              positions: str | None = None, do_sample: bool = False, top_p: float = 1.0,
              temperature: float = 1.0, seed: int = 0,
-             on_token: Callable[[int, np.ndarray], None] | None = None) -> GenerationResult:
+             on_token: Callable[[int, np.ndarray], None] | None = None,
+             buckets: list[tuple[int, int]] | None = None) -> GenerationResult:
     """Answer `prompt` about each image (a path, PIL image, uint8 array, or a list of them; None
     for a text-only prompt: the template without image tokens).
 
-    `pruner`: a built pruner (edgeprune.pruners.build_for_model(name, keep, adapter.pruner_options()))
+    `pruner`: a built pruner, `adapter.build_pruner(name, keep)` (= edgeprune.pruners.build_for_model(name,
+    keep, adapter.pruner_options()) except for multi-view adapters such as LLaVA-NeXT)
     or None for no pruning. `positions`: "original" or "compact" (default: the pruner's convention, else the adapter's).
-    `on_token(step, ids [B])` is called after every decode step (streaming)."""
+    `on_token(step, ids [B])` is called after every decode step (streaming). `buckets`: resolution bucket
+    sizes (h, w) as exported (export_bundle(buckets=...)): each image goes through
+    `adapter.with_image_size(its bucket)`, chosen by the runtime's rule (runtime/buckets.py)."""
     positions = positions or getattr(pruner, "default_positions", None) or adapter.default_positions
     if positions not in POSITION_MODES:
         raise EdgepruneError(f"positions={positions!r}, expected one of {', '.join(POSITION_MODES)}")
+    rope = getattr(adapter, "rope", "1d")
+    check_rope_mode(rope, positions)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise EdgepruneError(f"max_new_tokens={max_new_tokens!r}, expected an integer >= 1")
     if do_sample:
@@ -94,7 +120,9 @@ def generate(adapter: Adapter, pruner, images, prompt: str, max_new_tokens: int 
     if images is None:
         d = adapter.llm.get_input_embeddings().weight.shape[1]
         image_embeds, kept = torch.zeros(1, 0, d, dtype=dtype), torch.zeros(1, 0, dtype=torch.long)
-        positions = "compact"  # nothing to keep the geometry of: text is contiguous
+        positions = "compact" if rope == "1d" else positions  # nothing to keep the geometry of: text is contiguous
+    elif buckets:
+        image_embeds, kept, subs = _encode_buckets(adapter, pruner, images, buckets)
     else:
         pixels = adapter.preprocess(images)                               # [B, 3, h, w]
         image_embeds, kept = encode_and_prune(adapter, pruner, pixels)   # [B, K, D], [B, K]
@@ -105,8 +133,13 @@ def generate(adapter: Adapter, pruner, images, prompt: str, max_new_tokens: int 
     prefix_t = torch.tensor([prefix], dtype=torch.long).expand(b, -1)
     suffix_t = torch.tensor([suffix], dtype=torch.long).expand(b, -1)
     embeds = torch.cat([adapter.embed(prefix_t), image_embeds.to(dtype), adapter.embed(suffix_t)], dim=1)
-    pos = sequence_positions(len(prefix), kept.numpy(), n, len(suffix), positions)   # [B, L]
-    max_pos = int(pos[:, -1].max()) + max_new_tokens - 1   # position of the last decode input
+    grid = tuple(adapter.grid) if images is not None else None
+    if images is not None and buckets:   # each row's own grid and N
+        pos = build_positions_rows(rope, len(prefix), kept.numpy(), [s.num_image_tokens for s in subs],
+                                   [s.grid for s in subs], len(suffix), positions)
+    else:
+        pos = build_positions(rope, len(prefix), kept.numpy(), n, grid, len(suffix), positions)   # [B, L] / [3, B, L]
+    max_pos = int(next_positions(pos, max_new_tokens - 2).max())   # position of the last decode input
     limit = getattr(adapter.llm.config, "max_position_embeddings", None)
     if limit is not None and max_pos >= limit:
         raise ModelError(f"sequence needs position ids up to {max_pos}, the LLM allows < {limit}; "
@@ -127,7 +160,6 @@ def generate(adapter: Adapter, pruner, images, prompt: str, max_new_tokens: int 
     eos = np.asarray(adapter.eos_token_ids, dtype=np.int64)
     done = np.zeros(b, dtype=bool)
     steps: list[np.ndarray] = []
-    last = pos[:, -1].astype(np.int64)                                   # [B]
     for t in range(max_new_tokens):
         ids = next_tokens(logits, do_sample, rng, top_p=top_p, temperature=temperature)
         ids = np.where(done, eos[0], ids)                                # finished rows keep emitting EOS
@@ -137,7 +169,7 @@ def generate(adapter: Adapter, pruner, images, prompt: str, max_new_tokens: int 
         done |= np.isin(ids, eos)
         if done.all() or t == max_new_tokens - 1:
             break
-        step_pos = torch.from_numpy(last + 1 + t).unsqueeze(1)          # [B, 1]
+        step_pos = torch.from_numpy(next_positions(pos, t))              # [B, 1] / [3, B, 1]
         out = adapter.llm(inputs_embeds=adapter.embed(torch.from_numpy(ids).unsqueeze(1)), position_ids=step_pos,
                           attention_mask=torch.ones(b, length + t + 1, dtype=torch.long), past_key_values=cache,
                           use_cache=True)
@@ -156,7 +188,7 @@ def generate(adapter: Adapter, pruner, images, prompt: str, max_new_tokens: int 
 def _image_placeholder_ids(adapter: Adapter) -> set[int]:
     """Ids of tokens spelled like an image placeholder in the adapter's vocabulary."""
     ids = set()
-    for name in ("<image>", "<|image|>", "<image_pad>"):
+    for name in ("<image>", "<|image|>", "<image_pad>", "<|image_pad|>"):
         i = adapter.tokenizer.token_to_id(name)
         if i is not None:
             ids.add(i)

@@ -25,11 +25,11 @@ from edgeprune.errors import BundleError, EdgepruneError
 from edgeprune.export.validate import ParityError, check_graph, validate_vision
 from edgeprune.export.vision import export_vision, graph_io
 from edgeprune.models.base import Adapter
-from edgeprune.pruners import available, build_for_model
+from edgeprune.pruners import available
 from edgeprune.pruners.ops import check_keep
 from edgeprune.runtime.bundle import hash_files, load_bundle
 from edgeprune.runtime.format import SCHEMA_VERSION, Files, Keys
-from edgeprune.runtime.positions import POSITION_MODES
+from edgeprune.runtime.positions import POSITION_MODES, check_rope_mode
 
 __all__ = ["export_bundle", "write_manifest", "check_target", "EXPORT_STEPS", "effective_config"]
 
@@ -121,7 +121,7 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
                   cfg: dict | None = None, positions: str | None = None, dtype: str = "float32",
                   batch: int | None = None, attention: str = "fused", force: bool = False, source: str = "",
                   validate: bool = True, on_step: Callable[[str], None] | None = None,
-                  reuse_llm_from: str | Path | None = None) -> dict:
+                  reuse_llm_from: str | Path | None = None, buckets: list[tuple[int, int]] | None = None) -> dict:
     """Export `adapter` pruned by `method` to K=`keep` (None: N, no pruning) into the bundle `out`.
 
     positions: "original" | "compact" (default: the method's own convention, else the adapter's); dtype: "float32" | "float16" (the LLM
@@ -130,6 +130,12 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
     and attention whose LLM graphs are hard-linked (or copied) instead of exported again, e.g. by a
     sweep over methods and K, where only the vision graph differs. Returns the manifest. Raises ParityError when
     validation fails (nothing is written then).
+
+    buckets: input sizes (h, w) for resolution buckets (adapters with `with_image_size`, e.g. Qwen2-VL): one
+    vision graph per size, each with its own static N and the same K (`keep` is required when the Ns
+    differ). The first size is the bundle's default: vision.onnx, model.grid and preprocess.json describe it;
+    the others are vision_<h>x<w>.onnx; all are listed under vision.buckets. The runtime picks a bucket per
+    image (runtime/buckets.py). Needs a dynamic batch (each graph runs on the images that chose it).
     """
     out = Path(out)
     cfg = dict(cfg or {})
@@ -138,21 +144,26 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
     positions = positions or adapter.default_positions
     if positions not in POSITION_MODES:
         raise EdgepruneError(f"positions={positions!r}; expected one of {', '.join(POSITION_MODES)}")
+    check_rope_mode(getattr(adapter, "rope", "1d"), positions)
     if dtype not in ("float32", "float16"):
         raise EdgepruneError(f"dtype={dtype!r}; expected float32 or float16")
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise EdgepruneError(f"batch={batch!r}; expected an integer >= 1 or None (dynamic)")
     check_target(out, force)
     step = on_step or (lambda name: log.info("export: %s", name))
+    bucket_adapters = _bucket_adapters(adapter, buckets, batch, keep)
+    if bucket_adapters:
+        adapter = bucket_adapters[0]
     n = adapter.num_image_tokens
     if keep is not None:
-        check_keep(method, keep, n)  # before any work: the pruner itself checks only when it runs
+        for sub in bucket_adapters or [adapter]:
+            check_keep(method, keep, sub.num_image_tokens)  # before any work: the pruner checks only when it runs
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         step(EXPORT_STEPS[0])
-        pruner = build_for_model(method, keep if keep is not None else n, adapter.pruner_options(), **cfg)
+        pruner = adapter.build_pruner(method, keep if keep is not None else n, **cfg)
         config, omitted = _store_config(effective_config(method, adapter, cfg), tmp)
 
         step(EXPORT_STEPS[1])
@@ -163,6 +174,23 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
         validation = {"vision": validate_vision(adapter, pruner, tmp / Files.VISION, batch=batch)} if validate else {}
         if validate and not validation["vision"]["passed"]:
             raise ParityError(f"vision graph ORT vs torch: {_summary(validation['vision'])}")
+        bucket_entries = []
+        for i, sub in enumerate(bucket_adapters):
+            file = Files.VISION if i == 0 else bucket_file(sub.preprocess_config.size)
+            if i > 0:
+                export_vision(sub, pruner, tmp / file, batch=batch)
+                check_graph(tmp / file)
+            if not validate:
+                check = None
+            elif i == 0:
+                check = validation["vision"]   # vision.onnx was validated above
+            else:
+                check = validate_vision(sub, pruner, tmp / file, batch=batch)
+            if check is not None and not check["passed"]:
+                raise ParityError(f"vision graph {file} ORT vs torch: {_summary(check)}")
+            bucket_entries.append({"size": list(sub.preprocess_config.size), "grid": list(sub.grid),
+                                   "num_image_tokens": sub.num_image_tokens, "file": file,
+                                   **({"validation": check} if check is not None else {})})
 
         step(EXPORT_STEPS[4])
         if reuse_llm_from is not None:
@@ -170,7 +198,8 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
         else:
             from edgeprune.export.llm import export_llm
 
-            spec = export_llm(adapter.llm, tmp, dtype=dtype, attention=attention, validate=validate)
+            spec = export_llm(adapter.llm, tmp, dtype=dtype, attention=attention, validate=validate,
+                              rope=getattr(adapter, "rope", "1d"))
         if validate and "validation" in spec:
             validation["llm"] = spec["validation"]
             if spec["validation"].get("passed", spec["validation"].get("ok")) is False:
@@ -199,9 +228,11 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
             Keys.PRUNER_SPACE: pruner.space,
             Keys.PRUNER_EXTRA_OUTPUTS: list(pruner.extra_outputs),
             Keys.POSITIONS_MODE: positions,
+            Keys.POSITIONS_ROPE: getattr(adapter, "rope", "1d"),
             Keys.VISION_GRAPH: {"file": Files.VISION, **graph_io(tmp / Files.VISION)},
             Keys.VISION_DTYPE: "float32",
             Keys.VISION_BATCH: batch,
+            **({Keys.VISION_BUCKETS: _jsonable(bucket_entries)} if bucket_entries else {}),
             Keys.LLM_SPEC: _jsonable(spec),
             Keys.FILES_SHA256: hash_files(tmp),
             Keys.VALIDATION: _jsonable(validation),
@@ -213,6 +244,28 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def bucket_file(size) -> str:
+    """File name of the vision graph of a non-default bucket."""
+    return f"vision_{int(size[0])}x{int(size[1])}.onnx"
+
+
+def _bucket_adapters(adapter: Adapter, buckets, batch, keep) -> list[Adapter]:
+    """One adapter per bucket size (shared weights), after checking the sizes; [] without buckets."""
+    if buckets is None:
+        return []
+    sizes = [tuple(int(v) for v in size) for size in buckets]
+    if not sizes or any(len(s) != 2 for s in sizes) or len(set(sizes)) != len(sizes):
+        raise EdgepruneError(f"buckets={buckets!r}; expected a non-empty list of distinct (height, width) sizes")
+    if batch is not None:
+        raise EdgepruneError(f"buckets with batch={batch}: resolution buckets need a dynamic batch (batch=None), "
+                             "each graph runs on the images that chose it")
+    subs = [adapter.with_image_size(size) for size in sizes]
+    if keep is None and len({s.num_image_tokens for s in subs}) > 1:
+        raise EdgepruneError(f"buckets {sizes} have N = {[s.num_image_tokens for s in subs]}; pass keep= "
+                             "(one static K for every bucket)")
+    return subs
 
 
 def _reuse_llm(src: Path, tmp: Path, adapter: Adapter, source: str, dtype: str, attention: str) -> dict:

@@ -1,6 +1,7 @@
 """The LLM half of a bundle: `embed.onnx` (ids -> embeddings) and `decoder.onnx` (one graph for prefill and decode).
 
-decoder.onnx: inputs_embeds [B, L, D], position_ids [B, L] int64 (explicit: pruned sequences have gaps),
+decoder.onnx: inputs_embeds [B, L, D], position_ids [B, L] int64 (explicit: pruned sequences have gaps; [3, B, L]
+for an M-RoPE LLM, rope="mrope": the (t, h, w) ids of runtime/positions.py),
 attention_mask [B, past+L] int64 (1 = attend), past_key_values.{i}.key/.value [B, kv_heads, past, head_dim]
 -> logits [B, V] (float32, last position only), present.{i}.key/.value [B, kv_heads, past+L, head_dim].
 
@@ -39,8 +40,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 ATTENTION = ("fused", "plain")
 TOLERANCE = {"float32": 1e-3, "float16": 5e-2}  # max |logit error| accepted by validation
 # families whose decoder layer is exactly what DecoderGraph.forward replays (pre-norm, rotary, GQA, gated MLP);
-# Gemma (scaled embeddings, 1+w norms) or M-RoPE models (3-D position ids) would need their own replay
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Gemma (scaled embeddings, 1+w norms) would need its own replay. The Qwen2-VL / Qwen2.5-VL text models are
+# Qwen2 layers whose rotary module takes [3, B, L] ids and already recombines them by mrope_section into
+# [B, L, head_dim] cos/sin, so the replay below is unchanged for M-RoPE.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_vl_text", "qwen2_5_vl_text")
+ROPE_KINDS = ("1d", "mrope")
 
 
 class _GroupQueryAttention(torch.autograd.Function):
@@ -184,13 +188,18 @@ def _past_names(num_layers: int, prefix: str) -> list[str]:
 
 
 def export_llm(llm: nn.Module, out_dir: Path, *, dtype: str = "float32", attention: str = "fused",
-               validate: bool = True) -> dict:
+               validate: bool = True, rope: str = "1d") -> dict:
     """Write `embed.onnx` and `decoder.onnx` (+ external weight files) to `out_dir`; return their spec.
 
     The spec (for the bundle manifest) names every input/output with its dims (ints, or strings for the dynamic
     batch/sequence/past axes), the KV layout, dtype and attention variant; with `validate`, ORT-vs-torch max
-    absolute errors under "validation".
+    absolute errors under "validation". rope: "1d" (position_ids [B, L]) or "mrope" ([3, B, L], the adapter's
+    `rope`; the LLM's rotary module must then have an mrope_section).
     """
+    if rope not in ROPE_KINDS:
+        raise ModelError(f"rope={rope!r}; expected one of {', '.join(ROPE_KINDS)}")
+    if rope == "mrope" and not hasattr(getattr(getattr(llm, "model", None), "rotary_emb", None), "mrope_section"):
+        raise ModelError(f"rope='mrope' but {type(llm).__name__}'s rotary module has no mrope_section")
     if dtype not in DTYPES:
         raise ModelError(f"dtype={dtype!r}; expected one of {', '.join(DTYPES)}")
     out_dir = Path(out_dir)
@@ -208,11 +217,12 @@ def export_llm(llm: nn.Module, out_dir: Path, *, dtype: str = "float32", attenti
         "embed": {"file": "embed.onnx", "inputs": {"input_ids": ["batch", "sequence"]},
                   "outputs": {"inputs_embeds": ["batch", "sequence", d]}},
         "decoder": {"file": "decoder.onnx",
-                    "inputs": {"inputs_embeds": ["batch", "sequence", d], "position_ids": ["batch", "sequence"],
+                    "inputs": {"inputs_embeds": ["batch", "sequence", d],
+                               "position_ids": ["batch", "sequence"] if rope == "1d" else [3, "batch", "sequence"],
                                "attention_mask": ["batch", "total_sequence"], **{n: kv_in for n in past_in}},
                     "outputs": {"logits": ["batch", vocab], **{n: kv_out for n in present_out}}},
         "num_layers": n_layers, "num_kv_heads": kv, "head_dim": hd, "hidden_size": d, "vocab_size": vocab,
-        "dtype": dtype, "attention": attention,
+        "dtype": dtype, "attention": attention, "rope": rope,
     }
 
     def axes(names_dims: dict) -> dict:
@@ -224,6 +234,8 @@ def export_llm(llm: nn.Module, out_dir: Path, *, dtype: str = "float32", attenti
     ids = torch.randint(0, vocab, (b, l), generator=g)
     embeds = torch.randn(b, l, d, generator=g).to(DTYPES[dtype])
     pos = torch.arange(p, p + l).unsqueeze(0)
+    if rope == "mrope":
+        pos = torch.stack([pos, pos + 1, pos + 2])                        # [3, B, L]: distinct axes
     mask = torch.ones(b, p + l, dtype=torch.int64)
     past = tuple(torch.randn(b, kv, p, hd, generator=g).to(DTYPES[dtype]) for _ in past_in)
     log.info("exporting embed.onnx")
@@ -274,6 +286,9 @@ def validate_llm(llm: nn.Module, bundle_dir: Path, spec: dict, *, steps: int = 4
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, spec["vocab_size"], (2, 8), generator=g)
     pos = torch.tensor([[0, 1, 2, 3, 10, 12, 13, 14]] * 2)                 # a pruned-looking gap
+    if spec.get("rope", "1d") == "mrope":  # text, two image tokens of a grid (t, h, w differ), text after
+        pos = torch.tensor([[0, 1, 2, 3, 4, 4, 9, 10], [0, 1, 2, 3, 5, 6, 9, 10], [0, 1, 2, 3, 4, 7, 9, 10]])
+        pos = pos.unsqueeze(1).expand(3, 2, 8)                             # [3, B, L]
     embeds = llm.get_input_embeddings()(ids)
     ort_embeds = ort_llm.embed(ids.numpy())
     errors = {"embed": float(np.abs(ort_embeds.astype(np.float32) - embeds.float().numpy()).max())}
@@ -283,11 +298,13 @@ def validate_llm(llm: nn.Module, bundle_dir: Path, spec: dict, *, steps: int = 4
     errors["prefill"] = float(np.abs(logits - out.logits[:, -1].float().numpy()).max())
     decode = []
     cache = out.past_key_values
-    last = pos[:, -1:]
+    last = pos.amax(dim=(0, 2)).unsqueeze(-1) if pos.dim() == 3 else pos[:, -1:]   # [B, 1]
     for t in range(steps):
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)                   # [B, 1], same token on both sides
         step_embeds = llm.get_input_embeddings()(nxt)
         step_pos = last + 1 + t
+        if pos.dim() == 3:
+            step_pos = step_pos.unsqueeze(0).expand(3, -1, -1)             # [3, B, 1]
         mask = torch.ones(ids.shape[0], mask.shape[1] + 1, dtype=torch.int64)
         out = llm(inputs_embeds=step_embeds, position_ids=step_pos, attention_mask=mask, past_key_values=cache,
                   use_cache=True)

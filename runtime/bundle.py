@@ -104,6 +104,25 @@ class Bundle:
         return self.manifest[Keys.POSITIONS_MODE]
 
     @property
+    def rope(self) -> str:
+        """"1d" or "mrope" (runtime/positions.py); bundles written before the key existed are "1d"."""
+        return self.manifest.get(Keys.POSITIONS_ROPE, "1d")
+
+    @property
+    def buckets(self) -> list[dict]:
+        """Resolution buckets ({"size", "grid", "num_image_tokens", "file"}); one entry, the bundle's own
+        size, when the bundle has none (format.py, Keys.VISION_BUCKETS)."""
+        listed = self.manifest.get(Keys.VISION_BUCKETS)
+        if listed:
+            return [dict(b) for b in listed]
+        return [{"size": list(self.preprocess.size), "grid": list(self.grid), "num_image_tokens": self.num_image_tokens,
+                 "file": Files.VISION}]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(int(v) for v in self.manifest[Keys.MODEL_GRID])
+
+    @property
     def eos_token_ids(self) -> list[int]:
         return [int(i) for i in self.manifest[Keys.MODEL_EOS_TOKEN_IDS]]
 

@@ -7,6 +7,7 @@ A bundle is a folder:
 
     manifest.json      flat JSON object, keys are the dotted `Keys` below
     vision.onnx        pixels -> image_tokens [B,K,D], positions [B,K] (+ pruner extras)
+    vision_<h>x<w>.onnx  the same for each further resolution bucket (optional, vision.buckets)
     embed.onnx         token ids -> embeddings           (+ embed.onnx.data when large)
     decoder.onnx       one graph for prefill and decode  (+ decoder.onnx.data)
     tokenizer.json     tokenizers.Tokenizer
@@ -67,11 +68,15 @@ class Keys:
 
     # positions
     POSITIONS_MODE = "positions.mode"                # runtime.positions.POSITION_MODES
+    POSITIONS_ROPE = "positions.rope"                # runtime.positions.ROPE_KINDS; absent = "1d" (older bundles)
 
     # graphs: {"file", "inputs": {name: {"shape", "dtype"}}, "outputs": {...}}
     VISION_GRAPH = "vision.graph"
     VISION_DTYPE = "vision.dtype"                    # "float32" | "float16" (weights/compute)
     VISION_BATCH = "vision.batch"                    # int, or null for a dynamic batch
+    # resolution buckets (optional; absent = one size): [{"size": [h, w], "grid": [H, W], "num_image_tokens": N,
+    # "file": name, "validation": {...}}], the first is vision.onnx / model.grid / preprocess.json
+    VISION_BUCKETS = "vision.buckets"
     LLM_SPEC = "llm.spec"                            # the dict export_llm returned (graphs, layers, dtype, ...)
 
     # files and checks

@@ -1,7 +1,8 @@
 """Run the exported LLM (embed.onnx + decoder.onnx, see export/llm.py) with ONNX Runtime. numpy + onnxruntime only.
 
 Prefill on the whole prompt (past = 0), then one decoder call per new token with the KV cache fed back.
-Decode token t (0-based) gets position id position_ids[:, -1] + 1 + t per row; rows have equal length, so the
+Decode token t (0-based) gets position id position_ids[:, -1] + 1 + t per row (runtime.positions.next_positions;
+M-RoPE decoders take [3, B, L] ids and get the row's largest id + 1 + t); rows have equal length, so the
 attention mask is all ones (the fused graph supports right padding only, which the runtime never needs).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeprune.errors import BundleError, EdgepruneError
+from edgeprune.runtime.positions import next_positions
 from edgeprune.runtime.providers import resolve_providers, session_options
 from edgeprune.runtime.sampling import check_sampling, make_rng, next_tokens
 
@@ -47,6 +49,7 @@ class OrtLLM:
         try:
             self.num_layers, self.kv_heads, self.head_dim = spec["num_layers"], spec["num_kv_heads"], spec["head_dim"]
             self.dtype = NP_DTYPES[spec["dtype"]]
+            self.rope = spec.get("rope", "1d")   # "mrope": position_ids [3, B, L] (export/llm.py)
             files = {part: bundle_dir / spec[part]["file"] for part in ("embed", "decoder")}
         except KeyError as err:
             raise BundleError(f"LLM spec: missing or unsupported key {err}; expected export_llm's spec") from None
@@ -84,12 +87,14 @@ class OrtLLM:
     def generate(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, *, max_new_tokens: int, eos_token_ids,
                  do_sample: bool = False, top_p: float = 1.0, temperature: float = 1.0, seed: int = 0,
                  on_token: Callable[[int, np.ndarray], None] | None = None) -> Generation:
-        """Prefill `inputs_embeds` [B, L, D] at `position_ids` [B, L], then decode until every row has emitted
-        an EOS or `max_new_tokens` tokens exist. Finished rows keep emitting EOS."""
+        """Prefill `inputs_embeds` [B, L, D] at `position_ids` [B, L] ([3, B, L] for an M-RoPE decoder), then
+        decode until every row has emitted an EOS or `max_new_tokens` tokens exist. Finished rows keep emitting EOS."""
         inputs_embeds, position_ids = np.asarray(inputs_embeds), np.asarray(position_ids, dtype=np.int64)
-        if inputs_embeds.ndim != 3 or position_ids.shape != inputs_embeds.shape[:2]:
+        expected = inputs_embeds.shape[:2] if self.rope == "1d" else (3, *inputs_embeds.shape[:2])
+        if inputs_embeds.ndim != 3 or position_ids.shape != expected:
+            layout = "[B, L]" if self.rope == "1d" else "[3, B, L]"
             raise EdgepruneError(f"inputs_embeds {inputs_embeds.shape} and position_ids {position_ids.shape}: "
-                                 f"expected [B, L, D] and [B, L]")
+                                 f"expected [B, L, D] and {layout} (rope {self.rope!r})")
         if max_new_tokens < 1:
             raise EdgepruneError(f"max_new_tokens={max_new_tokens}; expected >= 1")
         eos = np.array(sorted({int(e) for e in np.atleast_1d(eos_token_ids)}) if eos_token_ids is not None else [],
@@ -97,8 +102,7 @@ class OrtLLM:
         if do_sample:
             check_sampling(top_p, temperature)
         rng = make_rng(seed)
-        b, length = position_ids.shape
-        last_pos = position_ids[:, -1:]                                      # [B, 1]
+        b, length = inputs_embeds.shape[:2]
 
         start = time.perf_counter()
         logits, present = self.step(inputs_embeds, position_ids, np.ones((b, length), np.int64), None)
@@ -119,8 +123,8 @@ class OrtLLM:
                 break
             start = time.perf_counter()
             total = length + t + 1
-            logits, present = self.step(self.embed(nxt[:, None]), last_pos + 1 + t, np.ones((b, total), np.int64),
-                                        present)
+            logits, present = self.step(self.embed(nxt[:, None]), next_positions(position_ids, t),
+                                        np.ones((b, total), np.int64), present)
             decode_s.append(time.perf_counter() - start)
         return Generation(ids=np.stack(tokens, axis=1), prefill_s=prefill_s, decode_s=decode_s,
                           kv_bytes=int(sum(p.nbytes for p in present)), num_prompt_tokens=length)

