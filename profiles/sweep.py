@@ -89,7 +89,7 @@ def run_sweep(model: str, methods: list[str], keeps: list[int], out: Path, *, ru
         report["sweep_method"] = method or "full"
         reports.append(report)
         if progress:
-            progress(f"{report['sweep_method']} K={k}")
+            progress(f"{report['sweep_method']} K={k}", len(points))
     baseline = reports[0]
     rows = sweep_rows(reports, baseline)
     # K = N is the same graph for every method: show it once per method so each curve reaches N.

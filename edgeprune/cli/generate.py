@@ -32,7 +32,6 @@ def run(args) -> int:
     from edgeprune import models
     from edgeprune.cli.args import pruner_options
     from edgeprune.errors import EdgepruneError
-    from edgeprune.pruners import build_for_model
     from edgeprune.reference import generate
 
     opts = pruner_options(args)
@@ -44,7 +43,7 @@ def run(args) -> int:
     adapter = models.load(args.model)
     pruner = None
     if opts.keep is not None:
-        pruner = build_for_model(opts.method, opts.keep, adapter.pruner_options(), **opts.config)
+        pruner = adapter.build_pruner(opts.method, opts.keep, **opts.config)
     result = generate(adapter, pruner, [str(p) for p in args.image], args.prompt,
                       max_new_tokens=args.max_new_tokens, positions=args.positions, do_sample=args.sample,
                       top_p=args.top_p, temperature=args.temperature, seed=args.seed)

@@ -47,9 +47,9 @@ def run(args) -> int:
     keeps = _int_list(args.keep)
     if not keeps:
         raise EdgepruneError("--keep: expected at least one budget")
-    total = 1 + len(methods) * len({k for k in keeps})
-    with tqdm(total=total, desc="sweep", unit="bundle") as bar:
-        def progress(label: str) -> None:
+    with tqdm(desc="sweep", unit="bundle") as bar:
+        def progress(label: str, total: int) -> None:
+            bar.total = total
             bar.set_postfix_str(label)
             bar.update(1)
 
