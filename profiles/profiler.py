@@ -18,7 +18,7 @@ import numpy as np
 from edgeprune import __version__
 from edgeprune.profiles import memory
 from edgeprune.profiles.device import DeviceProfile
-from edgeprune.runtime.format import Files, Keys
+from edgeprune.runtime.format import Keys
 
 __all__ = ["profile_bundle", "soak", "summarize", "kv_bytes_expected", "weights_bytes", "DEFAULT_PROMPT",
            "REPORT_SCHEMA"]

@@ -46,15 +46,9 @@ class ClsViTAdapter(Adapter):
     def _attn_parts(self, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, int, float]:
         raise NotImplementedError
 
-    def _check_pixels(self, pixels: Tensor) -> None:
-        h, w = self.preprocess_config.size
-        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, h, w):
-            raise ModelError(f"{self.family}: pixels of shape {tuple(pixels.shape)}, expected [B, 3, {h}, {w}] "
-                             "(use adapter.preprocess(images))")
-
     def encode(self, pixels: Tensor, need: tuple[str, ...] = ALL_SIGNALS) -> Signals:
         need = check_need(need)
-        self._check_pixels(pixels)
+        self.check_pixels(pixels)
         layers = self._layers()
         hidden = self._embed(pixels)                                      # [B, 1+N, C]
         for layer in layers[:self.feature_layer]:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from edgeprune.runtime.preprocess import PreprocessConfig, preprocess
 from edgeprune.runtime.prompt import ChatTemplate
 
-__all__ = ["Signals", "Adapter", "ALL_SIGNALS"]
+__all__ = ["Signals", "Adapter", "ALL_SIGNALS", "load_hf_dir"]
 
 ALL_SIGNALS = ("tokens", "feats", "keys", "attn", "pixels")
 
@@ -59,6 +59,15 @@ class Adapter(nn.Module):
         """Images (paths, PIL, uint8 arrays) -> pixels [B, 3, h, w], with the runtime's own numpy code."""
         return torch.from_numpy(preprocess(images, self.preprocess_config))
 
+    def check_pixels(self, pixels: Tensor) -> None:
+        """pixels must be [B, 3, h, w] at this adapter's input size (what `preprocess` returns)."""
+        from edgeprune.errors import ModelError
+
+        h, w = self.preprocess_config.size
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, h, w):
+            raise ModelError(f"{self.family}: pixels of shape {tuple(pixels.shape)}, expected [B, 3, {h}, {w}] "
+                             "(use adapter.preprocess(images))")
+
     def encode(self, pixels: Tensor, need: tuple[str, ...] = ALL_SIGNALS) -> Signals:
         """Run the vision encoder; compute only the signals in `need` (tokens implies projection)."""
         raise NotImplementedError
@@ -101,3 +110,26 @@ class Adapter(nn.Module):
     def tokenizer_json(self) -> str:
         """tokenizer.json content for the bundle (the runtime loads it with tokenizers.Tokenizer)."""
         return self.tokenizer.to_str()
+
+
+def load_hf_dir(model_class, path, family: str, dtype: torch.dtype, **kw):
+    """A local Hugging Face model directory -> (model, tokenizers.Tokenizer, eos ids), with the errors
+    a user can act on (shared by the adapters that load real weights from disk)."""
+    from transformers import AutoTokenizer
+
+    from edgeprune.errors import ModelError
+
+    try:
+        model = model_class.from_pretrained(path, dtype=dtype, local_files_only=True, **kw)
+        hf_tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load a {family} model from {path}: {err}") from err
+    tokenizer = getattr(hf_tok, "backend_tokenizer", None)
+    if tokenizer is None:
+        raise ModelError(f"{path}: tokenizer has no fast (tokenizers) backend; add a tokenizer.json")
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = eos if eos is not None else model.config.text_config.eos_token_id
+    eos = (eos,) if isinstance(eos, int) else tuple(eos or ())
+    if not eos:
+        raise ModelError(f"{path}: no eos_token_id in generation_config.json or config.json")
+    return model, tokenizer, eos

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from edgeprune.errors import ModelError
 from edgeprune.models._vit import ClsViTAdapter
+from edgeprune.models.base import load_hf_dir
 from edgeprune.runtime.preprocess import PreprocessConfig
 from edgeprune.runtime.prompt import ChatTemplate
 
@@ -136,23 +137,10 @@ class LlavaAdapter(ClsViTAdapter):
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
                         chat_template: str | None = None) -> "LlavaAdapter":
         """A local LLaVA directory (config.json with model_type 'llava', weights, tokenizer files)."""
-        from transformers import AutoTokenizer, LlavaForConditionalGeneration
+        from transformers import LlavaForConditionalGeneration
 
         path = Path(path)
-        try:
-            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
-            hf_tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise ModelError(f"cannot load a LLaVA model from {path}: {err}") from err
-        tokenizer = getattr(hf_tok, "backend_tokenizer", None)
-        if tokenizer is None:
-            raise ModelError(f"{path}: tokenizer has no fast (tokenizers) backend; add a tokenizer.json")
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        if eos is None:
-            eos = model.config.text_config.eos_token_id
-        eos = (eos,) if isinstance(eos, int) else tuple(eos or ())
-        if not eos:
-            raise ModelError(f"{path}: no eos_token_id in generation_config.json or config.json")
+        model, tokenizer, eos = load_hf_dir(LlavaForConditionalGeneration, path, "LLaVA", dtype)
         vcfg = model.config.vision_config
         return cls(model, tokenizer, preprocess_config_from_dir(path, vcfg.image_size),
                    split_template(chat_template or LLAVA15_TEMPLATE), eos, name=str(path))

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from edgeprune.errors import ModelError
 from edgeprune.models._vit import ClsViTAdapter, check_need
-from edgeprune.models.base import ALL_SIGNALS, Signals
+from edgeprune.models.base import ALL_SIGNALS, Signals, load_hf_dir
 from edgeprune.models.llava import CLIP_MEAN, CLIP_STD, LLAVA15_TEMPLATE, LlavaAdapter, split_template
 from edgeprune.pruners.base import Selection
 from edgeprune.pruners.ops import check_keep, sort_by_position
@@ -144,7 +144,7 @@ class LlavaNextAdapter(LlavaAdapter):
         crops = crops.reshape(b, self.rows * self.cols, 3, s, s)
         return torch.cat([base.unsqueeze(1), crops], dim=1).reshape(b * self.num_views, 3, s, s)
 
-    def _check_pixels(self, pixels: Tensor) -> None:   # called by ClsViTAdapter.encode on the views
+    def check_pixels(self, pixels: Tensor) -> None:   # called by ClsViTAdapter.encode on the views
         s = self.view_size
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s):
             raise ModelError(f"{self.family}: view pixels of shape {tuple(pixels.shape)}, expected [B*V, 3, {s}, {s}]")
@@ -191,22 +191,10 @@ class LlavaNextAdapter(LlavaAdapter):
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, chat_template: str | None = None,
                         pinpoint: tuple[int, int] | None = None) -> "LlavaNextAdapter":
         """A local LLaVA-NeXT directory at one grid pinpoint (h, w) (default: the config's first)."""
-        from transformers import AutoTokenizer, LlavaNextForConditionalGeneration
+        from transformers import LlavaNextForConditionalGeneration
 
         path = Path(path)
-        try:
-            model = LlavaNextForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
-            hf_tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise ModelError(f"cannot load a LLaVA-NeXT model from {path}: {err}") from err
-        tokenizer = getattr(hf_tok, "backend_tokenizer", None)
-        if tokenizer is None:
-            raise ModelError(f"{path}: tokenizer has no fast (tokenizers) backend; add a tokenizer.json")
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        eos = eos if eos is not None else model.config.text_config.eos_token_id
-        eos = (eos,) if isinstance(eos, int) else tuple(eos or ())
-        if not eos:
-            raise ModelError(f"{path}: no eos_token_id in generation_config.json or config.json")
+        model, tokenizer, eos = load_hf_dir(LlavaNextForConditionalGeneration, path, "LLaVA-NeXT", dtype)
         pinpoint = tuple(pinpoint or model.config.image_grid_pinpoints[0])
         pre = PreprocessConfig(size=pinpoint, mean=CLIP_MEAN, std=CLIP_STD, shortest_edge=None, resample="bicubic")
         return cls(model, tokenizer, pre, split_template(chat_template or LLAVA15_TEMPLATE), eos, name=str(path))

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from edgeprune.errors import ModelError
 from edgeprune.models._vit import check_need
-from edgeprune.models.base import ALL_SIGNALS, Adapter, Signals
+from edgeprune.models.base import ALL_SIGNALS, Adapter, Signals, load_hf_dir
 from edgeprune.models.llava import CLIP_MEAN, CLIP_STD, split_template
 from edgeprune.pruners.ops import NEG_INF
 from edgeprune.runtime.preprocess import PreprocessConfig
@@ -177,15 +177,9 @@ class Qwen2VLAdapter(Adapter):
         x = x + block.mlp(block.norm2(x))
         return x, q, k, k_raw
 
-    def _check_pixels(self, pixels: Tensor) -> None:
-        h, w = self.preprocess_config.size
-        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, h, w):
-            raise ModelError(f"{self.family}: pixels of shape {tuple(pixels.shape)}, expected [B, 3, {h}, {w}] "
-                             "(use adapter.preprocess(images))")
-
     def encode(self, pixels: Tensor, need: tuple[str, ...] = ALL_SIGNALS) -> Signals:
         need = check_need(need)
-        self._check_pixels(pixels)
+        self.check_pixels(pixels)
         gh, gw = pixels.shape[2] // self.patch, pixels.shape[3] // self.patch
         grid = (gh // self.merge, gw // self.merge)
         cos, sin = self.rotary_for((gh, gw))
@@ -233,23 +227,8 @@ class Qwen2VLAdapter(Adapter):
                         image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE) -> "Qwen2VLAdapter":
         """A local Qwen2-VL directory (config.json with model_type 'qwen2_vl', weights, tokenizer files),
         run at the fixed `image_size` (h, w), multiples of 28."""
-        from transformers import AutoTokenizer
-
         path = Path(path)
-        try:
-            model = cls.hf_class().from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                   attn_implementation="sdpa")
-            hf_tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise ModelError(f"cannot load a {cls.family} model from {path}: {err}") from err
-        tokenizer = getattr(hf_tok, "backend_tokenizer", None)
-        if tokenizer is None:
-            raise ModelError(f"{path}: tokenizer has no fast (tokenizers) backend; add a tokenizer.json")
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        eos = eos if eos is not None else model.config.text_config.eos_token_id
-        eos = (eos,) if isinstance(eos, int) else tuple(eos or ())
-        if not eos:
-            raise ModelError(f"{path}: no eos_token_id in generation_config.json or config.json")
+        model, tokenizer, eos = load_hf_dir(cls.hf_class(), path, cls.family, dtype, attn_implementation="sdpa")
         mean, std = CLIP_MEAN, CLIP_STD
         pre = path / "preprocessor_config.json"
         if pre.is_file():
