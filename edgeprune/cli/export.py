@@ -28,6 +28,10 @@ def add_parser(subparsers):
     p.add_argument("--batch", type=int, metavar="N", help="fix the vision graph's batch to N (default: dynamic)")
     p.add_argument("--attention", choices=("fused", "plain"), default="fused",
                    help="LLM attention kernel: ORT's fused GroupQueryAttention or plain ONNX ops (default: fused)")
+    p.add_argument("--image-size", metavar="HxW", help="fixed input size for models whose token count follows the "
+                   "image size (Qwen2-VL/2.5-VL; e.g. 448x448)")
+    p.add_argument("--buckets", metavar="HxW,HxW,...", help="resolution buckets: one vision graph per input size, "
+                   "each with its own N and the same K; the runtime picks one per image (Qwen2-VL/2.5-VL)")
     p.add_argument("--no-validate", action="store_true", help="skip the ORT-vs-torch parity checks")
     add_bundle_args(p, output=True)
     return p
@@ -57,12 +61,16 @@ def run(args) -> int:
         cfg["scorer"] = str(args.scorer)
     if args.batch is not None and args.batch < 1:
         raise EdgepruneError(f"--batch {args.batch}: expected an integer >= 1")
+    image_size = _size(args.image_size, "--image-size") if args.image_size else None
+    buckets = [_size(b, "--buckets") for b in args.buckets.split(",") if b.strip()] if args.buckets else None
     check_target(args.out, args.force)  # before the model loads: a refused --out should fail fast
 
     bar = tqdm(total=1 + len(EXPORT_STEPS), desc="load model", unit="step", file=sys.stderr,
                disable=getattr(args, "quiet", False), bar_format="{desc:<34}{bar:20}| {n_fmt}/{total_fmt} [{elapsed}]")
     try:
         adapter = load(args.model)
+        if image_size is not None:
+            adapter = adapter.with_image_size(image_size)   # a clear error for fixed-size families
         bar.update(1)
 
         started = []
@@ -76,13 +84,22 @@ def run(args) -> int:
         manifest = export_bundle(adapter, args.out, method=opts.method, keep=opts.keep, cfg=cfg,
                                  positions=args.positions, dtype="float16" if args.fp16 else "float32",
                                  batch=args.batch, attention=args.attention, force=args.force, source=str(args.model),
-                                 validate=not args.no_validate, on_step=on_step)
+                                 validate=not args.no_validate, on_step=on_step, buckets=buckets)
         bar.update(1)
         bar.set_description_str("done")
     finally:
         bar.close()
     print(summary(manifest, args.out))
     return 0
+
+
+def _size(text: str, option: str) -> tuple[int, int]:
+    from edgeprune.errors import EdgepruneError
+
+    h, sep, w = text.strip().lower().partition("x")
+    if not sep or not h.isdigit() or not w.isdigit() or int(h) < 1 or int(w) < 1:
+        raise EdgepruneError(f"{option} {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 448x448")
+    return int(h), int(w)
 
 
 def summary(manifest: dict, out) -> str:

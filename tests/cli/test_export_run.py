@@ -132,3 +132,19 @@ def test_build_engine_without_tensorrt_is_clear(bundle, monkeypatch, capsys):
 
     with pytest.raises(MissingDependencyError):
         build_engine(bundle)
+
+
+def test_export_buckets_and_image_size_options(tmp_path, capsys):
+    out = tmp_path / "qwen"
+    assert main(["export", "--model", "tiny-qwen2-vl", "--method", "dart", "--keep", "16", "--buckets",
+                 "168x224,280x280", "--no-validate", "--out", str(out)]) == 0
+    manifest = json.loads((out / Files.MANIFEST).read_text())
+    buckets = manifest[Keys.VISION_BUCKETS]
+    assert [(b["size"], b["num_image_tokens"], b["file"]) for b in buckets] == [
+        ([168, 224], 48, "vision.onnx"), ([280, 280], 100, "vision_280x280.onnx")]
+    assert main(["export", "--model", "tiny-llava", "--method", "dart", "--keep", "16", "--image-size", "224x224",
+                 "--out", str(tmp_path / "llava")]) == 1
+    assert "input size is fixed at (336, 336)" in capsys.readouterr().err
+    assert main(["export", "--model", "tiny-qwen2-vl", "--method", "dart", "--keep", "16", "--image-size", "224",
+                 "--out", str(tmp_path / "bad")]) == 1
+    assert "--image-size '224': expected HEIGHTxWIDTH" in capsys.readouterr().err
