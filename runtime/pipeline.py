@@ -18,7 +18,7 @@ from edgeprune.errors import BundleError, ModelError
 from edgeprune.runtime.bundle import Bundle, check_vision_outputs, load_bundle
 from edgeprune.runtime.format import VISION_INPUT, VISION_POSITIONS, VISION_TOKENS, Files
 from edgeprune.runtime.buckets import pick_bucket
-from edgeprune.runtime.positions import build_positions, build_positions_rows
+from edgeprune.runtime.positions import build_positions_rows
 from edgeprune.runtime.preprocess import load_image, preprocess
 from edgeprune.runtime.prompt import encode_prompt
 from edgeprune.runtime.providers import resolve_providers, session_options
@@ -134,14 +134,10 @@ class Pipeline:
         dtype = self.llm.dtype
         parts = [self._embed_text(prefix, b), image_tokens.astype(dtype), self._embed_text(suffix, b)]
         embeds = np.ascontiguousarray(np.concatenate(parts, axis=1))                    # [B, L, D]
-        if len(self.buckets) == 1:
-            position_ids = build_positions(self.bundle.rope, len(prefix), positions, self.bundle.num_image_tokens,
-                                           self.bundle.grid, len(suffix), self.bundle.positions_mode)  # [B, L] / [3, B, L]
-        else:   # each row's own grid and N
-            position_ids = build_positions_rows(self.bundle.rope, len(prefix), positions,
-                                                [self.buckets[c]["num_image_tokens"] for c in chosen],
-                                                [self.buckets[c]["grid"] for c in chosen], len(suffix),
-                                                self.bundle.positions_mode)
+        position_ids = build_positions_rows(self.bundle.rope, len(prefix), positions,               # each row's
+                                            [self.buckets[c]["num_image_tokens"] for c in chosen],  # own N and
+                                            [self.buckets[c]["grid"] for c in chosen], len(suffix),  # grid
+                                            self.bundle.positions_mode)                 # [B, L] or [3, B, L]
         timings["embed"] = time.perf_counter() - start
 
         # 4. prefill + decode with the KV cache; stream text per row
