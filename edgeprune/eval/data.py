@@ -29,22 +29,20 @@ _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (optionally gzip) -> uint8 array of its shape (the header's dimensions)."""
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (gzip or raw; the MNIST format: magic 0x00 0x00 type ndim, big-endian dims) -> array."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise EdgepruneError(f"{path}: not an IDX file (bad magic {data[:4]!r})")
-    if data[2] != 0x08:
-        raise EdgepruneError(f"{path}: IDX element type 0x{data[2]:02x}, expected 0x08 (uint8)")
-    ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise EdgepruneError(f"{path}: {body.size} values, header says {dims}")
-    return body.reshape(dims)
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise EdgepruneError(f"{path}: not an unsigned-byte IDX file (magic {raw[:4].hex()}, expected 000008xx)")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise EdgepruneError(f"{path}: {data.size} bytes of data, expected {int(np.prod(dims))} for dims {dims}")
+    return data.reshape(dims)
 
 
 def data_available(data_dir: Path | str | None = None) -> bool:

@@ -20,24 +20,22 @@ every step, so each image is encoded once while the cache has room).
 """
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.eval.data import CLASSES, DEFAULT_DATA_DIR, PROMPT, load_split, read_idx
 
 __all__ = ["Example", "ExampleBatches", "answer_ids", "load_examples", "write_examples", "write_skimage_dataset",
            "write_fashion_mnist", "read_idx", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "FASHION_PROMPT", "SKIMAGE_PROMPT"]
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-# Label order of the dataset's README (labels 0..9).
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-FASHION_PROMPT = "What item of clothing is this?"
+# One Fashion-MNIST reader, prompt and answer set for training and evaluation (edgeprune/eval/data.py):
+# the answers are the ones the shipped mini projector was aligned with.
+FASHION_MNIST_DIR = DEFAULT_DATA_DIR
+FASHION_MNIST_CLASSES = CLASSES
+FASHION_PROMPT = PROMPT
 SKIMAGE_PROMPT = "What is shown in this image? Answer in a few words."
 # File in skimage/data -> what it shows (only photos and scans that ship with the wheel, no downloads).
 SKIMAGE_PHOTOS = {
@@ -110,38 +108,12 @@ def write_skimage_dataset(out_dir: str | Path) -> Path:
     return write_examples(Path(out_dir) / "skimage.jsonl", rows)
 
 
-def read_idx(path: str | Path) -> np.ndarray:
-    """An IDX file (gzip or raw; the MNIST format: magic 0x00 0x00 type ndim, big-endian dims) -> array."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise EdgepruneError(f"{path}: not an unsigned-byte IDX file (magic {raw[:4].hex()}, expected 000008xx)")
-    ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise EdgepruneError(f"{path}: {data.size} bytes of data, expected {int(np.prod(dims))} for dims {dims}")
-    return data.reshape(dims)
-
-
 def write_fashion_mnist(out_dir: str | Path, split: str = "train", limit: int | None = None,
                         root: str | Path = FASHION_MNIST_DIR) -> Path:
     """Fashion-MNIST `split` ("train" 60k or "test" 10k; the first `limit`) -> PNGs + JSONL in out_dir."""
     from PIL import Image
 
-    prefix = {"train": "train", "test": "t10k"}.get(split)
-    if prefix is None:
-        raise EdgepruneError(f"fashion-mnist split {split!r}; expected train or test")
-    root = Path(root)
-    images_file, labels_file = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
-    if not images_file.is_file() or not labels_file.is_file():
-        raise EdgepruneError(f"Fashion-MNIST not found under {root}; install it with "
-                             "`apt-get install dataset-fashion-mnist` (Debian package)")
-    images, labels = read_idx(images_file), read_idx(labels_file)
-    if images.shape[0] != labels.shape[0]:
-        raise EdgepruneError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels")
+    images, labels = load_split(split, root)
     count = images.shape[0] if limit is None else min(int(limit), images.shape[0])
     out_dir = Path(out_dir)
     image_dir = out_dir / "images"
