@@ -203,28 +203,15 @@ class LlavaNextAdapter(LlavaAdapter):
 def tiny_llava_next_model(seed: int = 0, dtype: torch.dtype = torch.float32):
     """(LlavaNextForConditionalGeneration, tokenizer) of "tiny-llava-next": CLIP 112 px / patch 14
     (8 x 8 tokens per view), pinpoint 224 x 224 (2 x 2 crops), the tiny-llava LLM and tokenizer."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    from edgeprune.models.tiny import BYTE_SPECIALS, byte_tokenizer
+    from edgeprune.models.tiny import seeded_model, tiny_llava_configs
 
-    tokenizer = byte_tokenizer()
-    bos, eos, image, pad = (tokenizer.token_to_id(t) for t in BYTE_SPECIALS)
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=112, patch_size=14, projection_dim=64)
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=2048,
-                       bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False,
-                       initializer_range=0.1)
+    tokenizer, vision, text, image = tiny_llava_configs(112)
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image,
                              vision_feature_layer=-2, vision_feature_select_strategy="default",
                              image_grid_pinpoints=[[224, 224]])
-    config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaNextForConditionalGeneration(config).to(dtype)
-    with torch.no_grad():
-        model.lm_head.weight[eos].zero_()   # EOS must not win by construction (see tiny.py)
-    return model.eval(), tokenizer
+    return seeded_model(LlavaNextForConditionalGeneration, config, seed, dtype), tokenizer
 
 
 def tiny_llava_next(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlavaNextAdapter:

@@ -44,30 +44,44 @@ def byte_tokenizer():
     return tok
 
 
-def tiny_llava_model(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """(LlavaForConditionalGeneration, tokenizers.Tokenizer) of the "tiny-llava" preset; tests save
-    it with save_pretrained to check that a LLaVA directory loads."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def tiny_llava_configs(image_size: int):
+    """(tokenizer, CLIP vision config, Llama text config, image token id) shared by the tiny LLaVA-shaped
+    presets: CLIP at `image_size` / patch 14, 3 layers, hidden 64; Llama 2 layers, hidden 64."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
     tokenizer = byte_tokenizer()
     bos, eos, image, pad = (tokenizer.token_to_id(t) for t in BYTE_SPECIALS)
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=336, patch_size=14, projection_dim=64)
+                              image_size=image_size, patch_size=14, projection_dim=64)
     text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=2048,
                        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False,
                        initializer_range=0.1)  # wider logits than 0.02: fewer near-ties between torch and ORT
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return tokenizer, vision, text, image
+
+
+def seeded_model(model_class, config, seed: int, dtype: torch.dtype):
+    """`model_class(config)` with seeded random weights (the caller's RNG untouched), in eval mode."""
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):   # seeded without disturbing the caller's RNG
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config).to(dtype)
+        model = model_class(config).to(dtype)
     with torch.no_grad():
         # EOS must not win by construction at step 1 (tests compare 16 new tokens): its logit is 0
         # while the other rows are random, so EOS would need every other logit to be negative.
-        model.lm_head.weight[eos].zero_()
-    return model.eval(), tokenizer
+        model.lm_head.weight[config.text_config.eos_token_id].zero_()
+    return model.eval()
+
+
+def tiny_llava_model(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """(LlavaForConditionalGeneration, tokenizers.Tokenizer) of the "tiny-llava" preset; tests save
+    it with save_pretrained to check that a LLaVA directory loads."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer, vision, text, image = tiny_llava_configs(336)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return seeded_model(LlavaForConditionalGeneration, config, seed, dtype), tokenizer
 
 
 def tiny_llava(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlavaAdapter:
