@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, str] = {
     "sweep": "sweep",
     "plan": "plan",
     "eval": "eval",
+    "calibrate": "calibrate",
 }
 
 log = logging.getLogger("edgeprune")

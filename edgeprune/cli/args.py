@@ -29,7 +29,9 @@ def setup_logging(args: argparse.Namespace) -> None:
 
 
 def parse_key_values(items: list[str] | None) -> dict:
-    """`--cfg alpha=0.5 --cfg selection=dart` -> {"alpha": 0.5, "selection": "dart"} (YAML scalars)."""
+    """`--cfg alpha=0.5 --cfg selection=dart` -> {"alpha": 0.5, "selection": "dart"} (YAML scalars);
+    a value naming a .npy file is loaded as the array (e.g. `--cfg bias=prior.npy`), so a bundle
+    stores the values it was built with rather than a path on the exporting machine."""
     import yaml
 
     out = {}
@@ -37,6 +39,14 @@ def parse_key_values(items: list[str] | None) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise EdgepruneError(f"--cfg {item!r}: expected KEY=VALUE")
+        if value.endswith(".npy"):
+            import numpy as np
+
+            try:
+                out[key] = np.load(value)
+            except (OSError, ValueError) as err:
+                raise EdgepruneError(f"--cfg {item!r}: cannot read the array ({err})") from None
+            continue
         out[key] = yaml.safe_load(value)
     return out
 

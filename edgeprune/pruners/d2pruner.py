@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,8 +31,14 @@ EPS = 1e-7  # METHODS.md: I = attn / (bias + 1e-7)
 def _as_prior(bias) -> Tensor | None:
     if bias is None:
         return None
+    if isinstance(bias, (str, Path)) and str(bias).endswith(".npy"):  # written by `edgeprune calibrate`
+        try:
+            bias = np.load(bias)
+        except (OSError, ValueError) as err:
+            raise PrunerConfigError(f"d2pruner: bias file {str(bias)!r} cannot be read ({err})") from None
     if not isinstance(bias, (Tensor, np.ndarray, list, tuple)):
-        raise PrunerConfigError(f"d2pruner: bias is a {type(bias).__name__}, expected a 1-D tensor, array or list")
+        raise PrunerConfigError(f"d2pruner: bias is a {type(bias).__name__}, expected a 1-D tensor, array, list "
+                                "or a .npy file from `edgeprune calibrate`")
     try:
         values = bias.detach().cpu() if isinstance(bias, Tensor) else bias
         prior = torch.as_tensor(np.asarray(values, dtype=np.float32))

@@ -120,7 +120,8 @@ def test_bias_of_another_grid_is_resized_bilinearly():
 @pytest.mark.parametrize("bias,match", [
     ([[1.0, 2.0], [3.0, 4.0]], r"bias has shape \(2, 2\), expected a non-empty 1-D prior"),
     ([1.0, -2.0, 3.0, 4.0], r"bias has negative or non-finite values"),
-    ("calibration.json", r"bias is a str, expected a 1-D tensor, array or list"),
+    ("calibration.json", r"bias is a str, expected a 1-D tensor, array, list or a .npy file"),
+    ("missing.npy", r"bias file 'missing.npy' cannot be read"),
     (["a", "b"], r"bias cannot be read as numbers"),
 ])
 def test_bad_bias_is_clear_error(bias, match):
@@ -143,3 +144,9 @@ def test_bad_ratio_is_clear_error(option, value):
 def test_non_numeric_option_is_clear_error(option, value):
     with pytest.raises(PrunerConfigError, match=rf"d2pruner: {option}=.*, expected a finite number"):
         build("d2pruner", keep=4, **{option: value})
+
+
+def test_bias_from_a_calibration_file(tmp_path):
+    np.save(tmp_path / "bias.npy", np.array([4.0, 3.0, 2.0, 1.0], dtype=np.float32))
+    attn = torch.full((1, 16), 1 / 16)
+    assert run(1, attn, (4, 4), theta=2.0, bias=str(tmp_path / "bias.npy")) == [[15]]
