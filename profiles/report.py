@@ -2,19 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from edgeprune.fileio import atomic_write
 
 __all__ = ["write_atomic", "profile_markdown", "sweep_markdown", "sweep_plots", "ms", "mib"]
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data))
 
 
 def write_json(path: Path, obj) -> None:
@@ -106,7 +102,7 @@ def sweep_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     ax_speed.legend(fontsize=8)
     fig.tight_layout()
     paths = [out_dir / "sweep.png"]
-    _save(fig, paths[0])
+    atomic_write(paths[0], lambda tmp: fig.savefig(tmp, dpi=110))
     overhead = [r for r in rows if r["pruner_overhead_pct"] is not None and r["keep"] < r["num_image_tokens"]]
     if overhead:
         fig, ax = plt.subplots(figsize=(8, 4))
@@ -118,13 +114,7 @@ def sweep_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
         paths.append(out_dir / "pruner_overhead.png")
-        _save(fig, paths[-1])
+        atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close("all")
     return paths
 
-
-def _save(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)

@@ -31,15 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from edgeprune.fileio import atomic_write
 
 log = logging.getLogger("align")
 WEIGHTS = Path(__file__).resolve().parents[1] / "edgeprune" / "models" / "weights"
@@ -75,15 +74,7 @@ def atomic_save(proj, path: Path, meta: dict) -> None:
     state = {k: v.detach().float().contiguous() for k, v in proj.state_dict().items()}
     for target, write in ((path, lambda t: save_file(state, t, metadata={"recipe": "scripts/align_mini_projector.py"})),
                           (path.with_suffix(".json"), lambda t: Path(t).write_text(json.dumps(meta, indent=2) + "\n"))):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{target.name}-")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(target, write)
 
 
 def main(argv=None) -> int:

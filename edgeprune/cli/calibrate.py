@@ -21,14 +21,12 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    import os
-    import tempfile
-
     import numpy as np
     import torch
     from tqdm import tqdm
 
     from edgeprune.errors import EdgepruneError
+    from edgeprune.fileio import atomic_write
     from edgeprune.models import load
 
     if args.out.suffix != ".npy":
@@ -48,11 +46,7 @@ def run(args) -> int:
             attn = adapter.encode(pixels, need=("attn",)).attn.sum(dim=0)          # [N]
             total = attn if total is None else total + attn
     prior = (total / len(args.images)).numpy().astype(np.float32)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.", suffix=".npy")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, prior)
-    os.replace(tmp, args.out)
+    atomic_write(args.out, lambda tmp: np.save(tmp, prior))
     print(f"wrote {args.out}: prior over N={prior.size} tokens (grid {adapter.grid[0]}x{adapter.grid[1]}) from "
           f"{len(args.images)} images; max/mean {prior.max() / prior.mean():.2f}, min/mean {prior.min() / prior.mean():.2f}")
     return 0

@@ -13,8 +13,6 @@ float16 (half the disk and memory; training input only, never an eval input).
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from torch import Tensor
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.eval.data import load_split
+from edgeprune.fileio import atomic_write
 from edgeprune.models._cache import cache_dir, file_sha256
 
 __all__ = ["encode_full", "cached_signals", "signals_dir", "KINDS"]
@@ -69,14 +68,7 @@ def signals_dir(adapter, split: str, kind: str) -> Path:
 def _write(path: Path, tensors: dict[str, Tensor]) -> None:
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
 
 
 def cached_signals(adapter, split: str, indices, kind: str = "eval", data_dir=None, batch: int = 8,
