@@ -36,8 +36,8 @@ compares it with the alternatives measured below (held-out exact match, unpruned
   steps (a partial run still leaves a usable file) plus a JSON with the recipe and progress;
   --eval-images N adds the held-out accuracy.
 
-    OMP_NUM_THREADS=2 .venv/bin/python scripts/align_mini_projector.py                 # time-budgeted
-    OMP_NUM_THREADS=2 .venv/bin/python scripts/align_mini_projector.py --max-steps 346 --minutes 1000
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/align_mini_projector.py --force         # time-budgeted
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/align_mini_projector.py --force --max-steps 346 --minutes 1000
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def parse_args(argv=None):
                         "--max-steps and a large --minutes")
     p.add_argument("--max-steps", type=int, default=100_000)
     p.add_argument("--sizes", default="336",
-                   help="input sizes (px) of whole-image steps with their draw weights, size:weight,...")
+                   help="input sizes (px), one drawn per step with these weights: size:weight,...")
     p.add_argument("--train-tokens", default="96,192,576",
                    help="token dropout: each step draws one count; below N that many random tokens per image "
                         "are kept at their original positions (a count >= N = the whole image)")
@@ -87,6 +87,7 @@ def parse_args(argv=None):
                         "--sizes size (the `edgeprune eval` subset and scoring), stored in the JSON")
     p.add_argument("--save-every", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--force", action="store_true", help="overwrite --out (by default the shipped projector)")
     return p.parse_args(argv)
 
 
@@ -102,6 +103,8 @@ def atomic_save(proj, path: Path, meta: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.out.exists() and not args.force:
+        raise SystemExit(f"{args.out} exists; pass --force to overwrite it (or --out elsewhere)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

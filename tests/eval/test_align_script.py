@@ -40,3 +40,11 @@ def test_sizes_spec(align):
     for bad in ("300", "224:0", "abc", "224:x"):
         with pytest.raises(SystemExit, match="--sizes"):
             align.parse_sizes(bad)
+
+
+def test_refuses_to_overwrite_without_force(align, tmp_path):
+    out = tmp_path / "projector.safetensors"
+    out.write_bytes(b"keep me")
+    with pytest.raises(SystemExit, match="--force"):
+        align.main(["--out", str(out)])
+    assert out.read_bytes() == b"keep me"
