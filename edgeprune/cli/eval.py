@@ -92,6 +92,8 @@ def markdown_table(rows: list[dict], value: str, keeps: list[int], unpruned: flo
 def plot(rows: list[dict], value: str, keeps: list[int], unpruned: float, n_img: int, path: Path, title: str):
     import matplotlib
 
+    from edgeprune.fileio import atomic_write
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -113,7 +115,7 @@ def plot(rows: list[dict], value: str, keeps: list[int], unpruned: float, n_img:
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
@@ -162,11 +164,13 @@ def run(args) -> int:
         status = f"error: {r['error']}" if r.get("error") else f"{value} {r[value]:.3f}{extra}"
         print(f"{r['method']:>12} K={r['keep']:<4} {status}")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps({**info, "value": value, "unpruned": unpruned,
-                                                           "rows": rows}, indent=1) + "\n")
+        from edgeprune.fileio import atomic_write
+
+        report = json.dumps({**info, "value": value, "unpruned": unpruned, "rows": rows}, indent=1) + "\n"
+        atomic_write(args.out / "results.json", lambda tmp: Path(tmp).write_text(report))
         if args.sweep:
-            (args.out / "table.md").write_text(markdown_table(rows, value, keeps, unpruned, n_img))
+            table = markdown_table(rows, value, keeps, unpruned, n_img)
+            atomic_write(args.out / "table.md", lambda tmp: Path(tmp).write_text(table))
             plot(rows, value, keeps, unpruned, n_img, args.out / "plot.png", title)
         print(f"wrote {args.out}")
     return 0
