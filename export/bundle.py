@@ -22,16 +22,18 @@ import torch
 
 from edgeprune import __version__
 from edgeprune.errors import BundleError, EdgepruneError
+from edgeprune.export.onnx_io import graph_io
 from edgeprune.export.validate import ParityError, check_graph, validate_vision
-from edgeprune.export.vision import export_vision, graph_io
+from edgeprune.export.vision import export_vision
 from edgeprune.models.base import Adapter
 from edgeprune.pruners import available
 from edgeprune.pruners.ops import check_keep
 from edgeprune.runtime.bundle import hash_files, load_bundle
-from edgeprune.runtime.format import SCHEMA_VERSION, Files, Keys
+from edgeprune.runtime.format import (PASSED, SCHEMA_VERSION, Bucket, Files, Graph, Keys, bucket_file, external_data,
+                                      known, llm_keys, optional_keys, write_manifest)
 from edgeprune.runtime.positions import POSITION_MODES, check_rope_mode
 
-__all__ = ["export_bundle", "write_manifest", "check_target", "EXPORT_STEPS", "effective_config"]
+__all__ = ["export_bundle", "check_target", "EXPORT_STEPS", "effective_config"]
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,8 @@ def _store_config(config: dict, folder: Path) -> tuple[dict, dict]:
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu().numpy()
         if isinstance(value, np.ndarray):
-            rel = f"pruner/{key}.npy"
-            (folder / "pruner").mkdir(exist_ok=True)
+            rel = f"{Files.PRUNER_ARRAYS}/{key}.npy"
+            (folder / Files.PRUNER_ARRAYS).mkdir(exist_ok=True)
             np.save(folder / rel, value)
             stored[key] = {"file": rel, "shape": list(value.shape), "dtype": value.dtype.name}
             continue
@@ -171,9 +173,9 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
         step(EXPORT_STEPS[2])
         check_graph(tmp / Files.VISION)
         step(EXPORT_STEPS[3])
-        validation = {"vision": validate_vision(adapter, pruner, tmp / Files.VISION, batch=batch)} if validate else {}
-        if validate and not validation["vision"]["passed"]:
-            raise ParityError(f"vision graph ORT vs torch: {_summary(validation['vision'])}")
+        vision_check = validate_vision(adapter, pruner, tmp / Files.VISION, batch=batch) if validate else None
+        if validate and not vision_check[PASSED]:
+            raise ParityError(f"vision graph ORT vs torch: {_summary(vision_check)}")
         bucket_entries = []
         for i, sub in enumerate(bucket_adapters):
             file = Files.VISION if i == 0 else bucket_file(sub.preprocess_config.size)
@@ -183,27 +185,26 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
             if not validate:
                 check = None
             elif i == 0:
-                check = validation["vision"]   # vision.onnx was validated above
+                check = vision_check   # vision.onnx was validated above
             else:
                 check = validate_vision(sub, pruner, tmp / file, batch=batch)
-            if check is not None and not check["passed"]:
+            if check is not None and not check[PASSED]:
                 raise ParityError(f"vision graph {file} ORT vs torch: {_summary(check)}")
-            bucket_entries.append({"size": list(sub.preprocess_config.size), "grid": list(sub.grid),
-                                   "num_image_tokens": sub.num_image_tokens, "file": file,
-                                   **({"validation": check} if check is not None else {})})
+            bucket_entries.append({Bucket.SIZE: list(sub.preprocess_config.size), Bucket.GRID: list(sub.grid),
+                                   Bucket.NUM_IMAGE_TOKENS: sub.num_image_tokens, Bucket.FILE: file,
+                                   **({Bucket.VALIDATION: check} if check is not None else {})})
 
         step(EXPORT_STEPS[4])
         if reuse_llm_from is not None:
-            spec = _reuse_llm(Path(reuse_llm_from), tmp, adapter, source, dtype, attention)
+            llm_entries = _reuse_llm(Path(reuse_llm_from), tmp, adapter, source, dtype, attention)
         else:
             from edgeprune.export.llm import export_llm
 
-            spec = export_llm(adapter.llm, tmp, dtype=dtype, attention=attention, validate=validate,
-                              rope=getattr(adapter, "rope", "1d"))
-        if validate and "validation" in spec:
-            validation["llm"] = spec["validation"]
-            if spec["validation"].get("passed", spec["validation"].get("ok")) is False:
-                raise ParityError(f"LLM graphs ORT vs torch: {spec['validation']}")
+            llm_entries = export_llm(adapter.llm, tmp, dtype=dtype, attention=attention, validate=validate,
+                                     rope=adapter.rope)
+        llm_check = llm_entries.pop(Keys.VALIDATION_LLM, None) if validate else None  # (a reused bundle's report
+        if llm_check is not None and not llm_check[PASSED]:                            # is not a check asked for)
+            raise ParityError(f"LLM graphs ORT vs torch: {llm_check}")
 
         step(EXPORT_STEPS[5])
         (tmp / Files.TOKENIZER).write_text(adapter.tokenizer_json(), encoding="utf-8")
@@ -211,7 +212,9 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
                                             encoding="utf-8")
 
         step(EXPORT_STEPS[6])
+        vision = adapter.vision_facts()
         manifest = {
+            **{key: key.default for key in optional_keys()},   # every key present; null = none (bucket, engine)
             Keys.SCHEMA_VERSION: SCHEMA_VERSION,
             Keys.EDGEPRUNE_VERSION: __version__,
             Keys.CREATED: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -228,27 +231,27 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
             Keys.PRUNER_SPACE: pruner.space,
             Keys.PRUNER_EXTRA_OUTPUTS: list(pruner.extra_outputs),
             Keys.POSITIONS_MODE: positions,
-            Keys.POSITIONS_ROPE: getattr(adapter, "rope", "1d"),
-            Keys.VISION_GRAPH: {"file": Files.VISION, **graph_io(tmp / Files.VISION)},
+            Keys.POSITIONS_ROPE: adapter.rope,
+            Keys.VISION_GRAPH: {Graph.FILE: Files.VISION, **graph_io(tmp / Files.VISION)},
             Keys.VISION_DTYPE: "float32",
             Keys.VISION_BATCH: batch,
-            **({Keys.VISION_BUCKETS: _jsonable(bucket_entries)} if bucket_entries else {}),
-            Keys.LLM_SPEC: _jsonable(spec),
+            Keys.VISION_BUCKETS: _jsonable(bucket_entries) if bucket_entries else None,
+            Keys.VISION_NUM_LAYERS: vision["num_layers"],
+            Keys.VISION_HIDDEN_SIZE: vision["hidden_size"],
+            Keys.VISION_TOKENS_PER_VIEW: vision["tokens_per_view"],
+            Keys.VISION_VIEWS: vision["views"],
+            **_jsonable(llm_entries),
             Keys.FILES_SHA256: hash_files(tmp),
-            Keys.VALIDATION: _jsonable(validation),
+            Keys.VALIDATION_VISION: _jsonable(vision_check),
+            Keys.VALIDATION_LLM: _jsonable(llm_check),
         }
-        write_manifest(tmp, manifest)
+        manifest = write_manifest(tmp, manifest)
         _normalise_permissions(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
-
-
-def bucket_file(size) -> str:
-    """File name of the vision graph of a non-default bucket."""
-    return f"vision_{int(size[0])}x{int(size[1])}.onnx"
 
 
 def _bucket_adapters(adapter: Adapter, buckets, batch, keep) -> list[Adapter]:
@@ -270,30 +273,25 @@ def _bucket_adapters(adapter: Adapter, buckets, batch, keep) -> list[Adapter]:
 
 def _reuse_llm(src: Path, tmp: Path, adapter: Adapter, source: str, dtype: str, attention: str) -> dict:
     """Link the LLM graphs of bundle `src` into `tmp` after checking they are the ones this export
-    would write; returns their spec (with the validation recorded when they were exported)."""
+    would write; returns their manifest entries (with the validation recorded when they were exported)."""
     manifest = load_bundle(src).manifest  # verifies src's hashes: a tampered source is refused
-    spec = manifest[Keys.LLM_SPEC]
-    theirs = (manifest[Keys.MODEL_FAMILY], manifest[Keys.MODEL_SOURCE], spec["dtype"], spec.get("attention"))
+    theirs = (manifest[Keys.MODEL_FAMILY], manifest[Keys.MODEL_SOURCE], manifest[Keys.LLM_DTYPE],
+              manifest[Keys.LLM_ATTENTION])
     ours = (adapter.family, source or getattr(adapter, "name", ""), dtype, attention)
     if theirs != ours:
         raise EdgepruneError(f"reuse_llm_from={src}: its LLM graphs are (family, source, dtype, attention) = {theirs}, "
                              f"this export needs {ours}")
-    for part in ("embed", "decoder"):
-        for name in (spec[part]["file"], spec[part]["file"] + ".data"):
+    entries = {key: known(manifest, key) for key in llm_keys()}   # a schema-1 source lacks facts: re-export it
+    entries[Keys.VALIDATION_LLM] = manifest[Keys.VALIDATION_LLM]
+    for graph in (Keys.LLM_EMBED_GRAPH, Keys.LLM_DECODER_GRAPH):
+        file = entries[graph][Graph.FILE]
+        for name in (file, external_data(file)):
             if (src / name).exists():
                 try:
                     os.link(src / name, tmp / name)
                 except OSError:  # another file system, or links not allowed
                     shutil.copy2(src / name, tmp / name)
-    return spec
-
-
-def write_manifest(folder: str | Path, manifest: dict) -> None:
-    """Write manifest.json atomically (also used by build-engine to record engines)."""
-    folder = Path(folder)
-    tmp = folder / f".{Files.MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / Files.MANIFEST)
+    return entries
 
 
 def _summary(v: dict) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 
 from edgeprune.errors import EdgepruneError, MissingDependencyError
 from edgeprune.runtime.bundle import hash_files, load_bundle
-from edgeprune.runtime.format import VISION_INPUT, Files, Keys
+from edgeprune.runtime.format import VISION_INPUT, Engine, Files, Graph, Keys, write_manifest
 from edgeprune.runtime.preprocess import preprocess
 
 __all__ = ["build_engine", "require_tensorrt"]
@@ -48,14 +48,12 @@ def build_engine(bundle_dir: str | Path, *, fp16: bool = False, int8: bool = Fal
     from polygraphy.backend.trt import (Calibrator, CreateConfig, Profile, engine_from_network,
                                         network_from_onnx_path, save_engine)
 
-    from edgeprune.export.bundle import write_manifest
-
     if int8 and not calib_images:
         raise EdgepruneError("--int8 needs --calib-images (a few representative images to calibrate on)")
     bundle = load_bundle(bundle_dir)                   # hashes verified: never build from a tampered graph
     root = bundle.path
     graph = bundle.manifest[Keys.VISION_GRAPH]
-    shape = graph["inputs"][VISION_INPUT]["shape"]     # ["batch" | B, 3, H, W]
+    shape = graph[Graph.INPUTS][VISION_INPUT][Graph.SHAPE]     # ["batch" | B, 3, H, W]
     fixed = isinstance(shape[0], int)
     _, c, h, w = shape
     profiles = []
@@ -67,7 +65,7 @@ def build_engine(bundle_dir: str | Path, *, fp16: bool = False, int8: bool = Fal
     if int8:
         batch = shape[0] if fixed else 1
         calibrator = Calibrator(_calibration_batches(calib_images, bundle.preprocess, batch),
-                                cache=str(root / Files.ENGINES / "int8.cache"))
+                                cache=str(root / Files.INT8_CACHE))
 
     engines = root / Files.ENGINES
     engines.mkdir(exist_ok=True)
@@ -80,15 +78,17 @@ def build_engine(bundle_dir: str | Path, *, fp16: bool = False, int8: bool = Fal
                                  save_timing_cache=str(cache))
     save_engine(engine, str(root / Files.VISION_ENGINE))
 
-    entry = {"file": Files.VISION_ENGINE, "timing_cache": Files.TIMING_CACHE, "tensorrt_version": trt.__version__,
-             "precision": "int8" if int8 else "fp16" if fp16 else "fp32",
-             "batch": shape[0] if fixed else {"min": 1, "opt": opt_batch, "max": max_batch},
-             "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    entry = {Engine.FILE: Files.VISION_ENGINE, Engine.TIMING_CACHE: Files.TIMING_CACHE,
+             Engine.TENSORRT_VERSION: trt.__version__, Engine.PRECISION: "int8" if int8 else "fp16" if fp16 else "fp32",
+             Engine.BATCH: shape[0] if fixed else {"min": 1, "opt": opt_batch, "max": max_batch},
+             Engine.BUILT: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     manifest = dict(bundle.manifest)
-    manifest[Keys.ENGINES] = {**(manifest.get(Keys.ENGINES) or {}), "vision": entry}
-    manifest[Keys.FILES_SHA256] = hash_files(root)
+    manifest[Keys.ENGINE_VISION] = entry
+    written = [Files.VISION_ENGINE, Files.TIMING_CACHE] + ([Files.INT8_CACHE] if int8 else [])
+    manifest[Keys.FILES_SHA256] = {**manifest[Keys.FILES_SHA256], **hash_files(root, [f for f in written
+                                                                                       if (root / f).is_file()])}
     write_manifest(root, manifest)
-    log.info("wrote %s (%s)", root / Files.VISION_ENGINE, entry["precision"])
+    log.info("wrote %s (%s)", root / Files.VISION_ENGINE, entry[Engine.PRECISION])
     return entry
 
 

@@ -30,7 +30,10 @@ import torch
 from torch import nn
 
 from edgeprune.errors import ModelError
-from edgeprune.export.onnx_io import export_onnx
+from edgeprune.export.onnx_io import export_onnx, graph_io
+from edgeprune.runtime.format import (DECODER_EMBEDS, DECODER_LOGITS, DECODER_MASK, DECODER_POSITIONS, DIM_BATCH,
+                                      DIM_PAST, DIM_SEQUENCE, DIM_TOTAL, EMBED_INPUT, EMBED_OUTPUT, PASSED, Files,
+                                      Graph, Keys, past_names, present_names)
 
 __all__ = ["export_llm", "DecoderGraph", "EmbedGraph", "validate_llm"]
 
@@ -183,18 +186,15 @@ class EmbedGraph(nn.Module):
         return self.embed(input_ids)                                        # [B, L, D]
 
 
-def _past_names(num_layers: int, prefix: str) -> list[str]:
-    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
 def export_llm(llm: nn.Module, out_dir: Path, *, dtype: str = "float32", attention: str = "fused",
                validate: bool = True, rope: str = "1d") -> dict:
-    """Write `embed.onnx` and `decoder.onnx` (+ external weight files) to `out_dir`; return their spec.
+    """Write `embed.onnx` and `decoder.onnx` (+ external weight files) to `out_dir`; return their manifest
+    entries (runtime/format.py: the `llm.*` keys and positions.rope; with `validate`, also validation.llm,
+    the ORT-vs-torch max absolute errors and the PASSED flag).
 
-    The spec (for the bundle manifest) names every input/output with its dims (ints, or strings for the dynamic
-    batch/sequence/past axes), the KV layout, dtype and attention variant; with `validate`, ORT-vs-torch max
-    absolute errors under "validation". rope: "1d" (position_ids [B, L]) or "mrope" ([3, B, L], the adapter's
-    `rope`; the LLM's rotary module must then have an mrope_section).
+    Graph records name every input/output with its dims (ints, or the DIM_* names for the dynamic batch,
+    sequence and past axes) and dtype. rope: "1d" (position_ids [B, L]) or "mrope" ([3, B, L], the
+    adapter's `rope`; the LLM's rotary module must then have an mrope_section).
     """
     if rope not in ROPE_KINDS:
         raise ModelError(f"rope={rope!r}; expected one of {', '.join(ROPE_KINDS)}")
@@ -210,20 +210,14 @@ def export_llm(llm: nn.Module, out_dir: Path, *, dtype: str = "float32", attenti
     cfg = model.config
     n_layers, kv, hd = len(decoder.layers), decoder.kv_heads, decoder.head_dim
     d, vocab = cfg.hidden_size, decoder.lm_head.out_features
-    past_in, present_out = _past_names(n_layers, "past_key_values"), _past_names(n_layers, "present")
-    kv_in = ["batch", kv, "past_sequence", hd]
-    kv_out = ["batch", kv, "total_sequence", hd]
-    spec = {
-        "embed": {"file": "embed.onnx", "inputs": {"input_ids": ["batch", "sequence"]},
-                  "outputs": {"inputs_embeds": ["batch", "sequence", d]}},
-        "decoder": {"file": "decoder.onnx",
-                    "inputs": {"inputs_embeds": ["batch", "sequence", d],
-                               "position_ids": ["batch", "sequence"] if rope == "1d" else [3, "batch", "sequence"],
-                               "attention_mask": ["batch", "total_sequence"], **{n: kv_in for n in past_in}},
-                    "outputs": {"logits": ["batch", vocab], **{n: kv_out for n in present_out}}},
-        "num_layers": n_layers, "num_kv_heads": kv, "head_dim": hd, "hidden_size": d, "vocab_size": vocab,
-        "dtype": dtype, "attention": attention, "rope": rope,
-    }
+    past_in, present_out = past_names(n_layers), present_names(n_layers)
+    kv_in = [DIM_BATCH, kv, DIM_PAST, hd]
+    kv_out = [DIM_BATCH, kv, DIM_TOTAL, hd]
+    embed_io = {EMBED_INPUT: [DIM_BATCH, DIM_SEQUENCE]}, {EMBED_OUTPUT: [DIM_BATCH, DIM_SEQUENCE, d]}
+    positions = [DIM_BATCH, DIM_SEQUENCE] if rope == "1d" else [3, DIM_BATCH, DIM_SEQUENCE]
+    decoder_io = ({DECODER_EMBEDS: [DIM_BATCH, DIM_SEQUENCE, d], DECODER_POSITIONS: positions,
+                   DECODER_MASK: [DIM_BATCH, DIM_TOTAL], **{n: kv_in for n in past_in}},
+                  {DECODER_LOGITS: [DIM_BATCH, vocab], **{n: kv_out for n in present_out}})
 
     def axes(names_dims: dict) -> dict:
         return {n: {i: s for i, s in enumerate(dims) if isinstance(s, str)} for n, dims in names_dims.items()}
@@ -238,27 +232,33 @@ def export_llm(llm: nn.Module, out_dir: Path, *, dtype: str = "float32", attenti
         pos = torch.stack([pos, pos + 1, pos + 2])                        # [3, B, L]: distinct axes
     mask = torch.ones(b, p + l, dtype=torch.int64)
     past = tuple(torch.randn(b, kv, p, hd, generator=g).to(DTYPES[dtype]) for _ in past_in)
-    log.info("exporting embed.onnx")
-    export_onnx(EmbedGraph(model).eval(), (ids,), out_dir / "embed.onnx", input_names=["input_ids"],
-                output_names=["inputs_embeds"], dynamic_axes=axes({**spec["embed"]["inputs"],
-                                                                  **spec["embed"]["outputs"]}),
+    log.info("exporting %s", Files.EMBED)
+    export_onnx(EmbedGraph(model).eval(), (ids,), out_dir / Files.EMBED, input_names=list(embed_io[0]),
+                output_names=list(embed_io[1]), dynamic_axes=axes({**embed_io[0], **embed_io[1]}), external_data=True)
+    log.info("exporting %s (%d layers, attention=%s, %s)", Files.DECODER, n_layers, attention, dtype)
+    export_onnx(decoder, (embeds, pos, mask, *past), out_dir / Files.DECODER, input_names=list(decoder_io[0]),
+                output_names=list(decoder_io[1]), dynamic_axes=axes({**decoder_io[0], **decoder_io[1]}),
                 external_data=True)
-    log.info("exporting decoder.onnx (%d layers, attention=%s, %s)", n_layers, attention, dtype)
-    export_onnx(decoder, (embeds, pos, mask, *past), out_dir / "decoder.onnx",
-                input_names=list(spec["decoder"]["inputs"]), output_names=list(spec["decoder"]["outputs"]),
-                dynamic_axes=axes({**spec["decoder"]["inputs"], **spec["decoder"]["outputs"]}), external_data=True)
-    _stamp_io_dims(out_dir / "decoder.onnx", spec["decoder"])
+    _stamp_io_dims(out_dir / Files.DECODER, {**decoder_io[0], **decoder_io[1]})
+    entries = {
+        Keys.LLM_EMBED_GRAPH: {Graph.FILE: Files.EMBED, **graph_io(out_dir / Files.EMBED)},
+        Keys.LLM_DECODER_GRAPH: {Graph.FILE: Files.DECODER, **graph_io(out_dir / Files.DECODER)},
+        Keys.LLM_DTYPE: dtype, Keys.LLM_ATTENTION: attention, Keys.POSITIONS_ROPE: rope,
+        Keys.LLM_NUM_LAYERS: n_layers, Keys.LLM_NUM_HEADS: decoder.num_heads, Keys.LLM_NUM_KV_HEADS: kv,
+        Keys.LLM_HEAD_DIM: hd, Keys.LLM_HIDDEN_SIZE: d, Keys.LLM_INTERMEDIATE_SIZE: int(cfg.intermediate_size),
+        Keys.LLM_VOCAB_SIZE: vocab, Keys.LLM_CONTEXT_LENGTH: int(cfg.max_position_embeddings),
+    }
     if validate:
-        spec["validation"] = validate_llm(model, out_dir, spec)
-    return spec
+        entries[Keys.VALIDATION_LLM] = validate_llm(model, out_dir, entries)
+    return entries
 
 
-def _stamp_io_dims(path: Path, part: dict) -> None:
-    """Write the spec's dims on the graph's inputs/outputs: shape inference stops at the contrib op, which left
+def _stamp_io_dims(path: Path, dims_by_name: dict) -> None:
+    """Write the intended dims on the graph's inputs/outputs: shape inference stops at the contrib op, which left
     names like 'GroupQueryAttentionpresent.0.key_dim_1' on the outputs. Weights stay in the external file."""
     model = onnx.load(str(path), load_external_data=False)
     for value in [*model.graph.input, *model.graph.output]:
-        dims = {**part["inputs"], **part["outputs"]}.get(value.name)
+        dims = dims_by_name.get(value.name)
         if dims is None:
             continue
         shape = value.type.tensor_type.shape
@@ -275,18 +275,20 @@ def _stamp_io_dims(path: Path, part: dict) -> None:
 
 
 @torch.no_grad()
-def validate_llm(llm: nn.Module, bundle_dir: Path, spec: dict, *, steps: int = 4, seed: int = 0) -> dict:
+def validate_llm(llm: nn.Module, bundle_dir: Path, entries: dict, *, steps: int = 4, seed: int = 0) -> dict:
     """ORT vs the HF torch forward: embed, prefill logits, then `steps` decode steps fed the same tokens.
 
-    Positions have a gap (as after pruning) and the batch has 2 rows. Returns max absolute errors.
+    `entries`: export_llm's manifest entries. Positions have a gap (as after pruning) and the batch has 2 rows.
+    Returns max absolute errors, the tolerance and PASSED.
     """
     from edgeprune.runtime.llm import OrtLLM  # runtime is torch-free; importing it here is the allowed direction
+    from edgeprune.runtime.providers import resolve_providers
 
-    ort_llm = OrtLLM(bundle_dir, spec, providers=["cpu"])
+    ort_llm = OrtLLM(bundle_dir, entries, providers=resolve_providers(["cpu"]))
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, spec["vocab_size"], (2, 8), generator=g)
+    ids = torch.randint(0, entries[Keys.LLM_VOCAB_SIZE], (2, 8), generator=g)
     pos = torch.tensor([[0, 1, 2, 3, 10, 12, 13, 14]] * 2)                 # a pruned-looking gap
-    if spec.get("rope", "1d") == "mrope":  # text, two image tokens of a grid (t, h, w differ), text after
+    if entries[Keys.POSITIONS_ROPE] == "mrope":  # text, two image tokens of a grid (t, h, w differ), text after
         pos = torch.tensor([[0, 1, 2, 3, 4, 4, 9, 10], [0, 1, 2, 3, 5, 6, 9, 10], [0, 1, 2, 3, 4, 7, 9, 10]])
         pos = pos.unsqueeze(1).expand(3, 2, 8)                             # [3, B, L]
     embeds = llm.get_input_embeddings()(ids)
@@ -312,7 +314,7 @@ def validate_llm(llm: nn.Module, bundle_dir: Path, spec: dict, *, steps: int = 4
         logits, present = ort_llm.step(step_embeds.numpy(), step_pos.numpy(), mask.numpy(), present)
         decode.append(float(np.abs(logits - out.logits[:, -1].float().numpy()).max()))
     errors["decode"] = max(decode) if decode else 0.0
-    errors["tolerance"] = TOLERANCE[spec["dtype"]]
-    errors["ok"] = max(errors["prefill"], errors["decode"]) <= errors["tolerance"]
-    (log.info if errors["ok"] else log.warning)("LLM parity ORT vs torch: %s", errors)
+    errors["tolerance"] = TOLERANCE[entries[Keys.LLM_DTYPE]]
+    errors[PASSED] = max(errors["prefill"], errors["decode"]) <= errors["tolerance"]
+    (log.info if errors[PASSED] else log.warning)("LLM parity ORT vs torch: %s", errors)
     return errors

@@ -14,8 +14,10 @@ import onnx
 import torch
 
 from edgeprune.export.lint import OPSET
+from edgeprune.runtime.format import Graph
+from edgeprune.runtime.format import external_data as data_file
 
-__all__ = ["export_onnx"]
+__all__ = ["export_onnx", "graph_io"]
 
 
 def export_onnx(module: torch.nn.Module, args: tuple, path: str | Path, *, input_names: list[str],
@@ -39,9 +41,27 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: str | Path, *, input
         final = Path(tmp) / path.name
         if external_data:
             onnx.save_model(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
-            os.replace(final.with_name(path.name + ".data"), path.with_name(path.name + ".data"))
+                            location=data_file(path.name), size_threshold=1024)
+            os.replace(final.with_name(data_file(path.name)), path.with_name(data_file(path.name)))
         else:
             onnx.save_model(model, str(final))
         os.replace(final, path)
     return path
+
+
+def graph_io(path: str | Path) -> dict:
+    """The inputs and outputs of an ONNX file as a format.Graph record without the file:
+    {"inputs": {name: {"shape", "dtype"}}, "outputs": {...}} (dims: int, or the dynamic axis' name)."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values) -> dict:
+        out = {}
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+            out[v.name] = {Graph.SHAPE: shape, Graph.DTYPE: onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name}
+        return out
+
+    initializers = {i.name for i in model.graph.initializer}
+    return {Graph.INPUTS: describe(v for v in model.graph.input if v.name not in initializers),
+            Graph.OUTPUTS: describe(model.graph.output)}

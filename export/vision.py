@@ -17,7 +17,7 @@ from edgeprune.models.base import Adapter
 from edgeprune.pruners import Pruner
 from edgeprune.runtime.format import VISION_INPUT, VISION_POSITIONS, VISION_TOKENS
 
-__all__ = ["VisionGraph", "encoder_need", "export_vision", "graph_io"]
+__all__ = ["VisionGraph", "encoder_need", "export_vision"]
 
 
 def encoder_need(pruner: Pruner) -> tuple[str, ...]:
@@ -96,22 +96,3 @@ def _large(adapter: Adapter) -> bool:
     """Weights above ~1.5 GB must go to external data (protobuf's 2 GB limit)."""
     size = sum(p.numel() * p.element_size() for p in adapter.parameters())
     return size > 1_500_000_000
-
-
-def graph_io(path: str | Path) -> dict:
-    """{"inputs": {name: {"shape", "dtype"}}, "outputs": {...}} of an ONNX file (dims: int or name)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-
-    def describe(values) -> dict:
-        out = {}
-        for v in values:
-            t = v.type.tensor_type
-            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-            out[v.name] = {"shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name}
-        return out
-
-    initializers = {i.name for i in model.graph.initializer}
-    return {"inputs": describe(v for v in model.graph.input if v.name not in initializers),
-            "outputs": describe(model.graph.output)}

@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from edgeprune.export.llm import export_llm
+    from edgeprune.runtime.format import Keys
 
     llm = load_llm(args.real, args.layers)
     d = llm.config.hidden_size
@@ -134,13 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         root = args.out or Path(tmp)
         bundles = {}
         for attention in args.attention:
-            saved = root / attention / "spec.json"
+            saved = root / attention / "llm_entries.json"   # export_llm's manifest entries
             if args.out and saved.is_file():  # graphs of an earlier run with the same --out (and model)
                 bundles[attention] = json.loads(saved.read_text())
                 continue
             start = time.perf_counter()
             spec = export_llm(llm, root / attention, attention=attention, validate=True)
-            log.info("exported %s in %.0f s; parity %s", attention, time.perf_counter() - start, spec["validation"])
+            log.info("exported %s in %.0f s; parity %s", attention, time.perf_counter() - start,
+                     spec[Keys.VALIDATION_LLM])
             saved.write_text(json.dumps(spec))
             bundles[attention] = spec
         for threads in args.threads:

@@ -41,35 +41,34 @@ class ModelFacts:
     vocab_size: int
     vision_hidden: int
     vision_layers: int
-    vision_tokens: int           # tokens the encoder attends over (N, + [CLS] where present)
+    vision_tokens: int           # tokens one encoder pass attends over (N, + [CLS] where present)
+    vision_views: int = 1        # encoder passes per image (LLaVA-NeXT: base view + crops)
 
 
 def facts_from_bundle(bundle_dir: Path) -> ModelFacts:
-    """Shapes from the manifest; parameter counts from the graphs' initializers."""
+    """Shapes from the manifest (BundleError naming the key for an older bundle that lacks one); parameter
+    counts from the graphs' initializers."""
     import onnx
 
     from edgeprune.runtime.bundle import load_bundle
+    from edgeprune.runtime.format import Graph, Keys
 
     bundle = load_bundle(bundle_dir, verify=False)
-    spec = bundle.llm_spec
+    m = bundle.manifest
 
-    def count(path: Path) -> tuple[int, dict]:
-        model = onnx.load(str(path), load_external_data=False)
-        shapes = {i.name: list(i.dims) for i in model.graph.initializer}
-        return sum(int(np.prod(s)) for s in shapes.values()), shapes
+    def count(key) -> int:
+        model = onnx.load(str(bundle.file(m[key][Graph.FILE])), load_external_data=False)
+        return sum(int(np.prod(i.dims)) for i in model.graph.initializer)
 
-    vision_params, vision_shapes = count(bundle.file(bundle.manifest["vision.graph"]["file"]))
-    llm_params = count(bundle.file(spec["decoder"]["file"]))[0] + count(bundle.file(spec["embed"]["file"]))[0]
-    hidden = spec["hidden_size"]
-    heads = spec.get("num_heads", hidden // spec["head_dim"])
-    n = bundle.num_image_tokens
-    widths = [s[0] for s in vision_shapes.values() if len(s) == 1]
-    vision_hidden = max(set(widths), key=widths.count) if widths else hidden
-    return ModelFacts(name=str(bundle_dir), num_image_tokens=n, vision_params=vision_params, llm_params=llm_params,
-                      num_layers=spec["num_layers"], num_heads=heads, num_kv_heads=spec["num_kv_heads"],
-                      head_dim=spec["head_dim"], hidden_size=hidden,
-                      intermediate_size=spec.get("intermediate_size", 4 * hidden), vocab_size=spec["vocab_size"],
-                      vision_hidden=vision_hidden, vision_layers=spec.get("vision_layers", 12), vision_tokens=n + 1)
+    return ModelFacts(name=str(bundle_dir), num_image_tokens=bundle.num_image_tokens,
+                      vision_params=count(Keys.VISION_GRAPH),
+                      llm_params=count(Keys.LLM_DECODER_GRAPH) + count(Keys.LLM_EMBED_GRAPH),
+                      num_layers=m[Keys.LLM_NUM_LAYERS], num_heads=bundle.known(Keys.LLM_NUM_HEADS),
+                      num_kv_heads=m[Keys.LLM_NUM_KV_HEADS], head_dim=m[Keys.LLM_HEAD_DIM],
+                      hidden_size=m[Keys.LLM_HIDDEN_SIZE], intermediate_size=bundle.known(Keys.LLM_INTERMEDIATE_SIZE),
+                      vocab_size=m[Keys.LLM_VOCAB_SIZE], vision_hidden=bundle.known(Keys.VISION_HIDDEN_SIZE),
+                      vision_layers=bundle.known(Keys.VISION_NUM_LAYERS),
+                      vision_tokens=bundle.known(Keys.VISION_TOKENS_PER_VIEW), vision_views=bundle.known(Keys.VISION_VIEWS))
 
 
 def predict_memory(facts: ModelFacts, keep: int, context: int, precision: str, batch: int = 1) -> dict:
@@ -81,8 +80,8 @@ def predict_memory(facts: ModelFacts, keep: int, context: int, precision: str, b
     kv = facts.num_layers * 2 * facts.num_kv_heads * facts.head_dim * seq * b * batch
     llm_act = batch * (seq * (4 * facts.hidden_size + 2 * facts.intermediate_size) * b
                        + facts.num_heads * seq * seq * b + facts.vocab_size * 4)
-    vis_act = batch * (facts.vision_tokens * 8 * facts.vision_hidden * b
-                       + max(1, facts.vision_hidden // 64) * facts.vision_tokens ** 2 * b)
+    vis_act = batch * facts.vision_views * (facts.vision_tokens * 8 * facts.vision_hidden * b
+                                            + max(1, facts.vision_hidden // 64) * facts.vision_tokens ** 2 * b)
     activations = max(llm_act, vis_act)
     return {"weights": weights, "kv_cache": kv, "activations": activations, "total": weights + kv + activations}
 
@@ -127,14 +126,14 @@ def calibrate_prefill(bundle_dir: Path, text_tokens: int, threads: int | None = 
     from edgeprune.runtime.llm import OrtLLM
 
     bundle = load_bundle(bundle_dir)
-    llm = OrtLLM(bundle.path, bundle.llm_spec, threads=threads)
+    llm = OrtLLM(bundle.path, bundle.manifest, threads=threads)
     rng = np.random.default_rng(0)
     n = bundle.num_image_tokens
     keeps = sorted({min(64, n), n})
     times = []
     for k in keeps:
         length = k + text_tokens
-        embeds = (rng.standard_normal((1, length, llm.spec["hidden_size"])) * 0.02).astype(llm.dtype)
+        embeds = (rng.standard_normal((1, length, llm.hidden_size)) * 0.02).astype(llm.dtype)
         pos = np.arange(length, dtype=np.int64)[None]
         samples = []
         for _ in range(runs + 1):

@@ -18,7 +18,7 @@ import numpy as np
 from edgeprune import __version__
 from edgeprune.profiles import memory
 from edgeprune.profiles.device import DeviceProfile
-from edgeprune.runtime.format import Keys
+from edgeprune.runtime.format import Graph, Keys, external_data
 
 __all__ = ["profile_bundle", "soak", "summarize", "kv_bytes_expected", "weights_bytes", "DEFAULT_PROMPT",
            "REPORT_SCHEMA"]
@@ -41,21 +41,21 @@ def summarize(values: list[float]) -> dict:
             "max": float(arr.max()), "n": int(arr.size)}
 
 
-def kv_bytes_expected(llm_spec: dict, batch: int, tokens: int) -> int:
+def kv_bytes_expected(manifest: dict, batch: int, tokens: int) -> int:
     """layers x 2 (K and V) x kv_heads x head_dim x tokens x dtype size x batch."""
-    return (llm_spec["num_layers"] * 2 * llm_spec["num_kv_heads"] * llm_spec["head_dim"] * tokens
-            * DTYPE_BYTES[llm_spec["dtype"]] * batch)
+    return (manifest[Keys.LLM_NUM_LAYERS] * 2 * manifest[Keys.LLM_NUM_KV_HEADS] * manifest[Keys.LLM_HEAD_DIM] * tokens
+            * DTYPE_BYTES[manifest[Keys.LLM_DTYPE]] * batch)
 
 
 def weights_bytes(bundle_dir: Path, manifest: dict) -> dict:
     """Bytes on disk of each graph with its external data ('vision', 'embed', 'decoder')."""
-    graphs = {"vision": manifest[Keys.VISION_GRAPH]["file"],
-              "embed": manifest[Keys.LLM_SPEC]["embed"]["file"],
-              "decoder": manifest[Keys.LLM_SPEC]["decoder"]["file"]}
+    graphs = {"vision": manifest[Keys.VISION_GRAPH][Graph.FILE],
+              "embed": manifest[Keys.LLM_EMBED_GRAPH][Graph.FILE],
+              "decoder": manifest[Keys.LLM_DECODER_GRAPH][Graph.FILE]}
     out = {}
     for name, rel in graphs.items():
         path = bundle_dir / rel
-        data = path.with_name(path.name + ".data")
+        data = path.with_name(external_data(path.name))
         out[name] = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
     return out
 
@@ -115,7 +115,6 @@ def profile_bundle(bundle_dir: str | Path, *, image=None, prompt: str = DEFAULT_
     stage_sum = [sum(r.result.timings[s] for s in STAGE_KEYS) for r in runs_done]
     generated = len(last.ids[0]) if last.ids else 0
     kv_tokens = last.num_prompt_tokens + max(len(last.decode_steps), 0)  # tokens whose K/V the cache holds
-    llm_spec = manifest[Keys.LLM_SPEC]
     return {
         "schema": REPORT_SCHEMA,
         "edgeprune_version": __version__,
@@ -146,7 +145,7 @@ def profile_bundle(bundle_dir: str | Path, *, image=None, prompt: str = DEFAULT_
             "rss_before_load_bytes": rss_before_load,
             "weights_bytes": weights_bytes(bundle_dir, manifest),
             "kv_cache_bytes": int(last.kv_bytes),
-            "kv_cache_bytes_expected": kv_bytes_expected(llm_spec, batch, kv_tokens),
+            "kv_cache_bytes_expected": kv_bytes_expected(manifest, batch, kv_tokens),
             "kv_cache_tokens": kv_tokens,
             "device": _device_memory(device),
         },

@@ -7,14 +7,13 @@ once and reused (hard-linked where possible) by the other bundles.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.profiles.profiler import profile_bundle
 from edgeprune.profiles.report import sweep_markdown, sweep_plots, write_atomic, write_json
-from edgeprune.runtime.format import Files, Keys
+from edgeprune.runtime.format import Keys
 
 __all__ = ["run_sweep", "sweep_rows", "bundle_name"]
 
@@ -27,12 +26,15 @@ def bundle_name(method: str | None, keep: int) -> str:
 
 def _matches(bundle: Path, model: str, method: str | None, keep: int) -> bool:
     """An existing bundle of this model, method (any method for the unpruned one) and K."""
+    from edgeprune.errors import BundleError
+    from edgeprune.runtime.bundle import read_manifest
+
     try:
-        manifest = json.loads((bundle / Files.MANIFEST).read_text())
-    except (OSError, ValueError):
+        manifest = read_manifest(bundle)
+    except BundleError:
         return False
-    return (manifest.get(Keys.MODEL_SOURCE) == model and manifest.get(Keys.PRUNER_KEEP) == keep
-            and method in (None, manifest.get(Keys.PRUNER_METHOD)))
+    return (manifest[Keys.MODEL_SOURCE] == model and manifest[Keys.PRUNER_KEEP] == keep
+            and method in (None, manifest[Keys.PRUNER_METHOD]))
 
 
 def sweep_rows(reports: list[dict], baseline: dict) -> list[dict]:

@@ -1,8 +1,9 @@
 """Read and verify a bundle (the format is in runtime/format.py). numpy-free, torch-free.
 
 `load_bundle(path)` checks, in order, and raises `BundleError` naming the file or key:
-the folder and manifest.json exist and parse; the schema version is one this runtime reads; every
-required key is present; every file listed under `files.sha256` exists and its sha256 matches.
+the folder and manifest.json exist and parse; format.read accepts it (format marker, schema range,
+older schemas migrated, required keys); every file listed under `files.sha256` exists and its sha256
+matches.
 `check_vision_outputs` compares K (and the extras) in the manifest with the vision graph itself.
 """
 from __future__ import annotations
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeprune.errors import BundleError
-from edgeprune.runtime.format import (MIN_SCHEMA_VERSION, REQUIRED_KEYS, SCHEMA_VERSION, VISION_POSITIONS,
-                                      VISION_TOKENS, Files, Keys)
+from edgeprune.runtime import format as fmt
+from edgeprune.runtime.format import VISION_POSITIONS, VISION_TOKENS, Bucket, Files, Keys
 from edgeprune.runtime.preprocess import PreprocessConfig
 from edgeprune.runtime.prompt import ChatTemplate
 
@@ -31,15 +32,19 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def hash_files(root: str | Path) -> dict[str, str]:
-    """sha256 of every file under `root` except the manifest, keyed by POSIX relative path, sorted."""
+def hash_files(root: str | Path, rels: list[str] | None = None) -> dict[str, str]:
+    """sha256 of every file under `root` (or of the files `rels`) except the manifest and ONNX Runtime's
+    run-time TensorRT cache, keyed by POSIX relative path, sorted."""
     root = Path(root)
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != Files.MANIFEST)
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in paths}
+    if rels is None:
+        rels = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    skip = (Files.MANIFEST, Files.ORT_TRT_CACHE + "/")
+    return {rel: sha256_file(root / rel) for rel in sorted(rels) if rel != skip[0] and not rel.startswith(skip[1])}
 
 
 def read_manifest(path: str | Path) -> dict:
-    """Parse `<bundle>/manifest.json` and check the schema version and required keys (no hashing)."""
+    """Parse `<bundle>/manifest.json` and check it with format.read (no hashing); returns the manifest in
+    the current schema's layout (older schemas migrated, optional keys' defaults filled)."""
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"{root}: not a bundle folder (it does not exist or is a file)")
@@ -50,16 +55,7 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BundleError(f"{manifest_path}: not valid JSON ({err})") from err
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{manifest_path}: expected a JSON object, got {type(manifest).__name__}")
-    version = manifest.get(Keys.SCHEMA_VERSION)
-    if not isinstance(version, int) or not MIN_SCHEMA_VERSION <= version <= SCHEMA_VERSION:
-        raise BundleError(f"{manifest_path}: {Keys.SCHEMA_VERSION}={version!r}, this runtime reads "
-                          f"{MIN_SCHEMA_VERSION}-{SCHEMA_VERSION}")
-    missing = [key for key in REQUIRED_KEYS if key not in manifest]
-    if missing:
-        raise BundleError(f"{manifest_path}: missing key(s) {', '.join(missing)}")
-    return manifest
+    return fmt.read(manifest, where=str(manifest_path))
 
 
 def _verify_files(root: Path, manifest: dict) -> None:
@@ -105,18 +101,18 @@ class Bundle:
 
     @property
     def rope(self) -> str:
-        """"1d" or "mrope" (runtime/positions.py); bundles written before the key existed are "1d"."""
-        return self.manifest.get(Keys.POSITIONS_ROPE, "1d")
+        """"1d" or "mrope" (runtime/positions.py)."""
+        return self.manifest[Keys.POSITIONS_ROPE]
 
     @property
     def buckets(self) -> list[dict]:
-        """Resolution buckets ({"size", "grid", "num_image_tokens", "file"}); one entry, the bundle's own
-        size, when the bundle has none (format.py, Keys.VISION_BUCKETS)."""
-        listed = self.manifest.get(Keys.VISION_BUCKETS)
+        """Resolution buckets (format.Bucket records); one entry, the bundle's own size, when the bundle has
+        none (Keys.VISION_BUCKETS)."""
+        listed = self.manifest[Keys.VISION_BUCKETS]
         if listed:
             return [dict(b) for b in listed]
-        return [{"size": list(self.preprocess.size), "grid": list(self.grid), "num_image_tokens": self.num_image_tokens,
-                 "file": Files.VISION}]
+        return [{Bucket.SIZE: list(self.preprocess.size), Bucket.GRID: list(self.grid),
+                 Bucket.NUM_IMAGE_TOKENS: self.num_image_tokens, Bucket.FILE: Files.VISION}]
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -130,9 +126,9 @@ class Bundle:
     def extra_outputs(self) -> list[str]:
         return list(self.manifest[Keys.PRUNER_EXTRA_OUTPUTS])
 
-    @property
-    def llm_spec(self) -> dict:
-        return self.manifest[Keys.LLM_SPEC]
+    def known(self, key: fmt.Key):
+        """manifest[key], or a BundleError naming the key when an older bundle never recorded it."""
+        return fmt.known(self.manifest, key)
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:

@@ -1,37 +1,112 @@
-"""The bundle format, named once: file names, manifest keys and the schema version.
+"""The bundle format, named once: file names, manifest keys, graph input/output names, the schema
+version with its reader range, the migration of older manifests, and the manifest writer.
 
-Both sides import this torch-free module: `edgeprune.export.bundle` writes a bundle with it and
-`edgeprune.runtime.bundle` reads one (the gguf split: `gguf/constants.py` for writer and reader).
+Every side imports this stdlib-only module: export/ writes a bundle with it; runtime/, profiles/, the
+CLI and `build-engine` read one (the gguf split: `gguf/constants.py` for writer and reader). No torch,
+no numpy, no onnx.
 
 A bundle is a folder:
 
-    manifest.json      flat JSON object, keys are the dotted `Keys` below
-    vision.onnx        pixels -> image_tokens [B,K,D], positions [B,K] (+ pruner extras)
+    manifest.json        flat JSON object; its keys are the dotted `Keys` below
+    vision.onnx          pixels -> image_tokens [B,K,D], positions [B,K] (+ pruner extras)
     vision_<h>x<w>.onnx  the same for each further resolution bucket (optional, vision.buckets)
-    embed.onnx         token ids -> embeddings           (+ embed.onnx.data when large)
-    decoder.onnx       one graph for prefill and decode  (+ decoder.onnx.data)
-    tokenizer.json     tokenizers.Tokenizer
-    preprocess.json    runtime.preprocess.PreprocessConfig
-    engines/           TensorRT engines and timing cache (edgeprune build-engine, optional)
+    embed.onnx           input_ids -> inputs_embeds       (+ embed.onnx.data when large)
+    decoder.onnx         one graph for prefill and decode  (+ decoder.onnx.data)
+    tokenizer.json       tokenizers.Tokenizer
+    preprocess.json      runtime.preprocess.PreprocessConfig
+    pruner/<option>.npy  array-valued pruner options (pruner.config refers to them)
+    engines/             TensorRT engines, timing and int8 caches (edgeprune build-engine, optional)
 
-Every file except manifest.json is listed with its sha256 under `files.sha256`; the runtime refuses
-a bundle whose files are missing or differ.
+Every file except manifest.json is listed with its sha256 under `files.sha256`; the runtime refuses a
+bundle whose listed files are missing or differ. ONNX Runtime's own TensorRT cache
+(engines/ort-tensorrt/) is written at run time and never listed.
+
+Schema versions (`general.schema_version`; this reader reads MIN_SCHEMA_VERSION..SCHEMA_VERSION):
+  1  first release: the LLM's facts nested in one `llm.spec` dict, `positions.rope` absent on 1-D
+     bundles, the LLM validation flag called `ok`, engines under `engines` without device facts.
+  2  this development release: flat `llm.*` and `vision.*` model facts (the planner's too), a
+     format marker `general.format`, `validation.vision` / `validation.llm` with one flag `passed`,
+     engines under `engines.<name>` with TensorRT version, GPU and batch profile.
+`read` migrates a v1 manifest to the v2 layout in one place (`_migrate_v1`); facts a v1 bundle never
+recorded become None (UNKNOWN), and readers that need one call `known(manifest, key)`, which names
+the key and says to re-export.
+
+Adding a key (rule for this development release: schema 2 stays 2 until the release ships, later
+issues add keys to it without a bump). It is ONE line here, plus the code that writes and reads it:
+
+    LLM_QUANTIZATION = Key("llm.quantization", default="none")   # str, weight quantization
+
+- `Key("x.y")` is required: `read` refuses a manifest without it, so write it in every export.
+  `Key("x.y", default=v)` is optional: `read` fills `v` when it is absent (older schema-2 bundles of
+  this release, or a fact only some exports have). Prefer optional with a default that means "as
+  before", so bundles exported earlier in the release keep loading.
+- Readers index the manifest with the constant (`manifest[Keys.X]`), never with a literal string and
+  never with `.get` (`read` has filled every default). tests/runtime/test_format.py walks the keys
+  readers use against a freshly exported manifest and rejects literal key strings outside this file.
+- Nested records (graphs, engines, buckets, validation) name their fields in the classes below.
+Bump SCHEMA_VERSION only for a change a reader of the released schema would misread, and migrate the
+previous version in `read`.
 """
 from __future__ import annotations
 
-__all__ = ["SCHEMA_VERSION", "MIN_SCHEMA_VERSION", "Files", "Keys", "REQUIRED_KEYS", "VISION_INPUT",
-           "VISION_TOKENS", "VISION_POSITIONS"]
+import json
+import os
+from pathlib import Path
 
-# Bump on any change a reader of the previous version would misread; readers accept MIN..SCHEMA.
-SCHEMA_VERSION = 1
+from edgeprune.errors import BundleError
+
+__all__ = ["SCHEMA_VERSION", "MIN_SCHEMA_VERSION", "FORMAT", "UNKNOWN", "Key", "Keys", "Files", "Graph", "Engine",
+           "Bucket", "PASSED", "read", "write_manifest", "known", "required_keys", "optional_keys", "llm_keys",
+           "bucket_file",
+           "external_data", "VISION_INPUT", "VISION_TOKENS", "VISION_POSITIONS", "EMBED_INPUT", "EMBED_OUTPUT",
+           "DECODER_EMBEDS", "DECODER_POSITIONS", "DECODER_MASK", "DECODER_LOGITS", "KV_KINDS", "past_name",
+           "present_name", "past_names", "present_names", "DIM_BATCH", "DIM_SEQUENCE", "DIM_PAST", "DIM_TOTAL"]
+
+SCHEMA_VERSION = 2
 MIN_SCHEMA_VERSION = 1
+FORMAT = "edgeprune.bundle"   # general.format: what this folder is (schema 1 bundles lack it)
+UNKNOWN = None                # the value of a fact a migrated older bundle never recorded
 
-# Vision graph input/output names (the pruner's extras follow the two outputs, by name).
+# ---- graph input/output names -------------------------------------------------------------------
+# vision graph: pixels [B, 3, H, W] -> image_tokens [B, K, D_llm], positions [B, K] int64, *pruner extras
 VISION_INPUT = "pixels"
 VISION_TOKENS = "image_tokens"
 VISION_POSITIONS = "positions"
+# embed graph: input_ids [B, L] int64 -> inputs_embeds [B, L, D]
+EMBED_INPUT = "input_ids"
+EMBED_OUTPUT = "inputs_embeds"
+# decoder graph: inputs_embeds [B, L, D], position_ids [B, L] ([3, B, L] M-RoPE), attention_mask [B, T],
+# past_key_values.<i>.key/.value [B, KV, P, hd] -> logits [B, V], present.<i>.key/.value [B, KV, T, hd]
+DECODER_EMBEDS = "inputs_embeds"
+DECODER_POSITIONS = "position_ids"
+DECODER_MASK = "attention_mask"
+DECODER_LOGITS = "logits"
+KV_KINDS = ("key", "value")
+# symbolic (dynamic) dimension names of the graphs
+DIM_BATCH = "batch"
+DIM_SEQUENCE = "sequence"
+DIM_PAST = "past_sequence"
+DIM_TOTAL = "total_sequence"
 
 
+def past_name(layer: int, kind: str) -> str:
+    return f"past_key_values.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    return f"present.{layer}.{kind}"
+
+
+def past_names(num_layers: int) -> list[str]:
+    """Decoder KV inputs in graph order: layer 0 key, layer 0 value, layer 1 key, ..."""
+    return [past_name(i, kind) for i in range(num_layers) for kind in KV_KINDS]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [present_name(i, kind) for i in range(num_layers) for kind in KV_KINDS]
+
+
+# ---- files --------------------------------------------------------------------------------------
 class Files:
     MANIFEST = "manifest.json"
     VISION = "vision.onnx"
@@ -39,54 +114,243 @@ class Files:
     DECODER = "decoder.onnx"
     TOKENIZER = "tokenizer.json"
     PREPROCESS = "preprocess.json"
+    PRUNER_ARRAYS = "pruner"                 # folder of array-valued pruner options (<option>.npy)
     ENGINES = "engines"                      # folder written by build-engine
     VISION_ENGINE = "engines/vision.plan"
     TIMING_CACHE = "engines/timing.cache"
+    INT8_CACHE = "engines/int8.cache"
+    ORT_TRT_CACHE = "engines/ort-tensorrt"   # ONNX Runtime's TensorRT provider cache: run-time, never hashed
+
+
+def bucket_file(size) -> str:
+    """File name of the vision graph of a non-default resolution bucket."""
+    return f"vision_{int(size[0])}x{int(size[1])}.onnx"
+
+
+def external_data(file: str) -> str:
+    """Where a graph's weights go when they are stored outside the .onnx file."""
+    return f"{file}.data"
+
+
+# ---- manifest keys ------------------------------------------------------------------------------
+class Key(str):
+    """A manifest key: its dotted name (a str, so it indexes the manifest directly), and for an
+    optional key the value readers assume when a bundle lacks it (module docstring)."""
+
+    optional: bool
+    default: object
+
+    def __new__(cls, name: str, **default):
+        key = super().__new__(cls, name)
+        if set(default) - {"default"}:
+            raise TypeError(f"Key({name!r}): only default= is accepted")
+        key.optional = "default" in default
+        key.default = default.get("default")
+        return key
 
 
 class Keys:
     # general
-    SCHEMA_VERSION = "general.schema_version"        # int
-    EDGEPRUNE_VERSION = "general.edgeprune_version"  # str
-    CREATED = "general.created"                      # ISO-8601 UTC time of export
+    FORMAT = Key("general.format")                                # str, FORMAT (schema 1: absent)
+    SCHEMA_VERSION = Key("general.schema_version")                # int
+    EDGEPRUNE_VERSION = Key("general.edgeprune_version")          # str
+    CREATED = Key("general.created", default=None)                # ISO-8601 UTC time of export
 
     # model
-    MODEL_FAMILY = "model.family"                    # str, Adapter.family
-    MODEL_SOURCE = "model.source"                    # str, the preset or path given to export
-    MODEL_GRID = "model.grid"                        # [H, W] patch grid
-    MODEL_NUM_IMAGE_TOKENS = "model.num_image_tokens"  # N = H * W
-    MODEL_EOS_TOKEN_IDS = "model.eos_token_ids"      # [int]
-    MODEL_CHAT_TEMPLATE = "model.chat_template"      # ChatTemplate.to_dict()
+    MODEL_FAMILY = Key("model.family")                            # str, Adapter.family
+    MODEL_SOURCE = Key("model.source", default="")                # str, the preset or path given to export
+    MODEL_GRID = Key("model.grid")                                # [H, W] patch grid
+    MODEL_NUM_IMAGE_TOKENS = Key("model.num_image_tokens")        # N (= H * W; LLaVA-NeXT: packed length)
+    MODEL_EOS_TOKEN_IDS = Key("model.eos_token_ids")              # [int]
+    MODEL_CHAT_TEMPLATE = Key("model.chat_template")              # ChatTemplate.to_dict()
 
     # pruner
-    PRUNER_METHOD = "pruner.method"                  # registry name
-    PRUNER_KEEP = "pruner.keep"                      # K (= N when not pruned)
-    PRUNER_CONFIG = "pruner.config"                  # JSON-serialisable options the pruner was built with
-    PRUNER_CONFIG_OMITTED = "pruner.config_omitted"  # {option: why it is not in pruner.config}
-    PRUNER_SPACE = "pruner.space"                    # "tokens" or "feats"
-    PRUNER_EXTRA_OUTPUTS = "pruner.extra_outputs"    # [name] extra vision graph outputs
+    PRUNER_METHOD = Key("pruner.method")                          # registry name
+    PRUNER_KEEP = Key("pruner.keep")                              # K (= N when not pruned)
+    PRUNER_CONFIG = Key("pruner.config")                          # options the pruner was built with (JSON; arrays
+                                                                  # as {"file": "pruner/<k>.npy", "shape", "dtype"})
+    PRUNER_CONFIG_OMITTED = Key("pruner.config_omitted", default={})  # {option: why it is not in pruner.config}
+    PRUNER_SPACE = Key("pruner.space", default="tokens")          # "tokens" or "feats"
+    PRUNER_EXTRA_OUTPUTS = Key("pruner.extra_outputs")            # [name] extra vision graph outputs
 
     # positions
-    POSITIONS_MODE = "positions.mode"                # runtime.positions.POSITION_MODES
-    POSITIONS_ROPE = "positions.rope"                # runtime.positions.ROPE_KINDS; absent = "1d" (older bundles)
+    POSITIONS_MODE = Key("positions.mode")                        # runtime.positions.POSITION_MODES
+    POSITIONS_ROPE = Key("positions.rope")                        # runtime.positions.ROPE_KINDS ("1d" | "mrope")
 
-    # graphs: {"file", "inputs": {name: {"shape", "dtype"}}, "outputs": {...}}
-    VISION_GRAPH = "vision.graph"
-    VISION_DTYPE = "vision.dtype"                    # "float32" | "float16" (weights/compute)
-    VISION_BATCH = "vision.batch"                    # int, or null for a dynamic batch
-    # resolution buckets (optional; absent = one size): [{"size": [h, w], "grid": [H, W], "num_image_tokens": N,
-    # "file": name, "validation": {...}}], the first is vision.onnx / model.grid / preprocess.json
-    VISION_BUCKETS = "vision.buckets"
-    LLM_SPEC = "llm.spec"                            # the dict export_llm returned (graphs, layers, dtype, ...)
+    # vision graph and encoder facts
+    VISION_GRAPH = Key("vision.graph")                            # Graph record
+    VISION_DTYPE = Key("vision.dtype")                            # "float32" | "float16" (the ONNX graph)
+    VISION_BATCH = Key("vision.batch")                            # int, or null for a dynamic batch
+    VISION_BUCKETS = Key("vision.buckets", default=None)          # [Bucket record] resolution buckets; null = one
+                                                                  # size (the first is vision.onnx / model.grid)
+    VISION_NUM_LAYERS = Key("vision.num_layers")                  # encoder layers
+    VISION_HIDDEN_SIZE = Key("vision.hidden_size")                # encoder width
+    VISION_TOKENS_PER_VIEW = Key("vision.tokens_per_view")        # tokens one encoder pass attends over ([CLS] incl.)
+    VISION_VIEWS = Key("vision.views")                            # encoder passes per image (LLaVA-NeXT: 1 + crops)
 
-    # files and checks
-    FILES_SHA256 = "files.sha256"                    # {relative path: sha256 hex}
-    VALIDATION = "validation"                        # {"vision": {...}, "llm": {...}}
-    ENGINES = "engines"                              # {"vision": {...}} written by build-engine
+    # LLM graphs and facts
+    LLM_EMBED_GRAPH = Key("llm.embed_graph")                      # Graph record
+    LLM_DECODER_GRAPH = Key("llm.decoder_graph")                  # Graph record
+    LLM_DTYPE = Key("llm.dtype")                                  # "float32" | "float16" (weights, KV cache)
+    LLM_ATTENTION = Key("llm.attention")                          # "fused" (GroupQueryAttention) | "plain"
+    LLM_NUM_LAYERS = Key("llm.num_layers")
+    LLM_NUM_HEADS = Key("llm.num_heads")                          # query heads
+    LLM_NUM_KV_HEADS = Key("llm.num_kv_heads")
+    LLM_HEAD_DIM = Key("llm.head_dim")
+    LLM_HIDDEN_SIZE = Key("llm.hidden_size")
+    LLM_INTERMEDIATE_SIZE = Key("llm.intermediate_size")          # MLP width
+    LLM_VOCAB_SIZE = Key("llm.vocab_size")
+    LLM_CONTEXT_LENGTH = Key("llm.context_length")                # max_position_embeddings: largest position id + 1
+
+    # files, checks and engines
+    FILES_SHA256 = Key("files.sha256")                            # {relative path: sha256 hex}
+    VALIDATION_VISION = Key("validation.vision", default=None)    # ORT vs torch report of vision.onnx (PASSED ...)
+    VALIDATION_LLM = Key("validation.llm", default=None)          # ORT vs torch report of the LLM graphs (PASSED ...)
+    ENGINE_VISION = Key("engines.vision", default=None)           # Engine record of engines/vision.plan
 
 
-REQUIRED_KEYS = (
-    Keys.SCHEMA_VERSION, Keys.EDGEPRUNE_VERSION, Keys.MODEL_FAMILY, Keys.MODEL_GRID, Keys.MODEL_NUM_IMAGE_TOKENS,
-    Keys.MODEL_EOS_TOKEN_IDS, Keys.MODEL_CHAT_TEMPLATE, Keys.PRUNER_METHOD, Keys.PRUNER_KEEP, Keys.PRUNER_CONFIG,
-    Keys.PRUNER_EXTRA_OUTPUTS, Keys.POSITIONS_MODE, Keys.VISION_GRAPH, Keys.LLM_SPEC, Keys.FILES_SHA256,
-)
+# Fields of the nested records.
+class Graph:        # an ONNX graph: {"file", "inputs": {name: {"shape", "dtype"}}, "outputs": {...}}
+    FILE, INPUTS, OUTPUTS, SHAPE, DTYPE = "file", "inputs", "outputs", "shape", "dtype"
+
+
+class Bucket:       # one resolution bucket (+ "validation": a report with PASSED, when validated)
+    SIZE, GRID, NUM_IMAGE_TOKENS, FILE, VALIDATION = "size", "grid", "num_image_tokens", "file", "validation"
+
+
+class Engine:       # a TensorRT engine written by build-engine; BATCH = {"min", "opt", "max"}
+    FILE, TIMING_CACHE, TENSORRT_VERSION = "file", "timing_cache", "tensorrt_version"
+    GPU_NAME, COMPUTE_CAPABILITY, PRECISION = "gpu_name", "compute_capability", "precision"
+    BATCH, BUILT = "batch", "built"
+    PRECISIONS = ("fp32", "fp16", "int8")
+
+
+PASSED = "passed"   # the one flag of every validation report
+
+
+def _all_keys() -> list[Key]:
+    return [v for v in vars(Keys).values() if isinstance(v, Key)]
+
+
+def required_keys() -> list[Key]:
+    return [k for k in _all_keys() if not k.optional]
+
+
+def optional_keys() -> list[Key]:
+    return [k for k in _all_keys() if k.optional]
+
+
+def llm_keys() -> list[Key]:
+    """The keys that describe the LLM graphs (what a bundle reusing another's LLM copies)."""
+    return [k for k in _all_keys() if k.startswith("llm.")] + [Keys.POSITIONS_ROPE]
+
+
+# ---- reading ------------------------------------------------------------------------------------
+def read(manifest: dict, where: str = Files.MANIFEST) -> dict:
+    """Check a parsed manifest.json and return it in the current layout: format marker, schema range,
+    older schemas migrated, required keys present, optional keys' defaults filled in. BundleError
+    messages start with `where` (the manifest's path)."""
+    try:
+        return _read(manifest)
+    except _FormatError as err:
+        raise BundleError(f"{where}: {err}") from None
+
+
+class _FormatError(ValueError):
+    pass
+
+
+def _read(manifest: dict) -> dict:
+    if not isinstance(manifest, dict):
+        raise _FormatError(f"expected a JSON object, got {type(manifest).__name__}")
+    version = manifest.get(Keys.SCHEMA_VERSION)
+    marker = manifest.get(Keys.FORMAT)
+    if marker is None and version != 1:  # schema 1 predates the marker and is recognised by its version key
+        raise _FormatError(f"not an edgeprune bundle manifest ({Keys.FORMAT} absent, {Keys.SCHEMA_VERSION}="
+                          f"{version!r})")
+    if marker is not None and marker != FORMAT:
+        raise _FormatError(f"{Keys.FORMAT}={marker!r}: not an edgeprune bundle (expected {FORMAT!r})")
+    if isinstance(version, bool) or not isinstance(version, int) or not MIN_SCHEMA_VERSION <= version <= SCHEMA_VERSION:
+        raise _FormatError(f"schema {version!r}, this runtime reads {MIN_SCHEMA_VERSION}-{SCHEMA_VERSION}"
+                          + ("; upgrade edgeprune" if isinstance(version, int) and version > SCHEMA_VERSION else ""))
+    out = _migrate_v1(manifest) if version == 1 else dict(manifest)
+    missing = [key for key in required_keys() if key not in out]
+    if missing:
+        raise _FormatError(f"missing key(s) {', '.join(missing)}")
+    for key in optional_keys():
+        if out.get(key) is None:
+            out[key] = json.loads(json.dumps(key.default))   # a fresh copy of a mutable default
+    return out
+
+
+def known(manifest: dict, key: Key):
+    """The value of `key`, or a BundleError when a migrated older bundle never recorded it."""
+    value = manifest[key]
+    if value is UNKNOWN:
+        raise BundleError(f"{key} is not recorded in this schema-{manifest[Keys.SCHEMA_VERSION]} bundle; "
+                          "re-export it with this edgeprune version")
+    return value
+
+
+def _v1_graph(part: dict, dtypes: dict[str, str]) -> dict:
+    """v1 llm.spec graph {"file", "inputs": {name: dims}, ...} -> a Graph record (dtypes by name)."""
+    def io(values: dict) -> dict:
+        return {name: {Graph.SHAPE: list(dims), Graph.DTYPE: dtypes.get(name, dtypes["*"])} for name, dims in values.items()}
+    return {Graph.FILE: part["file"], Graph.INPUTS: io(part["inputs"]), Graph.OUTPUTS: io(part["outputs"])}
+
+
+def _migrate_v1(m: dict) -> dict:
+    """Schema 1 -> 2 (the only migration; module docstring lists what changed)."""
+    out = {k: v for k, v in m.items() if k not in ("llm.spec", "validation", "engines")}
+    out[Keys.FORMAT] = FORMAT
+    out.setdefault(Keys.POSITIONS_ROPE, "1d")           # schema 1 wrote it only once M-RoPE existed
+    spec = m.get("llm.spec")
+    if not isinstance(spec, dict):
+        raise _FormatError("schema 1 manifest without an llm.spec object")
+    try:
+        dtype = spec["dtype"]
+        ints = {"input_ids": "int64", "position_ids": "int64", "attention_mask": "int64", "logits": "float32"}
+        out[Keys.LLM_EMBED_GRAPH] = _v1_graph(spec["embed"], {**ints, "*": dtype})
+        out[Keys.LLM_DECODER_GRAPH] = _v1_graph(spec["decoder"], {**ints, "*": dtype})
+        for key, name in ((Keys.LLM_NUM_LAYERS, "num_layers"), (Keys.LLM_NUM_KV_HEADS, "num_kv_heads"),
+                          (Keys.LLM_HEAD_DIM, "head_dim"), (Keys.LLM_HIDDEN_SIZE, "hidden_size"),
+                          (Keys.LLM_VOCAB_SIZE, "vocab_size")):
+            out[key] = spec[name]
+    except (KeyError, TypeError) as err:
+        raise _FormatError(f"schema 1 llm.spec lacks {err}") from None
+    out[Keys.LLM_DTYPE] = dtype
+    out[Keys.LLM_ATTENTION] = spec.get("attention", "plain")   # the earliest v1 exports had only plain attention
+    for key in (Keys.LLM_NUM_HEADS, Keys.LLM_INTERMEDIATE_SIZE, Keys.LLM_CONTEXT_LENGTH, Keys.VISION_NUM_LAYERS,
+                Keys.VISION_HIDDEN_SIZE, Keys.VISION_TOKENS_PER_VIEW, Keys.VISION_VIEWS):
+        out[key] = UNKNOWN                                     # schema 1 never recorded these
+    validation = m.get("validation") or {}
+    for key, part in ((Keys.VALIDATION_VISION, "vision"), (Keys.VALIDATION_LLM, "llm")):
+        report = validation.get(part)
+        if report is not None:
+            report = dict(report)
+            if "ok" in report:                                 # schema 1's LLM flag
+                report[PASSED] = report.pop("ok")
+            out[key] = report
+    vision_engine = (m.get("engines") or {}).get("vision")
+    if vision_engine is not None:
+        out[Keys.ENGINE_VISION] = dict(vision_engine)          # no GPU facts: the runtime asks for a rebuild
+    return out
+
+
+# ---- writing ------------------------------------------------------------------------------------
+def write_manifest(folder: str | Path, manifest: dict) -> dict:
+    """Write `folder`/manifest.json atomically in the current schema (export and build-engine).
+
+    Stamps the format marker and schema version, refuses a manifest that lacks a required key, and returns
+    what was written (an optional key written as null reads as its default)."""
+    out = {str(k): v for k, v in manifest.items()}
+    out.update({str(Keys.FORMAT): FORMAT, str(Keys.SCHEMA_VERSION): SCHEMA_VERSION})
+    missing = [key for key in required_keys() if key not in out]
+    if missing:
+        raise BundleError(f"{Path(folder) / Files.MANIFEST}: the manifest to write lacks required key(s) "
+                          f"{', '.join(missing)}")
+    folder = Path(folder)
+    tmp = folder / f".{Files.MANIFEST}.tmp"
+    tmp.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / Files.MANIFEST)
+    return out

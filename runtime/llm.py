@@ -17,6 +17,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeprune.errors import BundleError, EdgepruneError
+from edgeprune.runtime.format import (DECODER_EMBEDS, DECODER_LOGITS, DECODER_MASK, DECODER_POSITIONS, EMBED_INPUT,
+                                      Graph, Keys, past_names, present_names)
 from edgeprune.runtime.positions import next_positions
 from edgeprune.runtime.providers import resolve_providers, session_options
 from edgeprune.runtime.sampling import check_sampling, make_rng, next_tokens
@@ -38,37 +40,38 @@ class Generation:
 
 
 class OrtLLM:
-    """embed.onnx + decoder.onnx from `bundle_dir`, described by `spec` (export_llm's return value)."""
+    """embed.onnx + decoder.onnx from `bundle_dir`, described by `manifest` (the bundle's, or export_llm's entries)."""
 
-    def __init__(self, bundle_dir: Path, spec: dict, providers: list[str] | None = None, threads: int | None = None,
-                 engine_cache: Path | None = None):
-        """`providers`: short names (cpu, cuda, tensorrt) in priority order; missing ones are skipped, CPU is
-        always the fallback. `engine_cache`: where the TensorRT provider keeps its engines."""
+    def __init__(self, bundle_dir: Path, manifest: dict, providers: list | None = None, threads: int | None = None):
+        """`providers`: resolve_providers' list (the pipeline resolves once for every graph); short names are
+        resolved here. CPU is always the fallback."""
         bundle_dir = Path(bundle_dir)
-        self.spec = spec
         try:
-            self.num_layers, self.kv_heads, self.head_dim = spec["num_layers"], spec["num_kv_heads"], spec["head_dim"]
-            self.dtype = NP_DTYPES[spec["dtype"]]
-            self.rope = spec.get("rope", "1d")   # "mrope": position_ids [3, B, L] (export/llm.py)
-            files = {part: bundle_dir / spec[part]["file"] for part in ("embed", "decoder")}
+            self.num_layers, self.kv_heads = manifest[Keys.LLM_NUM_LAYERS], manifest[Keys.LLM_NUM_KV_HEADS]
+            self.head_dim, self.hidden_size = manifest[Keys.LLM_HEAD_DIM], manifest[Keys.LLM_HIDDEN_SIZE]
+            self.dtype_name, self.attention = manifest[Keys.LLM_DTYPE], manifest[Keys.LLM_ATTENTION]
+            self.dtype = NP_DTYPES[self.dtype_name]
+            self.rope = manifest[Keys.POSITIONS_ROPE]   # "mrope": position_ids [3, B, L] (export/llm.py)
+            files = {"embed": bundle_dir / manifest[Keys.LLM_EMBED_GRAPH][Graph.FILE],
+                     "decoder": bundle_dir / manifest[Keys.LLM_DECODER_GRAPH][Graph.FILE]}
         except KeyError as err:
-            raise BundleError(f"LLM spec: missing or unsupported key {err}; expected export_llm's spec") from None
+            raise BundleError(f"LLM entries: missing or unsupported value {err}; expected export_llm's manifest "
+                              "entries") from None
         for part, path in files.items():
             if not path.is_file():
                 raise BundleError(f"{path}: {part} graph not found")
-        self.providers = resolve_providers(providers, cache_dir=engine_cache)
+        self.providers = resolve_providers(providers)
         opts = session_options(threads)
         self.embed_session = ort.InferenceSession(str(files["embed"]), opts, providers=self.providers)
         self.decoder = ort.InferenceSession(str(files["decoder"]), opts, providers=self.providers)
-        log.info("LLM on %s (threads=%s, attention=%s, %s)", self.decoder.get_providers(), threads,
-                 spec.get("attention"), spec["dtype"])
-        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
-        self.output_names = ["logits"] + [f"present.{i}.{kind}" for i in range(self.num_layers)
-                                          for kind in ("key", "value")]
+        log.info("LLM on %s (threads=%s, attention=%s, %s)", self.decoder.get_providers(), threads, self.attention,
+                 self.dtype_name)
+        self.past_names = past_names(self.num_layers)
+        self.output_names = [DECODER_LOGITS, *present_names(self.num_layers)]
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """ids [B, L] int64 -> inputs_embeds [B, L, D] in the graph's dtype."""
-        return self.embed_session.run(None, {"input_ids": np.asarray(ids, dtype=np.int64)})[0]
+        return self.embed_session.run(None, {EMBED_INPUT: np.asarray(ids, dtype=np.int64)})[0]
 
     def step(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
              past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -77,9 +80,9 @@ class OrtLLM:
         if past is None:
             empty = np.zeros((b, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
             past = [empty] * len(self.past_names)
-        feeds = {"inputs_embeds": np.ascontiguousarray(inputs_embeds, dtype=self.dtype),
-                 "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
-                 "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
+        feeds = {DECODER_EMBEDS: np.ascontiguousarray(inputs_embeds, dtype=self.dtype),
+                 DECODER_POSITIONS: np.ascontiguousarray(position_ids, dtype=np.int64),
+                 DECODER_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
                  **dict(zip(self.past_names, past))}
         logits, *present = self.decoder.run(self.output_names, feeds)
         return logits, present

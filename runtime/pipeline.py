@@ -16,7 +16,7 @@ import numpy as np
 
 from edgeprune.errors import BundleError, ModelError
 from edgeprune.runtime.bundle import Bundle, check_vision_outputs, load_bundle
-from edgeprune.runtime.format import VISION_INPUT, VISION_POSITIONS, VISION_TOKENS, Files
+from edgeprune.runtime.format import VISION_INPUT, VISION_POSITIONS, VISION_TOKENS, Bucket, Files
 from edgeprune.runtime.buckets import pick_bucket
 from edgeprune.runtime.positions import build_positions_rows
 from edgeprune.runtime.preprocess import load_image, preprocess
@@ -73,7 +73,7 @@ class Pipeline:
         self.sessions = []
         for bucket in self.buckets:
             try:
-                session = ort.InferenceSession(str(root / bucket["file"]), session_options(threads),
+                session = ort.InferenceSession(str(root / bucket[Bucket.FILE]), session_options(threads),
                                                providers=self.providers)
             except Exception as err:  # onnxruntime raises its own (non-Edgeprune) errors for a broken file
                 raise BundleError(f"{root / bucket['file']}: onnxruntime cannot load it ({err})") from err
@@ -86,7 +86,7 @@ class Pipeline:
             self.tokenizer = Tokenizer.from_file(str(root / Files.TOKENIZER))
         except Exception as err:  # tokenizers raises a bare Exception on a malformed file
             raise BundleError(f"{root / Files.TOKENIZER}: cannot load ({err})") from err
-        self.llm = OrtLLM(root, self.bundle.llm_spec, providers=providers, threads=threads)
+        self.llm = OrtLLM(root, self.bundle.manifest, providers=self.providers, threads=threads)
 
     @property
     def keep(self) -> int:
@@ -108,7 +108,7 @@ class Pipeline:
         chosen = self.choose_buckets(images)                                              # [B] bucket per image
         groups = {j: [i for i, c in enumerate(chosen) if c == j] for j in sorted(set(chosen))}
         pixels = {j: preprocess([images[i] for i in rows], replace(self.bundle.preprocess,
-                                                                   size=tuple(self.buckets[j]["size"])))
+                                                                   size=tuple(self.buckets[j][Bucket.SIZE])))
                   .astype(self._pixel_dtype) for j, rows in groups.items()}               # [B_j, 3, H_j, W_j]
         timings["preprocess"] = time.perf_counter() - start
         b = len(images)
@@ -135,8 +135,8 @@ class Pipeline:
         parts = [self._embed_text(prefix, b), image_tokens.astype(dtype), self._embed_text(suffix, b)]
         embeds = np.ascontiguousarray(np.concatenate(parts, axis=1))                    # [B, L, D]
         position_ids = build_positions_rows(self.bundle.rope, len(prefix), positions,               # each row's
-                                            [self.buckets[c]["num_image_tokens"] for c in chosen],  # own N and
-                                            [self.buckets[c]["grid"] for c in chosen], len(suffix),  # grid
+                                            [self.buckets[c][Bucket.NUM_IMAGE_TOKENS] for c in chosen],  # own N and
+                                            [self.buckets[c][Bucket.GRID] for c in chosen], len(suffix),  # grid
                                             self.bundle.positions_mode)                 # [B, L] or [3, B, L]
         timings["embed"] = time.perf_counter() - start
 
@@ -160,13 +160,13 @@ class Pipeline:
         """The resolution bucket of each image (runtime/buckets.py); all 0 without buckets."""
         if len(self.buckets) == 1:
             return [0] * len(images)
-        sizes = [tuple(bucket["size"]) for bucket in self.buckets]
+        sizes = [tuple(bucket[Bucket.SIZE]) for bucket in self.buckets]
         return [pick_bucket((im.height, im.width), sizes) for im in map(load_image, images)]
 
     def _embed_text(self, ids: list[int], batch: int) -> np.ndarray:
         """ids of one text part -> [B, len, D], the same embeddings for every row (one prompt)."""
         if not ids:
-            return np.zeros((batch, 0, self.llm.spec["hidden_size"]), dtype=self.llm.dtype)
+            return np.zeros((batch, 0, self.llm.hidden_size), dtype=self.llm.dtype)
         emb = self.llm.embed(np.asarray([ids], dtype=np.int64))                         # [1, len, D]
         return np.broadcast_to(emb, (batch, *emb.shape[1:])).astype(self.llm.dtype)
 

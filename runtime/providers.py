@@ -17,10 +17,11 @@ PROVIDERS = {
 }
 
 
-def resolve_providers(names: list[str] | None = None, cache_dir: str | Path | None = None) -> list:
+def resolve_providers(names: list | None = None, cache_dir: str | Path | None = None) -> list:
     """Short names (or full ORT names) in priority order -> the `providers` list for InferenceSession.
 
-    CPU is always appended last as the fallback. A provider this onnxruntime build lacks is skipped
+    Idempotent: an already resolved list (full names, (name, options) pairs) comes back unchanged, so a
+    pipeline resolves once and hands the result to every graph. CPU is always appended last as the fallback. A provider this onnxruntime build lacks is skipped
     with a warning (install onnxruntime-gpu on the device for cuda/tensorrt); an unknown name is an error. With `cache_dir`, TensorRT keeps
     its engines and timing cache there (the bundle's engines/ folder), so the second start is fast.
     """
@@ -29,6 +30,10 @@ def resolve_providers(names: list[str] | None = None, cache_dir: str | Path | No
     available = ort.get_available_providers()
     out: list = []
     for name in names or ["cpu"]:
+        if isinstance(name, tuple):   # (full name, options): resolved before
+            if name[0] not in [p if isinstance(p, str) else p[0] for p in out]:
+                out.append(name)
+            continue
         full = PROVIDERS.get(name.lower(), name)
         if full not in PROVIDERS.values():
             raise EdgepruneError(f"unknown provider {name!r}; expected one of {', '.join(PROVIDERS)}")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from edgeprune.cli import main
-from edgeprune.runtime.format import Files, Keys
+from edgeprune.runtime.format import PASSED, Files, Keys
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def test_export_manifest(bundle):
     m = json.loads((bundle / Files.MANIFEST).read_text())
     assert m[Keys.MODEL_FAMILY] == "edgeprune-mini" and m[Keys.PRUNER_KEEP] == 64
     assert m[Keys.MODEL_NUM_IMAGE_TOKENS] == 576 and m[Keys.POSITIONS_MODE] == "original"
-    assert m[Keys.VALIDATION]["vision"]["passed"]
+    assert m[Keys.VALIDATION_VISION][PASSED]
 
 
 def test_run_on_chelsea_prints_text(bundle, chelsea, capsys):

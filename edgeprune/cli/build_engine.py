@@ -24,9 +24,10 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     from edgeprune.export.engine import build_engine
+    from edgeprune.runtime.format import Engine
 
     entry = build_engine(args.bundle, fp16=args.fp16, int8=args.int8, calib_images=args.calib_images,
                          workspace_mb=args.workspace, max_batch=args.max_batch, opt_batch=args.opt_batch)
-    print(f"built {args.bundle / entry['file']} (TensorRT {entry['tensorrt_version']}, {entry['precision']}, "
-          f"batch {entry['batch']}); timing cache {args.bundle / entry['timing_cache']}")
+    print(f"built {args.bundle / entry[Engine.FILE]} (TensorRT {entry[Engine.TENSORRT_VERSION]}, "
+          f"{entry[Engine.PRECISION]}, batch {entry[Engine.BATCH]}); timing cache {args.bundle / entry[Engine.TIMING_CACHE]}")
     return 0

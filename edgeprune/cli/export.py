@@ -109,28 +109,30 @@ def summary(manifest: dict, out) -> str:
     m = manifest
     lines = [f"exported {out}: {m[Keys.MODEL_SOURCE]} ({m[Keys.MODEL_FAMILY]}), method {m[Keys.PRUNER_METHOD]}, "
              f"K={m[Keys.PRUNER_KEEP]} of N={m[Keys.MODEL_NUM_IMAGE_TOKENS]}, {m[Keys.POSITIONS_MODE]} positions, "
-             f"LLM {m[Keys.LLM_SPEC].get('dtype')}, vision batch {m[Keys.VISION_BATCH] or 'dynamic'}"]
-    lines += parity_lines(m.get(Keys.VALIDATION) or {})
+             f"LLM {m[Keys.LLM_DTYPE]}, vision batch {m[Keys.VISION_BATCH] or 'dynamic'}"]
+    lines += parity_lines(m)
     return "\n".join(lines)
 
 
-def parity_lines(validation: dict) -> list[str]:
-    if not validation:
+def parity_lines(manifest: dict) -> list[str]:
+    """The validation reports of a manifest (format.Keys.VALIDATION_*), one line per graph."""
+    from edgeprune.runtime.format import PASSED, Keys
+
+    v, llm = manifest[Keys.VALIDATION_VISION], manifest[Keys.VALIDATION_LLM]
+    if not v and not llm:
         return ["parity: not validated (--no-validate)"]
     lines = ["parity (ONNX Runtime vs torch, seeded inputs):"]
-    v = validation.get("vision")
     if v:
         pos = ("positions identical" if v["positions_equal"]
                else f"positions DIFFER in rows {v['positions_mismatch_rows']}")
         diff = "n/a" if v["max_abs_diff"] is None else f"{v['max_abs_diff']:.2e}"
         extras = "".join(f", {k} max |diff| {d:.2e}" for k, d in v.get("extras_max_abs_diff", {}).items())
         lines.append(f"  vision: {v['images']} images, {pos}, image tokens max |diff| {diff} "
-                     f"(tolerance {v['tolerance']:.0e}){extras}  {'OK' if v['passed'] else 'FAILED'}")
-    llm = validation.get("llm")
+                     f"(tolerance {v['tolerance']:.0e}){extras}  {'OK' if v[PASSED] else 'FAILED'}")
     if llm:
-        ok = llm.get("passed", llm.get("ok"))
+        ok = llm[PASSED]
         numbers = ", ".join(f"{k} {val:.2e}" for k, val in llm.items()
                             if isinstance(val, float) and k != "tolerance")
         tol = f" (tolerance {llm['tolerance']:.0e})" if isinstance(llm.get("tolerance"), float) else ""
-        lines.append(f"  llm:    max |logit diff| {numbers}{tol}  {'OK' if ok else 'FAILED' if ok is False else ''}")
+        lines.append(f"  llm:    max |logit diff| {numbers}{tol}  {'OK' if ok else 'FAILED'}")
     return lines

@@ -4,6 +4,8 @@ Exits 1 when a file is missing or its sha256 does not match the manifest.
 """
 from __future__ import annotations
 
+from edgeprune.runtime.format import Graph
+
 
 def add_parser(subparsers):
     from edgeprune.cli.args import add_bundle_args
@@ -33,8 +35,8 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:
-        print(summary(manifest, args.bundle, Keys))
-        print("\n".join(parity_lines(manifest.get(Keys.VALIDATION) or {})))
+        print(summary(manifest, args.bundle))
+        print("\n".join(parity_lines(manifest)))
         if not args.no_verify:
             print(f"files: {'OK' if problem is None else 'ERROR'} "
                   f"({len(manifest[Keys.FILES_SHA256])} files, sha256 checked)")
@@ -43,39 +45,39 @@ def run(args) -> int:
     return 0
 
 
-def summary(m: dict, path, Keys) -> str:
-    spec = m[Keys.LLM_SPEC]
+def summary(m: dict, path) -> str:
+    from edgeprune.runtime.format import Engine, Keys
+
     cfg = ", ".join(f"{k}={v}" for k, v in m[Keys.PRUNER_CONFIG].items()) or "-"
     lines = [
         f"bundle {path} (schema {m[Keys.SCHEMA_VERSION]}, edgeprune {m[Keys.EDGEPRUNE_VERSION]}, "
-        f"created {m.get(Keys.CREATED, '?')})",
-        f"model:     {m.get(Keys.MODEL_SOURCE, '?')} (family {m[Keys.MODEL_FAMILY]}), grid "
+        f"created {m[Keys.CREATED] or '?'})",
+        f"model:     {m[Keys.MODEL_SOURCE] or '?'} (family {m[Keys.MODEL_FAMILY]}), grid "
         f"{'x'.join(map(str, m[Keys.MODEL_GRID]))} = N {m[Keys.MODEL_NUM_IMAGE_TOKENS]}, eos {m[Keys.MODEL_EOS_TOKEN_IDS]}",
         f"pruner:    {m[Keys.PRUNER_METHOD]} K={m[Keys.PRUNER_KEEP]} ({cfg}); extras: "
         f"{', '.join(m[Keys.PRUNER_EXTRA_OUTPUTS]) or '-'}",
         f"positions: {m[Keys.POSITIONS_MODE]}",
     ]
-    for name, graph in [("vision", m[Keys.VISION_GRAPH]), ("embed", spec.get("embed")), ("decoder", spec.get("decoder"))]:
-        if not graph:
-            continue
-        ins = "; ".join(f"{k} {_shape(v)}" for k, v in graph.get("inputs", {}).items())
-        outs = "; ".join(f"{k} {_shape(v)}" for k, v in graph.get("outputs", {}).items())
+    for name, graph in [("vision", m[Keys.VISION_GRAPH]), ("embed", m[Keys.LLM_EMBED_GRAPH]),
+                        ("decoder", m[Keys.LLM_DECODER_GRAPH])]:
+        ins = "; ".join(f"{k} {_shape(v)}" for k, v in graph[Graph.INPUTS].items())
+        outs = "; ".join(f"{k} {_shape(v)}" for k, v in graph[Graph.OUTPUTS].items())
         if name == "decoder":  # dozens of past/present tensors: list the first of each kind
-            ins = _fold(graph.get("inputs", {}), "past_key_values", ins)
-            outs = _fold(graph.get("outputs", {}), "present", outs)
-        lines.append(f"{name + ':':<10} {graph.get('file', '?')}: {ins} -> {outs}")
-    lines.append(f"llm:       {spec.get('num_layers')} layers, hidden {spec.get('hidden_size')}, vocab "
-                 f"{spec.get('vocab_size')}, {spec.get('dtype')}, attention {spec.get('attention')}")
-    engines = m.get(Keys.ENGINES) or {}
-    for name, engine in engines.items():
-        lines.append(f"engine:    {name}: {engine.get('file')} (TensorRT {engine.get('tensorrt_version')}, "
-                     f"{engine.get('precision')})")
+            ins = _fold(graph[Graph.INPUTS], "past_key_values", ins)
+            outs = _fold(graph[Graph.OUTPUTS], "present", outs)
+        lines.append(f"{name + ':':<10} {graph[Graph.FILE]}: {ins} -> {outs}")
+    lines.append(f"llm:       {m[Keys.LLM_NUM_LAYERS]} layers, hidden {m[Keys.LLM_HIDDEN_SIZE]}, vocab "
+                 f"{m[Keys.LLM_VOCAB_SIZE]}, context {m[Keys.LLM_CONTEXT_LENGTH]}, {m[Keys.LLM_DTYPE]}, attention "
+                 f"{m[Keys.LLM_ATTENTION]}")
+    engine = m[Keys.ENGINE_VISION]
+    if engine:
+        lines.append(f"engine:    vision: {engine[Engine.FILE]} (TensorRT {engine[Engine.TENSORRT_VERSION]}, "
+                     f"{engine[Engine.PRECISION]}, {engine.get(Engine.GPU_NAME, 'GPU not recorded')})")
     return "\n".join(lines)
 
 
 def _shape(v) -> str:
-    shape = v.get("shape") if isinstance(v, dict) else v
-    return "[" + ", ".join(str(d) for d in (shape or [])) + "]"
+    return "[" + ", ".join(str(d) for d in v[Graph.SHAPE]) + "]"
 
 
 def _fold(values: dict, prefix: str, full: str) -> str:

@@ -28,6 +28,7 @@ def add_parser(subparsers):
 
 
 def facts_from_model(name: str):
+    """The same facts an export records (adapter.vision_facts, the LLM config), from the loaded model."""
     from edgeprune.models import load
     from edgeprune.profiles.planner import ModelFacts
 
@@ -36,15 +37,14 @@ def facts_from_model(name: str):
     llm_params = sum(p.numel() for p in adapter.llm.parameters())
     total = sum(p.numel() for p in adapter.parameters())
     heads = cfg.num_attention_heads
-    vision = next((m for m in adapter.modules() if hasattr(m, "config") and hasattr(m.config, "patch_size")), None)
-    vcfg = vision.config if vision is not None else cfg
+    vision = adapter.vision_facts()
     return ModelFacts(name=name, num_image_tokens=adapter.num_image_tokens, vision_params=total - llm_params,
                       llm_params=llm_params, num_layers=cfg.num_hidden_layers, num_heads=heads,
-                      num_kv_heads=getattr(cfg, "num_key_value_heads", heads),
+                      num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
                       head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, hidden_size=cfg.hidden_size,
                       intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
-                      vision_hidden=vcfg.hidden_size, vision_layers=vcfg.num_hidden_layers,
-                      vision_tokens=adapter.num_image_tokens + 1)
+                      vision_hidden=vision["hidden_size"], vision_layers=vision["num_layers"],
+                      vision_tokens=vision["tokens_per_view"], vision_views=vision["views"])
 
 
 def run(args) -> int:

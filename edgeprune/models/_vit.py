@@ -36,6 +36,13 @@ class ClsViTAdapter(Adapter):
     """
 
     feature_layer: int
+    num_views: int = 1   # encoder passes per image (LLaVA-NeXT: base view + crops)
+
+    def vision_facts(self) -> dict:
+        layers = self._layers()
+        width = self._attn_parts(layers[0])[1].in_features   # the q projection reads the residual stream
+        return {"num_layers": len(layers), "hidden_size": int(width),
+                "tokens_per_view": self.grid[0] * self.grid[1] + 1, "views": int(self.num_views)}  # +1: [CLS]
 
     def _embed(self, pixels: Tensor) -> Tensor:
         raise NotImplementedError

@@ -88,6 +88,12 @@ class Adapter(nn.Module):
         raise ModelError(f"{self.family}: input size is fixed at {tuple(self.preprocess_config.size)}; "
                          f"this model family does not support resolution buckets")
 
+    def vision_facts(self) -> dict:
+        """The vision encoder's shape, recorded in the manifest for the planner's memory estimate:
+        {"num_layers", "hidden_size", "tokens_per_view" (tokens one encoder pass attends over),
+        "views" (encoder passes per image)}."""
+        raise NotImplementedError
+
     def unpruned(self, signals: Signals) -> tuple[Tensor, Tensor]:
         """All N image tokens as the LLM sees them without pruning: (tokens [B, N, D_llm], positions [B, N])."""
         b, n = signals.tokens.shape[:2]

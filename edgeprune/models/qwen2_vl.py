@@ -207,6 +207,11 @@ class Qwen2VLAdapter(Adapter):
             out.attn = received.reshape(b, n, group).mean(dim=2)               # [B, N]
         return out
 
+    def vision_facts(self) -> dict:
+        blocks = self.visual.blocks
+        return {"num_layers": len(blocks), "hidden_size": int(blocks[0].norm1.weight.shape[0]),
+                "tokens_per_view": self.patch_grid[0] * self.patch_grid[1], "views": 1}  # patches before the merge
+
     def project(self, feats: Tensor) -> Tensor:
         """[B, M, 4C] (4 patches concatenated) -> [B, M, D_llm]: the PatchMerger (ln_q per patch, MLP)."""
         merger = self.visual.merger

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from edgeprune.cli import main
-from edgeprune.runtime.format import Files, Keys
+from edgeprune.runtime.format import PASSED, Files, Keys
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_export_writes_bundle_and_reports_parity(bundle, capsys):
     m = json.loads((bundle / Files.MANIFEST).read_text())
     assert m[Keys.PRUNER_METHOD] == "dart" and m[Keys.PRUNER_KEEP] == 16
     assert m[Keys.POSITIONS_MODE] == "original" and m[Keys.PRUNER_CONFIG] == {"pivots": 4}
-    assert m[Keys.VALIDATION]["vision"]["passed"]
+    assert m[Keys.VALIDATION_VISION][PASSED]
 
 
 def test_export_prints_summary(tmp_path, capsys):

@@ -11,9 +11,10 @@ import torch
 
 from edgeprune.errors import BundleError, EdgepruneError, PrunerConfigError
 from edgeprune.export import bundle as bundle_mod
-from edgeprune.export.bundle import _store_config, effective_config, export_bundle, write_manifest
+from edgeprune.export.bundle import _store_config, effective_config, export_bundle
 from edgeprune.runtime.bundle import hash_files, load_bundle, read_manifest, sha256_file
-from edgeprune.runtime.format import REQUIRED_KEYS, SCHEMA_VERSION, Files, Keys
+from edgeprune.runtime.format import (PASSED, SCHEMA_VERSION, Files, Graph, Keys, llm_keys, required_keys,
+                                      write_manifest)
 
 METHOD = "dart"
 
@@ -43,13 +44,13 @@ def copy(exported, tmp_path):
 def _edit_manifest(path, **changes):
     m = json.loads((path / Files.MANIFEST).read_text())
     m.update(changes)
-    write_manifest(path, m)
+    (path / Files.MANIFEST).write_text(json.dumps(m))   # as a user (or another tool) would: no checks
 
 
 def test_manifest_contents(exported, adapter):
     out, m = exported
     assert json.loads((out / Files.MANIFEST).read_text()) == m
-    assert all(key in m for key in REQUIRED_KEYS)
+    assert all(key in m for key in required_keys())
     assert m[Keys.SCHEMA_VERSION] == SCHEMA_VERSION
     assert m[Keys.MODEL_FAMILY] == "llava" and m[Keys.MODEL_SOURCE] == "tiny-llava"
     assert m[Keys.PRUNER_METHOD] == METHOD and m[Keys.PRUNER_KEEP] == 16
@@ -61,16 +62,16 @@ def test_manifest_contents(exported, adapter):
     assert m[Keys.MODEL_CHAT_TEMPLATE] == adapter.chat_template.to_dict()
     assert m[Keys.VISION_GRAPH]["outputs"]["positions"] == {"shape": ["batch", 16], "dtype": "int64"}
     assert m[Keys.VISION_BATCH] is None
-    assert m[Keys.LLM_SPEC]["decoder"]["file"] == Files.DECODER
+    assert m[Keys.LLM_DECODER_GRAPH][Graph.FILE] == Files.DECODER
     # every file but the manifest is hashed, and the hashes are right
     on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert sorted(m[Keys.FILES_SHA256]) == [f for f in on_disk if f != Files.MANIFEST]
     assert {Files.VISION, Files.EMBED, Files.DECODER, Files.TOKENIZER, Files.PREPROCESS} <= set(m[Keys.FILES_SHA256])
     assert all(sha256_file(out / f) == h for f, h in m[Keys.FILES_SHA256].items())
     # validation stored: vision parity and the LLM's own report
-    v = m[Keys.VALIDATION]["vision"]
-    assert v["passed"] and v["positions_equal"] and v["max_abs_diff"] < 1e-3
-    assert "llm" in m[Keys.VALIDATION]
+    v = m[Keys.VALIDATION_VISION]
+    assert v[PASSED] and v["positions_equal"] and v["max_abs_diff"] < 1e-3
+    assert m[Keys.VALIDATION_LLM][PASSED] and m[Keys.VALIDATION_LLM]["prefill"] < 1e-3
     # the tokenizer and preprocessing are the adapter's
     assert (out / Files.TOKENIZER).read_text() == adapter.tokenizer_json()
     assert json.loads((out / Files.PREPROCESS).read_text())["size"] == [336, 336]
@@ -149,11 +150,14 @@ def test_missing_file_is_named(copy):
 def test_missing_manifest_key_and_schema(copy):
     m = json.loads((copy / Files.MANIFEST).read_text())
     del m[Keys.PRUNER_KEEP]
-    write_manifest(copy, m)
-    with pytest.raises(BundleError, match=r"missing key\(s\) pruner\.keep"):
+    with pytest.raises(BundleError, match=r"lacks required key\(s\) pruner\.keep"):
+        write_manifest(copy, m)                      # the writer refuses an incomplete manifest
+    (copy / Files.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"manifest\.json: missing key\(s\) pruner\.keep"):
         load_bundle(copy)
     _edit_manifest(copy, **{Keys.SCHEMA_VERSION: SCHEMA_VERSION + 1, Keys.PRUNER_KEEP: 16})
-    with pytest.raises(BundleError, match=rf"general\.schema_version={SCHEMA_VERSION + 1}, this runtime reads"):
+    with pytest.raises(BundleError, match=rf"manifest\.json: schema {SCHEMA_VERSION + 1}, this runtime reads "
+                                          rf"1-{SCHEMA_VERSION}; upgrade edgeprune"):
         load_bundle(copy)
     (copy / Files.MANIFEST).write_text("{not json")
     with pytest.raises(BundleError, match="manifest.json: not valid JSON"):
@@ -180,7 +184,10 @@ def test_hash_files_skips_manifest_and_sorts(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "a.txt").write_text("a")
     (tmp_path / Files.MANIFEST).write_text("{}")
+    (tmp_path / Files.ORT_TRT_CACHE).mkdir(parents=True)
+    (tmp_path / Files.ORT_TRT_CACHE / "x.engine").write_text("written by onnxruntime at run time")
     assert list(hash_files(tmp_path)) == ["b.txt", "sub/a.txt"]
+    assert list(hash_files(tmp_path, ["sub/a.txt"])) == ["sub/a.txt"]
 
 
 def test_reuse_llm_links_the_graphs_and_checks_they_fit(exported, adapter, tmp_path):
@@ -188,8 +195,8 @@ def test_reuse_llm_links_the_graphs_and_checks_they_fit(exported, adapter, tmp_p
     manifest = export_bundle(adapter, tmp_path / "reused", method="uniform", keep=16, validate=False,
                              source="tiny-llava", reuse_llm_from=exported)
     source = load_bundle(exported).manifest
-    assert manifest[Keys.LLM_SPEC] == source[Keys.LLM_SPEC]
-    decoder = manifest[Keys.LLM_SPEC]["decoder"]["file"]
+    assert all(manifest[k] == source[k] for k in llm_keys())
+    decoder = manifest[Keys.LLM_DECODER_GRAPH][Graph.FILE]
     assert manifest[Keys.FILES_SHA256][decoder] == source[Keys.FILES_SHA256][decoder]
     load_bundle(tmp_path / "reused")  # hashes verify
     assert manifest[Keys.POSITIONS_MODE] == adapter.default_positions  # uniform has no convention of its own

@@ -8,7 +8,7 @@ import pytest
 
 from edgeprune.export.validate import seeded_images
 from edgeprune.reference import generate
-from edgeprune.runtime.format import Keys
+from edgeprune.runtime.format import PASSED, Keys
 from edgeprune.runtime.pipeline import Pipeline
 
 KEEP = 100
@@ -41,7 +41,7 @@ def test_manifest(bundles):
     for method, (_, m) in bundles.items():
         assert m[Keys.MODEL_FAMILY] == "llava_next" and m[Keys.MODEL_NUM_IMAGE_TOKENS] == 336
         assert m[Keys.PRUNER_KEEP] == KEEP and m[Keys.POSITIONS_ROPE] == "1d"
-        assert m[Keys.VALIDATION]["vision"]["passed"]
+        assert m[Keys.VALIDATION_VISION][PASSED]
     assert bundles["dart"][1][Keys.POSITIONS_MODE] == "original"
     assert bundles["divprune"][1][Keys.POSITIONS_MODE] == "compact"
 

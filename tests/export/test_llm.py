@@ -14,6 +14,7 @@ from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCau
 from edgeprune.errors import ModelError
 from edgeprune.export.llm import export_llm
 from edgeprune.runtime.llm import OrtLLM
+from edgeprune.runtime.format import PASSED, Graph, Keys
 
 VENV_BIN = Path(sys.executable).parent
 POSITIONS = [0, 1, 2, 3, 10, 12, 20, 21, 22, 23, 24, 25]  # gaps, as after pruning
@@ -44,19 +45,23 @@ def inputs(batch: int = 2, seed: int = 1):
     return ids, torch.tensor([POSITIONS] * batch)
 
 
-def test_spec_matches_graph_io(exported):
+def test_entries_match_graph_io(exported, llm):
     out, spec = exported
-    assert (spec["num_layers"], spec["num_kv_heads"], spec["head_dim"]) == (2, 2, 16)
-    assert (spec["hidden_size"], spec["vocab_size"], spec["dtype"]) == (64, 256, "float32")
-    for part in ("embed", "decoder"):
-        model = onnx.load(str(out / spec[part]["file"]), load_external_data=False)
-        for values, want in ((model.graph.input, spec[part]["inputs"]), (model.graph.output, spec[part]["outputs"])):
+    assert (spec[Keys.LLM_NUM_LAYERS], spec[Keys.LLM_NUM_KV_HEADS], spec[Keys.LLM_HEAD_DIM]) == (2, 2, 16)
+    assert (spec[Keys.LLM_HIDDEN_SIZE], spec[Keys.LLM_VOCAB_SIZE], spec[Keys.LLM_DTYPE]) == (64, 256, "float32")
+    # the facts the planner needs, from the model's config (not guessed from the hidden size)
+    assert (spec[Keys.LLM_NUM_HEADS], spec[Keys.LLM_INTERMEDIATE_SIZE], spec[Keys.LLM_CONTEXT_LENGTH]) == (4, 128, 256)
+    for key in (Keys.LLM_EMBED_GRAPH, Keys.LLM_DECODER_GRAPH):
+        model = onnx.load(str(out / spec[key][Graph.FILE]), load_external_data=False)
+        for values, want in ((model.graph.input, spec[key][Graph.INPUTS]), (model.graph.output, spec[key][Graph.OUTPUTS])):
             got = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
-            assert got == want
-    assert list(spec["decoder"]["inputs"])[:3] == ["inputs_embeds", "position_ids", "attention_mask"]
-    assert spec["decoder"]["inputs"]["past_key_values.1.value"] == ["batch", 2, "past_sequence", 16]
-    assert spec["decoder"]["outputs"]["present.1.value"] == ["batch", 2, "total_sequence", 16]
-    assert spec["decoder"]["outputs"]["logits"] == ["batch", 256]
+            assert got == {name: io[Graph.SHAPE] for name, io in want.items()}
+    decoder = spec[Keys.LLM_DECODER_GRAPH]
+    assert list(decoder[Graph.INPUTS])[:3] == ["inputs_embeds", "position_ids", "attention_mask"]
+    assert decoder[Graph.INPUTS]["past_key_values.1.value"] == {"shape": ["batch", 2, "past_sequence", 16],
+                                                                "dtype": "float32"}
+    assert decoder[Graph.OUTPUTS]["present.1.value"][Graph.SHAPE] == ["batch", 2, "total_sequence", 16]
+    assert decoder[Graph.OUTPUTS]["logits"] == {"shape": ["batch", 256], "dtype": "float32"}
 
 
 def test_weights_are_external_data(exported):
@@ -73,7 +78,7 @@ def test_attention_variant_ops(exported):
     model = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
     ops = {(n.domain, n.op_type) for n in model.graph.node}
     fused = ("com.microsoft", "GroupQueryAttention")
-    if spec["attention"] == "fused":
+    if spec[Keys.LLM_ATTENTION] == "fused":
         assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == 2  # one per layer
     else:
         assert fused not in ops and {domain for domain, _ in ops} == {""}  # pure ONNX
@@ -82,8 +87,8 @@ def test_attention_variant_ops(exported):
 
 def test_validation_reports_small_errors(exported):
     _, spec = exported
-    v = spec["validation"]
-    assert v["ok"] and v["embed"] == 0.0
+    v = spec[Keys.VALIDATION_LLM]
+    assert v[PASSED] and v["embed"] == 0.0
     assert v["prefill"] < 1e-4 and v["decode"] < 1e-4
 
 
@@ -154,7 +159,7 @@ def test_bad_arguments_raise(llm, tmp_path):
 def test_polygraphy_run_onnxrt(exported):
     out, spec = exported
     shapes = {"inputs_embeds": [1, 3, 64], "position_ids": [1, 3], "attention_mask": [1, 5]}
-    shapes.update({name: [1, 2, 2, 16] for name in spec["decoder"]["inputs"] if name.startswith("past_")})
+    shapes.update({name: [1, 2, 2, 16] for name in spec[Keys.LLM_DECODER_GRAPH][Graph.INPUTS] if name.startswith("past_")})
     cmd = [str(VENV_BIN / "polygraphy"), "run", str(out / "decoder.onnx"), "--onnxrt",
            "--input-shapes", *[f"{n}:{s}".replace(" ", "") for n, s in shapes.items()],
            # an all-ones mask: the fused op reads lengths from its row sums (right padding only)

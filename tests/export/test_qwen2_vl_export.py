@@ -9,7 +9,7 @@ import pytest
 from edgeprune.export.validate import seeded_images
 from edgeprune.pruners import build_for_model
 from edgeprune.reference import generate
-from edgeprune.runtime.format import Keys
+from edgeprune.runtime.format import PASSED, Graph, Keys
 from edgeprune.runtime.pipeline import Pipeline
 
 KEEP = 16
@@ -44,11 +44,11 @@ def test_manifest_and_graph_io(bundles):
     path, m = bundles["dart"]
     assert m[Keys.POSITIONS_ROPE] == "mrope" and m[Keys.POSITIONS_MODE] == "original"
     assert m[Keys.MODEL_GRID] == [6, 8] and m[Keys.MODEL_NUM_IMAGE_TOKENS] == 48
-    assert m[Keys.LLM_SPEC]["decoder"]["inputs"]["position_ids"] == [3, "batch", "sequence"]
-    assert m[Keys.LLM_SPEC]["rope"] == "mrope"
+    assert m[Keys.LLM_DECODER_GRAPH][Graph.INPUTS]["position_ids"][Graph.SHAPE] == [3, "batch", "sequence"]
+    assert m[Keys.POSITIONS_ROPE] == "mrope"
     assert m[Keys.VISION_GRAPH]["outputs"]["positions"]["shape"] == ["batch", KEEP]
     for _, manifest in bundles.values():   # lint ran at export; parity recorded
-        assert manifest[Keys.VALIDATION]["vision"]["passed"] and manifest[Keys.VALIDATION]["llm"]["ok"]
+        assert manifest[Keys.VALIDATION_VISION][PASSED] and manifest[Keys.VALIDATION_LLM][PASSED]
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from edgeprune.export.validate import check_graph, seeded_images, validate_vision
-from edgeprune.export.vision import encoder_need, export_vision, graph_io
+from edgeprune.export.onnx_io import graph_io
+from edgeprune.export.vision import encoder_need, export_vision
 from edgeprune.pruners import Pruner, Selection, available, build_for_model
 from edgeprune.pruners.ops import gather_rows, sort_by_position, topk_indices
 

@@ -8,6 +8,7 @@ import pytest
 from edgeprune.profiles.device import load_device_profile
 from edgeprune.profiles.planner import LatencyModel, ModelFacts, plan, predict_memory
 from edgeprune.profiles.profiler import kv_bytes_expected, profile_bundle, soak
+from edgeprune.runtime.format import Files, Keys
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,9 @@ def test_profile_report_is_consistent(bundles, name, keep):
     mem, tokens = report["memory"], report["tokens"]
     assert tokens["prompt"] == keep + tokens["text_tokens"]
     assert mem["kv_cache_tokens"] == tokens["prompt"] + tokens["generated"] - 1
-    spec = json.loads((bundles[name] / "manifest.json").read_text())["llm.spec"]
+    m = json.loads((bundles[name] / Files.MANIFEST).read_text())
     assert mem["kv_cache_bytes"] == mem["kv_cache_bytes_expected"] == (
-        spec["num_layers"] * 2 * spec["num_kv_heads"] * spec["head_dim"] * mem["kv_cache_tokens"] * 4)
+        m[Keys.LLM_NUM_LAYERS] * 2 * m[Keys.LLM_NUM_KV_HEADS] * m[Keys.LLM_HEAD_DIM] * mem["kv_cache_tokens"] * 4)
     assert set(mem["weights_bytes"]) == {"vision", "embed", "decoder"}
     assert mem["peak_rss_bytes"] > 0
     for probe in mem["device"].values():      # this machine has neither NVML nor tegrastats: reported, not raised
@@ -52,7 +53,7 @@ def test_profile_report_is_consistent(bundles, name, keep):
 
 
 def test_kv_formula():
-    spec = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "dtype": "float16"}
+    spec = {Keys.LLM_NUM_LAYERS: 30, Keys.LLM_NUM_KV_HEADS: 3, Keys.LLM_HEAD_DIM: 64, Keys.LLM_DTYPE: "float16"}
     assert kv_bytes_expected(spec, batch=2, tokens=100) == 30 * 2 * 3 * 64 * 100 * 2 * 2
 
 

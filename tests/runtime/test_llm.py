@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from edgeprune.errors import BundleError, EdgepruneError
 from edgeprune.export.llm import export_llm
 from edgeprune.runtime.llm import OrtLLM
+from edgeprune.runtime.format import Graph, Keys
 from edgeprune.runtime.sampling import make_rng, next_tokens
 
 POSITIONS = [0, 1, 2, 3, 10, 12, 20, 21, 22, 23, 24, 25]  # gaps, as after pruning
@@ -29,7 +30,10 @@ def llm():
 @pytest.fixture(scope="module", params=["plain", "fused"])
 def ort_llm(request, llm, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"llm-{request.param}")
-    return OrtLLM(out, export_llm(llm, out, attention=request.param, validate=False), threads=1)
+    entries = export_llm(llm, out, attention=request.param, validate=False)
+    ort_llm = OrtLLM(out, entries, threads=1)
+    ort_llm.entries = entries   # for the tests that edit them
+    return ort_llm
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +118,9 @@ def test_bad_input_and_bundle_errors(ort_llm, prompt, tmp_path):
     with pytest.raises(EdgepruneError, match=r"position_ids \(2, 11\)"):
         ort_llm.generate(embeds, positions[:, :11], max_new_tokens=2, eos_token_ids=None)
     with pytest.raises(BundleError, match="graph not found"):
-        OrtLLM(tmp_path, dict(ort_llm.spec, decoder={"file": "missing.onnx"}))
+        OrtLLM(tmp_path, {**ort_llm.entries, Keys.LLM_DECODER_GRAPH: {Graph.FILE: "missing.onnx"}})
+    with pytest.raises(BundleError, match="llm.head_dim"):
+        OrtLLM(tmp_path, {k: v for k, v in ort_llm.entries.items() if k != Keys.LLM_HEAD_DIM})
 
 
 def test_runtime_imports_without_torch(tmp_path):

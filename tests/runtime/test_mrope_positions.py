@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.runtime.bundle import Bundle
-from edgeprune.runtime.format import Keys
 from edgeprune.runtime.positions import build_positions, mrope_positions, next_positions, sequence_positions
 
 
@@ -55,15 +53,3 @@ def test_text_only_and_dispatch():
         build_positions("3d", 1, kept, 4, (2, 2), 1, "original")
     with pytest.raises(EdgepruneError, match="outside"):
         mrope_positions(0, np.array([[4]]), (2, 2), 0)
-
-
-def test_old_bundle_defaults_to_1d(tmp_path):
-    from edgeprune.runtime.preprocess import PreprocessConfig
-    from edgeprune.runtime.prompt import ChatTemplate
-
-    old = Bundle(path=tmp_path, manifest={Keys.MODEL_GRID: [2, 3]}, chat_template=ChatTemplate("", "{prompt}"),
-                 preprocess=PreprocessConfig(size=(28, 28), mean=(0, 0, 0), std=(1, 1, 1)))
-    assert old.rope == "1d" and old.grid == (2, 3)
-    new = Bundle(path=tmp_path, manifest={Keys.POSITIONS_ROPE: "mrope"}, chat_template=old.chat_template,
-                 preprocess=old.preprocess)
-    assert new.rope == "mrope"

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from edgeprune.errors import ModelError
-from edgeprune.export.bundle import export_bundle, write_manifest
+from edgeprune.export.bundle import export_bundle
 from edgeprune.export.validate import seeded_images
 from edgeprune.pruners import Pruner, Selection, available, build_for_model
 from edgeprune.pruners._registry import _PRUNERS
 from edgeprune.pruners.ops import gather_rows, sort_by_position, topk_indices
 from edgeprune.reference import generate
-from edgeprune.runtime.format import Files, Keys
+from edgeprune.runtime.format import PASSED, Files, Keys
 from edgeprune.runtime.pipeline import Pipeline
 
 TARGETS = ("dart", "divprune", "visionzip", "autoselect")
@@ -136,7 +136,7 @@ def test_stops_at_eos(bundles, images, tmp_path):
     eos = first[2]                                   # make the third generated token an EOS
     m = json.loads((path / Files.MANIFEST).read_text())
     m[Keys.MODEL_EOS_TOKEN_IDS] = [eos]              # the manifest is not hashed: this is a config edit
-    write_manifest(path, m)
+    (path / Files.MANIFEST).write_text(json.dumps(m))
     got = Pipeline(path, threads=1)(images[:1], PROMPT, max_new_tokens=NEW)
     stop = first.index(eos)
     assert got.ids[0] == first[:stop + 1]
@@ -178,7 +178,7 @@ def test_extras_reach_the_result(adapter, images, tmp_path, monkeypatch):
 def test_fp16_llm_bundle_runs(adapter, images, tmp_path):
     out = tmp_path / "fp16"
     m = export_bundle(adapter, out, method=METHODS[0], keep=KEEP, dtype="float16")
-    assert m[Keys.LLM_SPEC]["dtype"] == "float16" and m[Keys.VALIDATION]["vision"]["passed"]
+    assert m[Keys.LLM_DTYPE] == "float16" and m[Keys.VALIDATION_VISION][PASSED] and m[Keys.VALIDATION_LLM][PASSED]
     result = Pipeline(out, threads=1)(images, PROMPT, max_new_tokens=4)
     assert [len(row) for row in result.ids] == [4, 4]
     # same vision graph precision: the kept positions are the fp32 reference's
