@@ -1,7 +1,7 @@
 """The torch reference pipeline: the exported runtime is compared with this, token for token.
 
-images -> adapter.preprocess -> adapter.encode(need) -> pruner -> (project if the pruner works on
-`feats`) -> [prefix ids, K image tokens, suffix ids] (runtime.prompt.encode_prompt) -> embeddings
+images -> adapter.preprocess -> the vision step (models/vision_step.py, the exported graph's own code:
+encode -> pruner -> project if the pruner works on `feats`) -> [prefix ids, K image tokens, suffix ids] (runtime.prompt.encode_prompt) -> embeddings
 -> position ids (runtime.positions.build_positions, the runtime's own rule: [B, L] for 1-D RoPE,
 [3, B, L] for M-RoPE) -> prefill of the
 HF causal LM (inputs_embeds, explicit position_ids, all-ones attention mask, DynamicCache) ->
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from edgeprune.errors import EdgepruneError, ModelError
 from edgeprune.models.base import Adapter
+from edgeprune.models.vision_step import vision_step
 from edgeprune.runtime.buckets import pick_bucket
 from edgeprune.runtime.positions import (POSITION_MODES, build_positions, build_positions_rows, check_rope_mode,
                                          next_positions)
@@ -30,7 +31,7 @@ from edgeprune.runtime.preprocess import load_image
 from edgeprune.runtime.prompt import encode_prompt
 from edgeprune.runtime.sampling import check_sampling, make_rng, next_tokens
 
-__all__ = ["generate", "GenerationResult", "encode_and_prune", "signals_needed"]
+__all__ = ["generate", "GenerationResult", "encode_and_prune"]
 
 
 @dataclass
@@ -44,25 +45,11 @@ class GenerationResult:
     positions_mode: str = ""         # the position rule used ("original" or "compact")
 
 
-def signals_needed(pruner) -> tuple[str, ...]:
-    """What `encode` must compute for `pruner` (None: tokens only)."""
-    if pruner is None:
-        return ("tokens",)
-    need = [s for s in pruner.requires if s != "grid"]
-    if pruner.space == "tokens" and "tokens" not in need:
-        need.append("tokens")
-    return tuple(need)
-
-
 def encode_and_prune(adapter: Adapter, pruner, pixels: Tensor) -> tuple[Tensor, Tensor]:
-    """pixels [B, 3, h, w] -> (image embeddings [B, K, D_llm], positions [B, K] int64).
-    The same composition the exporter traces: encode -> pruner -> project if space == 'feats'."""
-    signals = adapter.encode(pixels, need=signals_needed(pruner))
-    if pruner is None:
-        return adapter.unpruned(signals)
-    selection = pruner(**signals.as_kwargs())
-    tokens = selection.tokens if pruner.space == "tokens" else adapter.project(selection.tokens)
-    return tokens, selection.positions
+    """pixels [B, 3, h, w] -> (image embeddings [B, K, D_llm], positions [B, K] int64): the one vision step
+    (models/vision_step.py) that the exported graph runs too."""
+    sel = vision_step(adapter, pruner, pixels)
+    return sel.tokens, sel.positions
 
 
 def _encode_buckets(adapter: Adapter, pruner, images, buckets) -> tuple[Tensor, Tensor, list[Adapter]]:

@@ -1,8 +1,9 @@
 """The vision graph: pixels -> encoder -> pruner (-> projector) -> K image tokens and their positions.
 
-One ONNX graph per bundle (DESIGN.md, data flow step 3). Generic over methods: the signals asked
-of the encoder are the pruner's `requires`, the projector runs after the pruner only when the
-pruner works in `feats` space, and every name in `pruner.extra_outputs` becomes a graph output.
+One ONNX graph per bundle (DESIGN.md, data flow step 3), traced from the one vision step
+(models/vision_step.py): the signals asked of the encoder are the pruner's `requires`, the projector
+runs after the pruner only when the pruner works in `feats` space, and every name in
+`pruner.extra_outputs` becomes a graph output.
 """
 from __future__ import annotations
 
@@ -14,38 +15,26 @@ from torch import nn
 
 from edgeprune.export.onnx_io import export_onnx
 from edgeprune.models.base import Adapter
-from edgeprune.pruners import Pruner
+from edgeprune.models.vision_step import vision_step
+from edgeprune.pruners import PrunerLike
 from edgeprune.runtime.format import VISION_INPUT, VISION_POSITIONS, VISION_TOKENS
 
-__all__ = ["VisionGraph", "encoder_need", "export_vision"]
-
-
-def encoder_need(pruner: Pruner) -> tuple[str, ...]:
-    """Signals to ask of `adapter.encode`: what the pruner reads, plus the space its output lives in."""
-    need = [s for s in pruner.requires if s != "grid"]
-    if pruner.space not in need:
-        need.append(pruner.space)
-    return tuple(need)
+__all__ = ["VisionGraph", "export_vision"]
 
 
 class VisionGraph(nn.Module):
-    """forward(pixels [B,3,H,W]) -> (image_tokens [B,K,D_llm], positions [B,K] int64, *extras)."""
+    """forward(pixels [B,3,H,W]) -> (image_tokens [B,K,D_llm], positions [B,K] int64, *extras): the one
+    vision step (models/vision_step.py) that the torch reference runs too."""
 
-    def __init__(self, adapter: Adapter, pruner: Pruner):
+    def __init__(self, adapter: Adapter, pruner: PrunerLike):
         super().__init__()
         self.adapter = adapter
         self.pruner = pruner
-        self.need = encoder_need(pruner)
         self.output_names = [VISION_TOKENS, VISION_POSITIONS, *pruner.extra_outputs]
 
     def forward(self, pixels: torch.Tensor):
-        signals = self.adapter.encode(pixels, self.need)
-        if "pixels" in self.need and signals.pixels is None:
-            signals.pixels = pixels
-        sel = self.pruner(**signals.as_kwargs())
-        tokens = sel.tokens if self.pruner.space == "tokens" else self.adapter.project(sel.tokens)  # [B, K, D_llm]
-        return (tokens, sel.positions.to(torch.int64),
-                *(sel.extras[name] for name in self.pruner.extra_outputs))
+        sel = vision_step(self.adapter, self.pruner, pixels)
+        return (sel.tokens, sel.positions, *(sel.extras[name] for name in self.pruner.extra_outputs))
 
 
 def example_pixels(adapter: Adapter, batch: int, seed: int = 0) -> torch.Tensor:
@@ -55,7 +44,7 @@ def example_pixels(adapter: Adapter, batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, h, w, generator=g)
 
 
-def export_vision(adapter: Adapter, pruner: Pruner, path: str | Path, *, batch: int | None = None) -> Path:
+def export_vision(adapter: Adapter, pruner: PrunerLike, path: str | Path, *, batch: int | None = None) -> Path:
     """Export the vision graph to `path`; `batch=None` leaves the batch dimension dynamic.
 
     Traced at batch 2 when dynamic, so no batch-1 special case (a Squeeze of the batch) is baked in.

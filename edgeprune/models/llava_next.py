@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from edgeprune.errors import ModelError
 from edgeprune.models._vit import ClsViTAdapter, check_need
 from edgeprune.models.base import ALL_SIGNALS, Signals, load_hf_dir
+from edgeprune.models.vision_step import prune_and_project
 from edgeprune.models.llava import CLIP_MEAN, CLIP_STD, LLAVA15_TEMPLATE, LlavaAdapter, split_template
 from edgeprune.pruners.base import Selection
 from edgeprune.pruners.ops import check_keep, sort_by_position
@@ -60,8 +61,11 @@ def split_budget(keep: int, sizes: list[int]) -> list[int]:
 
 class ViewPruner(nn.Module):
     """One method run per view with the K split of `split_budget`, plus the always-kept newline tokens,
-    in the packed order of the model. Looks like a pruner to the exporter and the reference (keep,
-    requires, space = "tokens", extra_outputs = ()); the per-view pruners are ordinary built pruners."""
+    in the packed order of the model. A `PrunerLike` (pruners/base.py): the exporter and the reference run
+    it through the one vision step like any pruner; it is not registered because only the adapter knows
+    the view layout. Each view goes through `prune_and_project` (models/vision_step.py) with an ordinary
+    built pruner, so a view's tokens are exactly what that method gives on a single image; its output is
+    already in the LLM's space (space = "tokens")."""
 
     space = "tokens"
     extra_outputs = ()
@@ -86,10 +90,9 @@ class ViewPruner(nn.Module):
         kept_tokens, kept_positions = [], []
         for v, pruner in enumerate(self.pruners):
             view = {name: x[:, v * n:(v + 1) * n] for name, x in given.items() if x is not None}
-            sel = pruner(**view, grid=self.view_grid, pixels=pixels)        # positions [B, K_v] in 0..g*g-1
-            out = sel.tokens if pruner.space == "tokens" else self.project(sel.tokens)   # [B, K_v, D_llm]
-            kept_tokens.append(out)
-            kept_positions.append(self.packed[v][sel.positions])            # [B, K_v] packed positions
+            sel = prune_and_project(pruner, {**view, "grid": self.view_grid, "pixels": pixels}, self.project)
+            kept_tokens.append(sel.tokens)                                  # [B, K_v, D_llm]
+            kept_positions.append(self.packed[v][sel.positions])            # [B, K_v] from 0..g*g-1 to packed
         b = kept_tokens[0].shape[0]
         r = self.newline_positions.shape[0]
         lines = self.newline.to(kept_tokens[0].dtype).reshape(1, 1, -1).expand(b, r, -1)   # [B, R, D_llm]

@@ -3,7 +3,7 @@
 Every pruner module is imported here explicitly so that `build()` and `available()` see it.
 """
 from edgeprune.pruners._registry import available, build, build_for_model, register_pruner
-from edgeprune.pruners.base import SIGNALS, Pruner, Selection
+from edgeprune.pruners.base import SIGNALS, Pruner, PrunerLike, Selection
 
 from edgeprune.pruners import (  # noqa: F401  (registration side effect)
     adbts,
@@ -19,4 +19,4 @@ from edgeprune.pruners import (  # noqa: F401  (registration side effect)
     visionzip,
 )
 
-__all__ = ["build", "build_for_model", "available", "register_pruner", "Pruner", "Selection", "SIGNALS"]
+__all__ = ["build", "build_for_model", "available", "register_pruner", "Pruner", "PrunerLike", "Selection", "SIGNALS"]

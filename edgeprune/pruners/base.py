@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from edgeprune.errors import PrunerConfigError
 from edgeprune.pruners.ops import check_keep, exporting
 
-__all__ = ["Selection", "Pruner", "SIGNALS"]
+__all__ = ["Selection", "Pruner", "PrunerLike", "SIGNALS"]
 
 # Signal name -> expected rank ("grid" is a static (H, W) tuple, not a tensor).
 SIGNALS: dict[str, int] = {"tokens": 3, "feats": 3, "keys": 3, "attn": 2, "pixels": 4, "grid": 0}
@@ -30,6 +30,28 @@ class Selection:
     tokens: Tensor
     positions: Tensor
     extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+@runtime_checkable
+class PrunerLike(Protocol):
+    """What the vision step (models/vision_step.py), the exporter and the reference need of a pruner.
+
+    Every registered `Pruner` is one. A composite that runs registered pruners on parts of the signals
+    (LLaVA-NeXT's `ViewPruner`: one method per view, K split across views) is one too without being
+    registered: `build()` cannot make it, only the adapter's `build_pruner` can, because it needs the
+    model's layout. Calling it must keep the Selection contract (positions ascending, unique, in 0..N-1).
+    """
+
+    name: str                           # the method, as recorded in the manifest
+    keep: int                           # K: tokens in every Selection
+    requires: tuple[str, ...]           # signals read (adapter.encode computes only these)
+    space: str                          # "tokens" (LLM space) or "feats" (projected after pruning)
+    extra_outputs: tuple[str, ...]      # names of Selection.extras, added as graph outputs
+    default_positions: str | None       # "original" / "compact", or None to follow the model
+
+    def __call__(self, *, tokens: Tensor | None = None, feats: Tensor | None = None, keys: Tensor | None = None,
+                 attn: Tensor | None = None, grid: tuple[int, int] | None = None,
+                 pixels: Tensor | None = None) -> Selection: ...
 
 
 class Pruner(nn.Module):

@@ -19,7 +19,8 @@ import torch
 
 from edgeprune.export.validate import check_graph, seeded_images, validate_vision
 from edgeprune.export.onnx_io import graph_io
-from edgeprune.export.vision import encoder_need, export_vision
+from edgeprune.export.vision import export_vision
+from edgeprune.models.vision_step import signals_needed
 from edgeprune.pruners import Pruner, Selection, available, build_for_model
 from edgeprune.pruners.ops import gather_rows, sort_by_position, topk_indices
 
@@ -70,7 +71,7 @@ class _ProbePruner(Pruner):
 def test_positions_equal_torch_pruner_on_seeded_images(method, adapter, graphs):
     pruner, path = graphs[method]
     session = _session(path)
-    need = encoder_need(pruner)
+    need = signals_needed(pruner)
     for seed in (1, 2, 3):
         pixels = adapter.preprocess(seeded_images(adapter.preprocess_config.size, 2, seed=seed))
         with torch.no_grad():
@@ -115,7 +116,7 @@ def test_keep_n_is_identity(adapter, tmp_path):
 
 def test_feats_space_pruner_is_projected_and_extras_are_outputs(adapter, tmp_path):
     pruner = _ProbePruner(keep=8).eval()
-    assert encoder_need(pruner) == ("feats", "attn")
+    assert signals_needed(pruner) == ("feats", "attn")
     path = export_vision(adapter, pruner, tmp_path / "probe.onnx")
     check_graph(path)
     session = _session(path)
