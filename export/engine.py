@@ -2,9 +2,11 @@
 backend (it papers over the API differences between TensorRT 8.x on JetPack 5 and TensorRT 10).
 
 Writes engines/vision.plan and engines/timing.cache into the bundle (the cache makes rebuilds on the
-same device fast), then records the engine and the new files' sha256 in the manifest. Only the vision
-graph: the LLM runs on ONNX Runtime (or TensorRT-LLM, outside edgeprune). Needs the `tensorrt`
-Python package, i.e. an NVIDIA device; elsewhere it raises MissingDependencyError.
+same device fast), then records in the manifest the engine with what it is tied to (TensorRT version,
+GPU name and compute capability, precision, batch profile) and the new files' sha256. The runtime uses
+it with `--provider tensorrt` (runtime/trt.py) and refuses it on another device or TensorRT. Only the
+vision graph: the LLM runs on ONNX Runtime (or TensorRT-LLM, outside edgeprune). Needs the `tensorrt`
+Python package and polygraphy, i.e. an NVIDIA device; elsewhere it raises MissingDependencyError.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from edgeprune.runtime.bundle import hash_files, load_bundle
 from edgeprune.runtime.format import VISION_INPUT, Engine, Files, Graph, Keys, write_manifest
 from edgeprune.runtime.preprocess import preprocess
 
-__all__ = ["build_engine", "require_tensorrt"]
+__all__ = ["build_engine", "record_engine", "require_tensorrt"]
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +40,29 @@ def require_tensorrt():
 
 def build_engine(bundle_dir: str | Path, *, fp16: bool = False, int8: bool = False,
                  calib_images: list | None = None, workspace_mb: int | None = None,
-                 max_batch: int = 4, opt_batch: int = 1) -> dict:
-    """Build the vision engine; returns the manifest entry written under `engines.vision`.
+                 max_batch: int = 4, opt_batch: int = 1, force: bool = False) -> dict:
+    """Build the vision engine; returns the manifest record written under `engines.vision` (format.Engine):
+    the TensorRT version, GPU name and compute capability it is tied to, precision and batch profile.
 
     A dynamic-batch graph gets one optimisation profile: batch 1..max_batch, tuned for opt_batch.
-    int8 calibrates on `calib_images` (paths), preprocessed by the runtime's own numpy code.
+    int8 calibrates on `calib_images` (paths), preprocessed by the runtime's own numpy code. An engine
+    already recorded is replaced only with force=True.
     """
     trt = require_tensorrt()
     from polygraphy.backend.trt import (Calibrator, CreateConfig, Profile, engine_from_network,
                                         network_from_onnx_path, save_engine)
 
+    from edgeprune.runtime.trt import device_facts
+
     if int8 and not calib_images:
         raise EdgepruneError("--int8 needs --calib-images (a few representative images to calibrate on)")
     bundle = load_bundle(bundle_dir)                   # hashes verified: never build from a tampered graph
     root = bundle.path
+    old = bundle.manifest[Keys.ENGINE_VISION]
+    if old and not force:
+        raise EdgepruneError(f"{root / old[Engine.FILE]}: an engine is already recorded (TensorRT "
+                             f"{old.get(Engine.TENSORRT_VERSION, '?')}, {old.get(Engine.PRECISION, '?')}); pass "
+                             "--force to rebuild it")
     graph = bundle.manifest[Keys.VISION_GRAPH]
     shape = graph[Graph.INPUTS][VISION_INPUT][Graph.SHAPE]     # ["batch" | B, 3, H, W]
     fixed = isinstance(shape[0], int)
@@ -61,6 +72,7 @@ def build_engine(bundle_dir: str | Path, *, fp16: bool = False, int8: bool = Fal
         if not 1 <= opt_batch <= max_batch:
             raise EdgepruneError(f"opt_batch={opt_batch}, max_batch={max_batch}: expected 1 <= opt <= max")
         profiles = [Profile().add(VISION_INPUT, min=(1, c, h, w), opt=(opt_batch, c, h, w), max=(max_batch, c, h, w))]
+    device = device_facts()
     calibrator = None
     if int8:
         batch = shape[0] if fixed else 1
@@ -78,18 +90,27 @@ def build_engine(bundle_dir: str | Path, *, fp16: bool = False, int8: bool = Fal
                                  save_timing_cache=str(cache))
     save_engine(engine, str(root / Files.VISION_ENGINE))
 
+    batch = {"min": shape[0], "opt": shape[0], "max": shape[0]} if fixed else \
+        {"min": 1, "opt": opt_batch, "max": max_batch}
     entry = {Engine.FILE: Files.VISION_ENGINE, Engine.TIMING_CACHE: Files.TIMING_CACHE,
-             Engine.TENSORRT_VERSION: trt.__version__, Engine.PRECISION: "int8" if int8 else "fp16" if fp16 else "fp32",
-             Engine.BATCH: shape[0] if fixed else {"min": 1, "opt": opt_batch, "max": max_batch},
+             Engine.TENSORRT_VERSION: device.tensorrt_version, Engine.GPU_NAME: device.gpu_name,
+             Engine.COMPUTE_CAPABILITY: device.compute_capability,
+             Engine.PRECISION: "int8" if int8 else "fp16" if fp16 else "fp32", Engine.BATCH: batch,
              Engine.BUILT: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    manifest = dict(bundle.manifest)
-    manifest[Keys.ENGINE_VISION] = entry
-    written = [Files.VISION_ENGINE, Files.TIMING_CACHE] + ([Files.INT8_CACHE] if int8 else [])
-    manifest[Keys.FILES_SHA256] = {**manifest[Keys.FILES_SHA256], **hash_files(root, [f for f in written
-                                                                                       if (root / f).is_file()])}
-    write_manifest(root, manifest)
-    log.info("wrote %s (%s)", root / Files.VISION_ENGINE, entry[Engine.PRECISION])
+    record_engine(root, bundle.manifest, entry, written=[Files.VISION_ENGINE, Files.TIMING_CACHE, Files.INT8_CACHE])
+    log.info("wrote %s (%s, %s)", root / Files.VISION_ENGINE, entry[Engine.PRECISION], device.gpu_name)
     return entry
+
+
+def record_engine(root: Path, manifest: dict, entry: dict, written: list[str]) -> dict:
+    """Record `entry` under engines.vision and the sha256 of the `written` files that exist (only those:
+    anything else in the folder keeps its listed hash, so a tampered graph is still caught); returns the
+    manifest written."""
+    manifest = dict(manifest)
+    manifest[Keys.ENGINE_VISION] = entry
+    present = [rel for rel in written if (root / rel).is_file()]
+    manifest[Keys.FILES_SHA256] = {**manifest[Keys.FILES_SHA256], **hash_files(root, present)}
+    return write_manifest(root, manifest)
 
 
 def _calibration_batches(paths: list, config, batch: int):

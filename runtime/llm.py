@@ -20,10 +20,10 @@ from edgeprune.errors import BundleError, EdgepruneError
 from edgeprune.runtime.format import (DECODER_EMBEDS, DECODER_LOGITS, DECODER_MASK, DECODER_POSITIONS, EMBED_INPUT,
                                       Graph, Keys, past_names, present_names)
 from edgeprune.runtime.positions import next_positions
-from edgeprune.runtime.providers import resolve_providers, session_options
+from edgeprune.runtime.providers import PROVIDERS, provider_names, resolve_providers, session_options
 from edgeprune.runtime.sampling import check_sampling, make_rng, next_tokens
 
-__all__ = ["OrtLLM", "Generation"]
+__all__ = ["OrtLLM", "Generation", "check_gpu_precision", "warn_cpu_fallback"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,32 @@ class Generation:
     decode_s: list[float] = field(default_factory=list)  # one entry per decoder call after the prefill
     kv_bytes: int = 0                                 # bytes of the present KV cache at the end
     num_prompt_tokens: int = 0
+
+
+# ONNX Runtime registers its CUDA GroupQueryAttention kernel for float16 and bfloat16 only (T in
+# contrib_ops/cuda/bert/group_query_attention.cc: MLFloat16, BFloat16; no float). A float32 fused graph on the
+# CUDA (or TensorRT) provider would run its attention nodes on the CPU, copying the KV cache every layer.
+GPU_FUSED_DTYPES = ("float16",)
+
+
+def check_gpu_precision(providers: list, attention: str, dtype: str) -> None:
+    """EdgepruneError when the resolved `providers` put the LLM on a GPU whose fused attention kernel does not
+    exist in the graph's dtype, naming the export that fits."""
+    gpu = [p for p in provider_names(providers) if p != PROVIDERS["cpu"]]
+    if gpu and attention == "fused" and dtype not in GPU_FUSED_DTYPES:
+        raise EdgepruneError(f"LLM graphs are {dtype} with fused attention (com.microsoft GroupQueryAttention), which "
+                             f"ONNX Runtime's CUDA provider runs in float16/bfloat16 only: on {', '.join(gpu)} the "
+                             "attention would fall back to the CPU. Export for the GPU with `edgeprune export ... "
+                             "--fp16` (or `--attention plain` to keep float32), or run with --provider cpu")
+
+
+def warn_cpu_fallback(providers: list, session_providers: list) -> None:
+    """A warning when a GPU provider was resolved but the session runs on the CPU only (e.g. onnxruntime-gpu
+    without the CUDA libraries it needs: ONNX Runtime then falls back to the CPU by itself)."""
+    gpu = [p for p in provider_names(providers) if p != PROVIDERS["cpu"]]
+    if gpu and list(session_providers) == [PROVIDERS["cpu"]]:
+        log.warning("the LLM was to run on %s but ONNX Runtime put it on the CPU (check the CUDA libraries "
+                    "onnxruntime-gpu needs)", ", ".join(gpu))
 
 
 class OrtLLM:
@@ -61,9 +87,12 @@ class OrtLLM:
             if not path.is_file():
                 raise BundleError(f"{path}: {part} graph not found")
         self.providers = resolve_providers(providers)
+        check_gpu_precision(self.providers, self.attention, self.dtype_name)
         opts = session_options(threads)
         self.embed_session = ort.InferenceSession(str(files["embed"]), opts, providers=self.providers)
         self.decoder = ort.InferenceSession(str(files["decoder"]), opts, providers=self.providers)
+        self.device = self.decoder.get_providers()[0]
+        warn_cpu_fallback(self.providers, self.decoder.get_providers())
         log.info("LLM on %s (threads=%s, attention=%s, %s)", self.decoder.get_providers(), threads, self.attention,
                  self.dtype_name)
         self.past_names = past_names(self.num_layers)

@@ -16,12 +16,13 @@ import numpy as np
 
 from edgeprune.errors import BundleError, ModelError
 from edgeprune.runtime.bundle import Bundle, check_vision_outputs, load_bundle
-from edgeprune.runtime.format import VISION_INPUT, VISION_POSITIONS, VISION_TOKENS, Bucket, Files
+from edgeprune.runtime.format import VISION_POSITIONS, VISION_TOKENS, Bucket, Files
 from edgeprune.runtime.buckets import pick_bucket
 from edgeprune.runtime.positions import build_positions_rows
 from edgeprune.runtime.preprocess import load_image, preprocess
 from edgeprune.runtime.prompt import encode_prompt
-from edgeprune.runtime.providers import resolve_providers, session_options
+from edgeprune.runtime.providers import requested_providers, resolve_providers
+from edgeprune.runtime.vision import open_vision
 
 __all__ = ["Pipeline", "Result"]
 
@@ -60,28 +61,24 @@ class Pipeline:
 
     def __init__(self, bundle_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
                  verify: bool = True):
-        import onnxruntime as ort
+        """`providers`: short names (cpu, cuda, tensorrt) in priority order, resolved once for every graph
+        (runtime/providers.py). With tensorrt and an engine from `edgeprune build-engine`, the vision graph
+        runs as that engine (runtime/vision.py); the LLM runs on ONNX Runtime."""
         from tokenizers import Tokenizer
 
         from edgeprune.runtime.llm import OrtLLM
 
         self.bundle: Bundle = load_bundle(bundle_dir, verify=verify)
         root = self.bundle.path
-        self.providers = resolve_providers(providers, cache_dir=root / Files.ENGINES)
+        self.providers = resolve_providers(providers, cache_dir=root / Files.ORT_TRT_CACHE)
+        use_engine = "tensorrt" in requested_providers(providers)
         # one vision graph per resolution bucket (a single one without buckets); vision = the default's
         self.buckets = self.bundle.buckets
-        self.sessions = []
-        for bucket in self.buckets:
-            try:
-                session = ort.InferenceSession(str(root / bucket[Bucket.FILE]), session_options(threads),
-                                               providers=self.providers)
-            except Exception as err:  # onnxruntime raises its own (non-Edgeprune) errors for a broken file
-                raise BundleError(f"{root / bucket['file']}: onnxruntime cannot load it ({err})") from err
-            check_vision_outputs(self.bundle, {o.name: o.shape for o in session.get_outputs()})
-            self.sessions.append(session)
-        self.vision = self.sessions[0]
-        self._vision_batch = self.vision.get_inputs()[0].shape[0]
-        self._pixel_dtype = np.float16 if "float16" in self.vision.get_inputs()[0].type else np.float32
+        self.runners = [open_vision(self.bundle, bucket[Bucket.FILE], self.providers, threads, use_engine=use_engine)
+                        for bucket in self.buckets]
+        for runner in self.runners:
+            check_vision_outputs(self.bundle, runner.output_shapes)
+        self.vision = self.runners[0]
         try:
             self.tokenizer = Tokenizer.from_file(str(root / Files.TOKENIZER))
         except Exception as err:  # tokenizers raises a bare Exception on a malformed file
@@ -109,19 +106,18 @@ class Pipeline:
         groups = {j: [i for i, c in enumerate(chosen) if c == j] for j in sorted(set(chosen))}
         pixels = {j: preprocess([images[i] for i in rows], replace(self.bundle.preprocess,
                                                                    size=tuple(self.buckets[j][Bucket.SIZE])))
-                  .astype(self._pixel_dtype) for j, rows in groups.items()}               # [B_j, 3, H_j, W_j]
+                  .astype(self.runners[j].pixel_dtype) for j, rows in groups.items()}     # [B_j, 3, H_j, W_j]
         timings["preprocess"] = time.perf_counter() - start
         b = len(images)
-        if isinstance(self._vision_batch, int) and self._vision_batch != b:
-            raise ModelError(f"{b} image(s) given; this bundle's vision graph takes exactly {self._vision_batch} "
-                             f"(exported with --batch {self._vision_batch})")
+        if self.vision.batch is not None and self.vision.batch != b:
+            raise ModelError(f"{b} image(s) given; this bundle's vision graph takes exactly {self.vision.batch} "
+                             f"(exported with --batch {self.vision.batch})")
 
         # 2. vision: encoder + pruner (+ projector) in one graph per bucket; rows back in image order
         start = time.perf_counter()
         outputs = {}
         for j, rows in groups.items():
-            names = [o.name for o in self.sessions[j].get_outputs()]
-            for name, value in zip(names, self.sessions[j].run(names, {VISION_INPUT: pixels[j]})):
+            for name, value in self.runners[j].run(pixels[j]).items():
                 if name not in outputs:
                     outputs[name] = np.zeros((b, *value.shape[1:]), dtype=value.dtype)
                 outputs[name][rows] = value

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from edgeprune.errors import EdgepruneError
 
-__all__ = ["PROVIDERS", "resolve_providers", "session_options"]
+__all__ = ["PROVIDERS", "requested_providers", "resolve_providers", "provider_names", "session_options"]
 
 log = logging.getLogger(__name__)
 
@@ -17,39 +17,73 @@ PROVIDERS = {
 }
 
 
+def requested_providers(names: list | None = None) -> list[str]:
+    """The short names asked for (short or full ORT names accepted), in order; ["cpu"] when none.
+    An unknown name is an error naming the choices."""
+    short = {full: name for name, full in PROVIDERS.items()}
+    out = []
+    for name in names or ["cpu"]:
+        if isinstance(name, tuple):               # a resolved (full name, options) pair
+            name = name[0]
+        key = name.lower() if name.lower() in PROVIDERS else short.get(name)
+        if key is None:
+            raise EdgepruneError(f"unknown provider {name!r}; expected one of {', '.join(PROVIDERS)}")
+        if key not in out:
+            out.append(key)
+    return out
+
+
+def provider_names(providers: list) -> list[str]:
+    """Full ORT names of a resolved providers list (entries are names or (name, options) pairs)."""
+    return [p if isinstance(p, str) else p[0] for p in providers]
+
+
 def resolve_providers(names: list | None = None, cache_dir: str | Path | None = None) -> list:
     """Short names (or full ORT names) in priority order -> the `providers` list for InferenceSession.
 
-    Idempotent: an already resolved list (full names, (name, options) pairs) comes back unchanged, so a
-    pipeline resolves once and hands the result to every graph. CPU is always appended last as the fallback. A provider this onnxruntime build lacks is skipped
-    with a warning (install onnxruntime-gpu on the device for cuda/tensorrt); an unknown name is an error. With `cache_dir`, TensorRT keeps
-    its engines and timing cache there (the bundle's engines/ folder), so the second start is fast.
+    Idempotent: a resolved list comes back unchanged, so a pipeline resolves once and hands the result to
+    every graph. CPU is always last, the fallback. A provider this onnxruntime build lacks is skipped with a
+    warning (install onnxruntime-gpu on the device for cuda/tensorrt). TensorRT brings CUDA right after it
+    when the build has CUDA: ORT hands the nodes TensorRT cannot run (the LLM's fused attention) to the next
+    provider, which would otherwise be the CPU. With `cache_dir` (the bundle's engines/ort-tensorrt), ORT's
+    TensorRT provider keeps its engines and timing cache there, so the second start is fast; a folder that
+    cannot be created (a read-only bundle) only costs the cache, with a warning.
     """
     import onnxruntime as ort
 
     available = ort.get_available_providers()
+    resolved = {p[0]: p for p in names or [] if isinstance(p, tuple)}     # keep the options of resolved pairs
+    wanted = requested_providers(names)
+    if "tensorrt" in wanted and "cuda" not in wanted:
+        wanted.insert(wanted.index("tensorrt") + 1, "cuda")
     out: list = []
-    for name in names or ["cpu"]:
-        if isinstance(name, tuple):   # (full name, options): resolved before
-            if name[0] not in [p if isinstance(p, str) else p[0] for p in out]:
-                out.append(name)
-            continue
-        full = PROVIDERS.get(name.lower(), name)
-        if full not in PROVIDERS.values():
-            raise EdgepruneError(f"unknown provider {name!r}; expected one of {', '.join(PROVIDERS)}")
-        if full == PROVIDERS["cpu"]:
+    for name in wanted:
+        full = PROVIDERS[name]
+        if name == "cpu":
             continue                # appended last below: it is the fallback, never ahead of a GPU
-        if full not in available:  # same rule as runtime/llm.py: skip with a warning, CPU stays
-            log.warning("provider %s is not in this onnxruntime build (available: %s; install onnxruntime-gpu "
-                        "for cuda/tensorrt); skipped", full, ", ".join(available))
+        if full not in available:
+            if name in requested_providers(names):
+                log.warning("provider %s is not in this onnxruntime build (available: %s; install onnxruntime-gpu "
+                            "for cuda/tensorrt); skipped", full, ", ".join(available))
             continue
-        if full == PROVIDERS["tensorrt"] and cache_dir is not None:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        if full in resolved:
+            out.append(resolved[full])
+        elif name == "tensorrt" and cache_dir is not None and _writable(Path(cache_dir)):
             out.append((full, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
                                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir)}))
-        elif full not in [p if isinstance(p, str) else p[0] for p in out]:
+        else:
             out.append(full)
     return out + [PROVIDERS["cpu"]]
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return True
+    except OSError as err:
+        log.warning("%s: cannot create ONNX Runtime's TensorRT cache there (%s); engines are rebuilt at every start",
+                    folder, err)
+        return False
 
 
 def session_options(threads: int | None = None):

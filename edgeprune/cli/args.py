@@ -90,6 +90,6 @@ def add_bundle_args(parser: argparse.ArgumentParser, output: bool = False) -> No
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("device")
     group.add_argument("--provider", action="append", metavar="NAME",
-                       help="ONNX Runtime execution provider, repeatable, in priority order "
-                            "(cpu, cuda, tensorrt; default: cpu)")
+                       help="execution provider, repeatable, in priority order (cpu, cuda, tensorrt; default: "
+                            "cpu); tensorrt runs the vision engine of `build-engine` with TensorRT itself")
     group.add_argument("--device-profile", metavar="NAME|FILE", help="device profile (see profiles/)")

@@ -62,4 +62,4 @@ def timing_line(result, pipe) -> str:
     return (f"timing: preprocess {t['preprocess']:.1f} ms | vision {t['vision']:.1f} ms | embed {t['embed']:.1f} ms"
             f" | prefill {t['prefill']:.1f} ms ({result.num_prompt_tokens} tokens) | decode {t['decode']:.1f} ms "
             f"({steps} steps{rate}) | K={pipe.keep} of N={pipe.bundle.num_image_tokens} | KV "
-            f"{result.kv_bytes / 2**20:.2f} MiB | {pipe.vision.get_providers()[0]}")
+            f"{result.kv_bytes / 2**20:.2f} MiB | vision on {pipe.vision.device}, LLM on {pipe.llm.device}")

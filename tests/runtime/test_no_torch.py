@@ -113,3 +113,23 @@ def test_full_cli_builds_without_torch():
         build_parser()
     """)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_build_engine_and_device_path_import_without_torch(bundle):
+    """Everything build-engine and the TensorRT path need imports with torch, transformers and onnx blocked;
+    without TensorRT, build-engine explains what to install instead of failing on an import of torch."""
+    path, _ = bundle
+    proc = _run(f"""
+        import sys
+        import edgeprune.export.engine, edgeprune.cli.build_engine, edgeprune.runtime.trt, edgeprune.runtime.vision
+        from edgeprune.runtime.format import write_manifest
+        sys.modules["tensorrt"] = None                     # TensorRT absent, as on this machine
+        from edgeprune.cli import main
+        code = main(["build-engine", {str(path)!r}])
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        print("RESULT", code, heavy)
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RESULT 1 []" in proc.stdout
+    assert "build-engine needs TensorRT's Python package 'tensorrt'" in proc.stderr
+
