@@ -127,8 +127,11 @@ class Bundle:
         return list(self.manifest[Keys.PRUNER_EXTRA_OUTPUTS])
 
     def known(self, key: fmt.Key):
-        """manifest[key], or a BundleError naming the key when an older bundle never recorded it."""
-        return fmt.known(self.manifest, key)
+        """manifest[key], or a BundleError naming the manifest and the key when an older bundle never recorded it."""
+        try:
+            return fmt.known(self.manifest, key)
+        except BundleError as err:
+            raise BundleError(f"{self.path / Files.MANIFEST}: {err}") from None
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:

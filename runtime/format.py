@@ -1,9 +1,9 @@
 """The bundle format, named once: file names, manifest keys, graph input/output names, the schema
 version with its reader range, the migration of older manifests, and the manifest writer.
 
-Every side imports this stdlib-only module: export/ writes a bundle with it; runtime/, profiles/, the
-CLI and `build-engine` read one (the gguf split: `gguf/constants.py` for writer and reader). No torch,
-no numpy, no onnx.
+Every side imports this module (the standard library and edgeprune.errors only): export/ writes a bundle
+with it; runtime/, profiles/, the CLI and `build-engine` read one (the gguf split: `gguf/constants.py`
+for writer and reader). No torch, no numpy, no onnx.
 
 A bundle is a folder:
 
@@ -39,7 +39,8 @@ issues add keys to it without a bump). It is ONE line here, plus the code that w
 - `Key("x.y")` is required: `read` refuses a manifest without it, so write it in every export.
   `Key("x.y", default=v)` is optional: `read` fills `v` when it is absent (older schema-2 bundles of
   this release, or a fact only some exports have). Prefer optional with a default that means "as
-  before", so bundles exported earlier in the release keep loading.
+  before", so bundles exported earlier in the release keep loading. export_bundle writes every
+  optional key (its value, or the default), so a fresh manifest lists every key.
 - Readers index the manifest with the constant (`manifest[Keys.X]`), never with a literal string and
   never with `.get` (`read` has filled every default). tests/runtime/test_format.py walks the keys
   readers use against a freshly exported manifest and rejects literal key strings outside this file.

@@ -67,7 +67,7 @@ def summary(m: dict, path) -> str:
             outs = _fold(graph[Graph.OUTPUTS], "present", outs)
         lines.append(f"{name + ':':<10} {graph[Graph.FILE]}: {ins} -> {outs}")
     lines.append(f"llm:       {m[Keys.LLM_NUM_LAYERS]} layers, hidden {m[Keys.LLM_HIDDEN_SIZE]}, vocab "
-                 f"{m[Keys.LLM_VOCAB_SIZE]}, context {m[Keys.LLM_CONTEXT_LENGTH]}, {m[Keys.LLM_DTYPE]}, attention "
+                 f"{m[Keys.LLM_VOCAB_SIZE]}, context {m[Keys.LLM_CONTEXT_LENGTH] or '?'}, {m[Keys.LLM_DTYPE]}, attention "
                  f"{m[Keys.LLM_ATTENTION]}")
     engine = m[Keys.ENGINE_VISION]
     if engine:
