@@ -2,8 +2,10 @@
 
 Prefill on the whole prompt (past = 0), then one decoder call per new token with the KV cache fed back.
 Decode token t (0-based) gets position id position_ids[:, -1] + 1 + t per row (runtime.positions.next_positions;
-M-RoPE decoders take [3, B, L] ids and get the row's largest id + 1 + t); rows have equal length, so the
-attention mask is all ones (the fused graph supports right padding only, which the runtime never needs).
+M-RoPE decoders take [3, B, L] ids and get the row's largest id + 1 + t). Rows of equal length get an all-ones
+attention mask. Rows of different lengths (`lengths`, the server's batches of different prompts) are right-padded,
+the only padding the fused graph supports; since the decoder returns the last position's logits only, each row's
+last prompt token is then fed in a second call, as a decode step over the padded cache (`_prefill_padded`).
 """
 from __future__ import annotations
 
@@ -118,9 +120,11 @@ class OrtLLM:
 
     def generate(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, *, max_new_tokens: int, eos_token_ids,
                  do_sample: bool = False, top_p: float = 1.0, temperature: float = 1.0, seed: int = 0,
-                 on_token: Callable[[int, np.ndarray], None] | None = None) -> Generation:
+                 on_token: Callable[[int, np.ndarray], None] | None = None,
+                 lengths: np.ndarray | None = None) -> Generation:
         """Prefill `inputs_embeds` [B, L, D] at `position_ids` [B, L] ([3, B, L] for an M-RoPE decoder), then
-        decode until every row has emitted an EOS or `max_new_tokens` tokens exist. Finished rows keep emitting EOS."""
+        decode until every row has emitted an EOS or `max_new_tokens` tokens exist. Finished rows keep emitting EOS.
+        `lengths` [B]: row b's prompt is its first lengths[b] tokens (right padding, contents ignored); None: all L."""
         inputs_embeds, position_ids = np.asarray(inputs_embeds), np.asarray(position_ids, dtype=np.int64)
         expected = inputs_embeds.shape[:2] if self.rope == "1d" else (3, *inputs_embeds.shape[:2])
         if inputs_embeds.ndim != 3 or position_ids.shape != expected:
@@ -135,9 +139,15 @@ class OrtLLM:
             check_sampling(top_p, temperature)
         rng = make_rng(seed)
         b, length = inputs_embeds.shape[:2]
+        lengths = _check_lengths(lengths, b, length)
 
         start = time.perf_counter()
-        logits, present = self.step(inputs_embeds, position_ids, np.ones((b, length), np.int64), None)
+        if (lengths == length).all():
+            mask = np.ones((b, length), np.int64)
+            logits, present = self.step(inputs_embeds, position_ids, mask, None)
+            last_ids = position_ids                                          # next_positions continues from these
+        else:
+            logits, present, mask, last_ids = self._prefill_padded(inputs_embeds, position_ids, lengths)
         prefill_s = time.perf_counter() - start
         tokens, decode_s = [], []
         done = np.zeros(b, dtype=bool)
@@ -154,9 +164,36 @@ class OrtLLM:
             if done.all() or t == max_new_tokens - 1:
                 break
             start = time.perf_counter()
-            total = length + t + 1
-            logits, present = self.step(self.embed(nxt[:, None]), next_positions(position_ids, t),
-                                        np.ones((b, total), np.int64), present)
+            mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
+            logits, present = self.step(self.embed(nxt[:, None]), next_positions(last_ids, t), mask, present)
             decode_s.append(time.perf_counter() - start)
         return Generation(ids=np.stack(tokens, axis=1), prefill_s=prefill_s, decode_s=decode_s,
                           kv_bytes=int(sum(p.nbytes for p in present)), num_prompt_tokens=length)
+
+    def _prefill_padded(self, inputs_embeds, position_ids, lengths):
+        """Prefill rows of different lengths (right-padded to L): every token but each row's last in one call,
+        then the last tokens as one decode step, whose logits are the ones generation needs.
+        Returns (logits, present, attention mask so far, per-row ids for next_positions)."""
+        b, length = inputs_embeds.shape[:2]
+        rows, last = np.arange(b), lengths - 1
+        mask = (np.arange(length - 1)[None, :] < last[:, None]).astype(np.int64)        # [B, L-1]
+        _, present = self.step(inputs_embeds[:, :-1], position_ids[..., :-1], mask, None)
+        mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
+        last_pos = position_ids[..., rows, last][..., None]                            # [B, 1] or [3, B, 1]
+        logits, present = self.step(inputs_embeds[rows, last][:, None], last_pos, mask, present)
+        if position_ids.ndim == 3:   # M-RoPE continues from the row's largest id over its real tokens
+            real = np.arange(length)[None, :] < lengths[:, None]                      # [B, L]
+            top = np.where(real[None], position_ids, np.iinfo(np.int64).min).max(axis=(0, 2))
+            return logits, present, mask, np.broadcast_to(top[None, :, None], (3, b, 1))
+        return logits, present, mask, last_pos
+
+
+def _check_lengths(lengths, batch: int, length: int) -> np.ndarray:
+    if lengths is None:
+        return np.full(batch, length, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    shortest = 2 if lengths.shape == (batch,) and lengths.min() < length else 1  # a padded row needs one token + its last
+    if lengths.shape != (batch,) or lengths.max() != length or lengths.min() < shortest:
+        raise EdgepruneError(f"lengths {lengths.tolist()}: expected {batch} prompt lengths, the longest = the padded "
+                             f"length {length}, each >= 2 when rows differ")
+    return lengths

@@ -18,7 +18,7 @@ from edgeprune.errors import BundleError, ModelError
 from edgeprune.runtime.bundle import Bundle, check_vision_outputs, load_bundle
 from edgeprune.runtime.format import VISION_POSITIONS, VISION_TOKENS, Bucket, Files
 from edgeprune.runtime.buckets import pick_bucket
-from edgeprune.runtime.positions import build_positions_rows
+from edgeprune.runtime.positions import build_positions
 from edgeprune.runtime.preprocess import load_image, preprocess
 from edgeprune.runtime.prompt import encode_prompt
 from edgeprune.runtime.providers import requested_providers, resolve_providers
@@ -40,10 +40,11 @@ class Result:
     positions: np.ndarray                 # [B, K] int64 kept image-token positions
     extras: dict[str, np.ndarray]         # the pruner's extra graph outputs (e.g. "gate")
     timings: dict[str, float]             # seconds per stage (STAGES); decode = all decode steps
-    num_prompt_tokens: int                # prefill length (prefix + K + suffix)
+    num_prompt_tokens: int                # prefill length (prefix + K + suffix; the longest row's)
     kv_bytes: int                         # KV cache at the end of generation
     decode_steps: list[float] = field(default_factory=list)  # seconds per decode step
     buckets: list[int] = field(default_factory=list)        # resolution bucket of each row (0 without buckets)
+    prompt_lengths: list[int] = field(default_factory=list) # each row's prefill length (rows may differ)
 
     @property
     def text(self) -> str:
@@ -96,12 +97,25 @@ class Pipeline:
 
         `on_text(row, piece)` streams decoded text as tokens arrive (pieces concatenate to the row's
         text). Greedy by default; `do_sample` draws top-p samples seeded by `seed`."""
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        return self.generate_rows(images, [prompt] * len(images), max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                  top_p=top_p, temperature=temperature, seed=seed, on_text=on_text)
+
+    def generate_rows(self, images: list, prompts: list[str], *, max_new_tokens: int = 32, do_sample: bool = False,
+                      top_p: float = 1.0, temperature: float = 1.0, seed: int = 0,
+                      on_text: Callable[[int, str], None] | None = None) -> Result:
+        """Answer prompts[i] about images[i], all rows in one batch (the server's batched entry point).
+
+        Prompts may differ in length: the LLM gets the rows right-padded (runtime/llm.py), so a row's greedy
+        tokens are those of the row run alone (up to the float rounding of batched kernels). Same options as
+        `__call__`; one random stream for the batch when sampling."""
         timings = {}
         # 1. preprocess (the adapter's own numpy code), each image at its bucket's size
         start = time.perf_counter()
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise ModelError("no image given")
+        if len(prompts) != len(images):
+            raise ModelError(f"{len(images)} image(s) and {len(prompts)} prompt(s): expected one prompt per image")
         chosen = self.choose_buckets(images)                                              # [B] bucket per image
         groups = {j: [i for i, c in enumerate(chosen) if c == j] for j in sorted(set(chosen))}
         pixels = {j: preprocess([images[i] for i in rows], replace(self.bundle.preprocess,
@@ -124,23 +138,16 @@ class Pipeline:
         timings["vision"] = time.perf_counter() - start
         image_tokens, positions = outputs.pop(VISION_TOKENS), outputs.pop(VISION_POSITIONS)  # [B, K, D], [B, K]
 
-        # 3. sequence [prefix, K image tokens, suffix] and its position ids (the bundle's mode)
+        # 3. per row [prefix, K image tokens, suffix] and its position ids (the bundle's mode), right-padded
         start = time.perf_counter()
-        prefix, suffix = encode_prompt(self.tokenizer, self.bundle.chat_template, prompt)
-        dtype = self.llm.dtype
-        parts = [self._embed_text(prefix, b), image_tokens.astype(dtype), self._embed_text(suffix, b)]
-        embeds = np.ascontiguousarray(np.concatenate(parts, axis=1))                    # [B, L, D]
-        position_ids = build_positions_rows(self.bundle.rope, len(prefix), positions,               # each row's
-                                            [self.buckets[c][Bucket.NUM_IMAGE_TOKENS] for c in chosen],  # own N and
-                                            [self.buckets[c][Bucket.GRID] for c in chosen], len(suffix),  # grid
-                                            self.bundle.positions_mode)                 # [B, L] or [3, B, L]
+        embeds, position_ids, lengths = self._llm_inputs(image_tokens, positions, prompts, chosen)
         timings["embed"] = time.perf_counter() - start
 
         # 4. prefill + decode with the KV cache; stream text per row
         streamer = _Streamer(self.tokenizer, b, self.bundle.eos_token_ids, on_text) if on_text else None
         gen = self.llm.generate(embeds, position_ids, max_new_tokens=max_new_tokens,
                                 eos_token_ids=self.bundle.eos_token_ids, do_sample=do_sample, top_p=top_p,
-                                temperature=temperature, seed=seed,
+                                temperature=temperature, seed=seed, lengths=lengths,
                                 on_token=streamer.push if streamer else None)
         timings["prefill"] = gen.prefill_s
         timings["decode"] = float(sum(gen.decode_s))
@@ -150,7 +157,41 @@ class Pipeline:
             streamer.flush(texts)
         return Result(texts=texts, ids=ids, positions=positions.astype(np.int64), extras=outputs, timings=timings,
                       num_prompt_tokens=gen.num_prompt_tokens, kv_bytes=gen.kv_bytes, decode_steps=list(gen.decode_s),
-                      buckets=chosen)
+                      buckets=chosen, prompt_lengths=lengths.tolist())
+
+    def _llm_inputs(self, image_tokens: np.ndarray, positions: np.ndarray, prompts: list[str], chosen: list[int]):
+        """-> (inputs_embeds [B, L, D], position_ids [B, L] or [3, B, L], lengths [B]): row i is
+        [prefix, its K image tokens, its prompt's suffix], right-padded with zeros to the longest row L."""
+        b, k = positions.shape
+        encoded = [encode_prompt(self.tokenizer, self.bundle.chat_template, prompt) for prompt in prompts]
+        prefix = encoded[0][0]                      # the template's text before the image: the same for every row
+        suffixes = [suffix for _, suffix in encoded]
+        lengths = np.array([len(prefix) + k + len(s) for s in suffixes], dtype=np.int64)
+        width = int(lengths.max())
+        dtype = self.llm.dtype
+        embeds = np.zeros((b, width, self.llm.hidden_size), dtype=dtype)
+        embeds[:, :len(prefix)] = self._embed_rows([prefix])
+        embeds[:, len(prefix):len(prefix) + k] = image_tokens.astype(dtype)
+        suffix_embeds = self._embed_rows(suffixes)                                     # [B, S_max, D]
+        rows = []
+        for i, suffix in enumerate(suffixes):
+            embeds[i, len(prefix) + k:lengths[i]] = suffix_embeds[i, :len(suffix)]
+            bucket = self.buckets[chosen[i]]
+            ids = build_positions(self.bundle.rope, len(prefix), positions[i:i + 1], bucket[Bucket.NUM_IMAGE_TOKENS],
+                                  bucket[Bucket.GRID], len(suffix), self.bundle.positions_mode)  # [1, L_i] / [3, 1, L_i]
+            pad = [(0, 0)] * (ids.ndim - 1) + [(0, width - ids.shape[-1])]
+            rows.append(np.pad(ids, pad))
+        return np.ascontiguousarray(embeds), np.concatenate(rows, axis=-2), lengths
+
+    def _embed_rows(self, texts: list[list[int]]) -> np.ndarray:
+        """Token ids of text parts -> [len(texts), longest, D] embeddings (zeros past each part's end)."""
+        width = max(map(len, texts))
+        if width == 0:
+            return np.zeros((len(texts), 0, self.llm.hidden_size), dtype=self.llm.dtype)
+        ids = np.zeros((len(texts), width), dtype=np.int64)
+        for i, part in enumerate(texts):
+            ids[i, :len(part)] = part
+        return self.llm.embed(ids)
 
     def choose_buckets(self, images: list) -> list[int]:
         """The resolution bucket of each image (runtime/buckets.py); all 0 without buckets."""
@@ -158,13 +199,6 @@ class Pipeline:
             return [0] * len(images)
         sizes = [tuple(bucket[Bucket.SIZE]) for bucket in self.buckets]
         return [pick_bucket((im.height, im.width), sizes) for im in map(load_image, images)]
-
-    def _embed_text(self, ids: list[int], batch: int) -> np.ndarray:
-        """ids of one text part -> [B, len, D], the same embeddings for every row (one prompt)."""
-        if not ids:
-            return np.zeros((batch, 0, self.llm.hidden_size), dtype=self.llm.dtype)
-        emb = self.llm.embed(np.asarray([ids], dtype=np.int64))                         # [1, len, D]
-        return np.broadcast_to(emb, (batch, *emb.shape[1:])).astype(self.llm.dtype)
 
 
 def _cut_at_eos(ids: np.ndarray, eos: list[int]) -> list[list[int]]:

@@ -77,6 +77,31 @@ def test_batch_rows_are_independent(ort_llm, prompt):
     np.testing.assert_array_equal(both[1:], second)
 
 
+@pytest.mark.parametrize("cut", [(12, 7), (5, 12), (12, 2)])
+def test_rows_of_different_lengths_equal_each_row_alone(ort_llm, llm, prompt, cut):
+    """Right-padded rows (the server's batches of different prompts): each row's greedy tokens equal the row
+    run alone at its own length, and the torch loop's; the padding's contents do not matter."""
+    embeds, positions = prompt
+    lengths = np.array(cut)
+    padded = embeds.copy()
+    for b, n in enumerate(lengths):
+        padded[b, n:] = 99.0                                          # junk in the padding
+    gen = ort_llm.generate(padded, positions, max_new_tokens=10, eos_token_ids=None, lengths=lengths)
+    for b, n in enumerate(lengths):
+        alone = ort_llm.generate(embeds[b:b + 1, :n], positions[b:b + 1, :n], max_new_tokens=10, eos_token_ids=None)
+        np.testing.assert_array_equal(gen.ids[b], alone.ids[0], err_msg=f"row {b} of lengths {cut}")
+        np.testing.assert_array_equal(gen.ids[b], torch_generate(llm, embeds[b:b + 1, :n], positions[b:b + 1, :n],
+                                                                 10)[0])
+    assert gen.num_prompt_tokens == 12
+
+
+def test_padded_lengths_are_checked(ort_llm, prompt):
+    embeds, positions = prompt
+    for lengths in ([12], [11, 10], [12, 1], [13, 12]):
+        with pytest.raises(EdgepruneError, match="lengths"):
+            ort_llm.generate(embeds, positions, max_new_tokens=2, eos_token_ids=None, lengths=lengths)
+
+
 def test_top_p_sampling_matches_torch_with_same_seed(ort_llm, llm, prompt):
     embeds, positions = prompt
     kw = dict(do_sample=True, top_p=0.9, temperature=0.7, seed=3)

@@ -106,6 +106,26 @@ def test_batch_rows_equal_single_runs(pipelines, images):
         assert alone.ids[0] == both.ids[i]
 
 
+def test_rows_with_different_prompts_equal_single_requests(pipelines, images):
+    """The server's batched entry point: a prompt per row, of different lengths; each row's greedy tokens
+    equal the single request's (and a repeated row its twin's)."""
+    pipe = pipelines(METHODS[0], "original")
+    prompts = ["Describe it.", "What colour is the large object in the middle of this picture?", "Describe it."]
+    rows = [images[0], images[1], images[1]]
+    got = pipe.generate_rows(rows, prompts, max_new_tokens=NEW)
+    lengths = got.prompt_lengths
+    assert lengths[0] == lengths[2] < lengths[1] == got.num_prompt_tokens
+    for i, (image, prompt) in enumerate(zip(rows, prompts)):
+        alone = pipe(image, prompt, max_new_tokens=NEW)
+        assert got.ids[i] == alone.ids[0], f"row {i}: batched {got.ids[i]} vs alone {alone.ids[0]}"
+        assert got.texts[i] == alone.texts[0]
+        np.testing.assert_array_equal(got.positions[i], alone.positions[0])
+        assert alone.prompt_lengths == [lengths[i]]
+    assert got.ids[1] != got.ids[2]                 # the prompt reaches its row
+    with pytest.raises(ModelError, match="one prompt per image"):
+        pipe.generate_rows(rows, prompts[:2])
+
+
 def test_sampling_matches_reference_and_is_seeded(adapter, images, pipelines):
     method, mode = METHODS[0], "compact"
     pipe = pipelines(method, mode)
