@@ -28,6 +28,9 @@ SUBCOMMANDS: dict[str, str] = {
     "plan": "plan",
     "eval": "eval",
     "calibrate": "calibrate",
+    "serve": "serve",
+    "triton-repo": "triton_repo",
+    "bench-serve": "bench_serve",
 }
 
 log = logging.getLogger("edgeprune")
