@@ -5,7 +5,8 @@ becomes one Triton request (through Triton's own HTTP API, so Triton's dynamic b
 Supported: one user message whose content holds text parts and exactly one `image_url` part with a data URI
 (data:image/png;base64,...); `max_tokens` / `max_completion_tokens`, `temperature` (absent or 0: greedy),
 `top_p`, `seed`; `stream: true` answers in server-sent events (the whole answer in one chunk: the model is
-batched, not streamed). System messages are ignored (the bundle's chat template has its own).
+batched, not streamed). System messages are ignored (the bundle's chat template has its own). Beside OpenAI's
+fields, a reply carries "edgeprune": kept image-token positions, per-stage timings (ms) and the batch size formed.
 Errors come back as HTTP 400 (the request) or 502/503 (the server), with OpenAI's {"error": {...}} body.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
-from edgeprune.serve.protocol import MODEL_NAME, RequestError
+from edgeprune.serve.protocol import MODEL_NAME, STAGES_MS, RequestError
 
 __all__ = ["start_openai_server", "chat_to_tensors", "TritonHttp"]
 
@@ -163,8 +164,13 @@ def start_openai_server(host: str, port: int, triton_url: str) -> ThreadingHTTPS
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                      "total_tokens": prompt_tokens + completion}
             if not body.get("stream"):
+                # "edgeprune": what OpenAI's format has no field for (kept image-token positions, stage timings)
+                extra = {"positions": out["positions"].reshape(-1).tolist(),
+                         "timings_ms": dict(zip(STAGES_MS, map(float, out["timings_ms"].reshape(-1)))),
+                         "batch_size": int(out["batch_size"].reshape(-1)[0])}
                 return self._json(HTTPStatus.OK, {**head, "object": "chat.completion", "usage": usage, "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}]})
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
+                    "edgeprune": extra})
             chunks = [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": None},
                       {"index": 0, "delta": {}, "finish_reason": reason}]
             events = b"".join(b"data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [c]})

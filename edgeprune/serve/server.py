@@ -42,6 +42,11 @@ def import_pytriton():
         raise MissingDependencyError(f"serving needs PyTriton ({err}): pip install 'edgeprune[serve]' in an "
                                      "environment built on a Python with a shared libpython (NOTES: Debian's "
                                      "python3.11 with libpython3.11)") from None
+    from edgeprune.serve.libpython import problem
+
+    reason = problem()
+    if reason:
+        raise MissingDependencyError(f"Triton's Python backend cannot run on this Python: {reason}")
     import pytriton
     return pytriton
 
