@@ -15,14 +15,14 @@ import pytest
 from edgeprune.serve.bench import ServerProcess, workload
 
 NEW = 8
-LONG = "word " * 80          # > --max-prompt-tokens 64 below
+LONG = "word " * 100         # > --max-prompt-tokens 200 below (tiny-llava tokenises by characters)
 
 
 @pytest.fixture(scope="module")
 def server(serve_python, tiny_bundle, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     # a long queue delay so that requests sent together reliably land in one batch
-    args = ("--max-batch", "8", "--max-queue-delay-us", "400000", "--max-prompt-tokens", "64", "--threads", "1")
+    args = ("--max-batch", "8", "--max-queue-delay-us", "400000", "--max-prompt-tokens", "200", "--threads", "1")
     with ServerProcess(tiny_bundle, args, openai=True, log_path=log, python=str(serve_python)) as proc:
         proc.wait_ready(timeout_s=300)
         yield proc
