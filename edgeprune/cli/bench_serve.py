@@ -2,7 +2,7 @@
 
 Example: edgeprune bench-serve bundles/mini-k64 --clients 1,4,16 --requests 200
 Starts the server, answers W distinct requests one at a time (the references), then per level sends --requests
-requests from that many concurrent clients; every answer must equal its single-request answer. The last line
+requests from that many concurrent clients (levels interleaved round-robin over --rounds); every answer must equal its single-request answer. The last line
 reads "N requests, M lost or mismatched" (N over all levels); the exit code is 1 when M > 0.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ def add_parser(subparsers):
     add_bundle_args(p)
     p.add_argument("--clients", default="1,4,16", help="concurrency levels, comma-separated (default 1,4,16)")
     p.add_argument("--requests", type=int, default=100, help="requests per level (default 100)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleave the levels round-robin over this many rounds (default 3)")
     p.add_argument("--distinct", type=int, default=12, help="distinct (image, prompt) requests cycled (default 12)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="max_new_tokens of every request (default 16)")
     p.add_argument("--time-limit", type=float, default=900.0,
@@ -44,7 +46,7 @@ def run(args) -> int:
                    "--max-new-tokens-limit", str(args.max_new_tokens_limit)]
     if args.threads:
         server_args += ["--threads", str(args.threads)]
-    options = BenchOptions(clients=clients, requests=args.requests, distinct=args.distinct,
+    options = BenchOptions(clients=clients, requests=args.requests, rounds=args.rounds, distinct=args.distinct,
                            max_new_tokens=args.max_new_tokens, time_limit_s=args.time_limit,
                            bad_every=args.bad_every, server_args=tuple(server_args), limits=limits)
     return 1 if run_bench(args.bundle, options, log_path=args.server_log) else 0

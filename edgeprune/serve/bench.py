@@ -2,12 +2,12 @@
 
 The workload cycles over W distinct requests (an image + a prompt; prompts of different lengths, so batches mix
 prompt lengths). Their single-request answers come first, one at a time through the same server (each alone in
-its batch); then, per concurrency level, C client threads send `requests` requests between them, and every greedy
-answer must equal its single-request answer: a request with no answer (error, timeout, out of time) is lost, one
-with another answer is mismatched. With `bad_every`, every n-th request is broken on purpose (corrupt image,
+its batch); then, per concurrency level, C client threads send `requests` requests between them (the levels
+interleaved round-robin over `rounds` rounds), and every greedy answer must equal its single-request answer: a
+request with no answer (error, timeout, out of time) is lost, one with another answer is mismatched. With `bad_every`, every n-th request is broken on purpose (corrupt image,
 over-long prompt, bad parameter, in turn): it must fail alone, with an error, and counts as lost otherwise.
-The server's RSS (its process and Triton's, psutil) is read before and after each level.
-Bounded in count and time: at most `requests` per level, `max_clients` clients, `time_limit_s` per level.
+The server's RSS (its process and Triton's, psutil) is read before and after each round of each level.
+Bounded in count and time: at most `requests` per level, MAX_CLIENTS clients, `time_limit_s` per level.
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ class BenchOptions:
     requests: int = 100                 # per concurrency level
     distinct: int = 12                  # W: distinct requests in the workload
     max_new_tokens: int = 16
-    time_limit_s: float = 900.0         # per level; requests not answered by then are lost
+    rounds: int = 3                     # levels interleaved round-robin, each round a share of the requests
+    time_limit_s: float = 900.0         # per level (over its rounds); requests not answered by then are lost
     request_timeout_s: float = 300.0
     bad_every: int = 0                  # 0: no broken requests
     server_args: tuple[str, ...] = ()   # passed to `edgeprune serve`
@@ -60,6 +61,15 @@ class Level:
     wall_s: float = 0.0
     rss_mib: tuple[float, float] = (0.0, 0.0)
     problems: list[str] = field(default_factory=list)
+
+    def add(self, part: "Level") -> None:
+        """Fold one round of this level in (RSS: the first round's start, the last round's end)."""
+        for name in ("sent", "lost", "mismatched", "bad_refused", "wall_s"):
+            setattr(self, name, getattr(self, name) + getattr(part, name))
+        self.latencies += part.latencies
+        self.batches += part.batches
+        self.problems += part.problems
+        self.rss_mib = (self.rss_mib[0] if self.sent > part.sent else part.rss_mib[0], part.rss_mib[1])
 
 
 def free_ports(n: int) -> list[int]:
@@ -176,14 +186,15 @@ def _answer(client, tensors: dict) -> tuple[str | None, str, int]:
     return out["text"].reshape(-1)[0].decode("utf-8"), "", int(out["batch_size"].reshape(-1)[0])
 
 
-def run_level(client, clients: int, work: list, references: list[str], options: BenchOptions,
+def run_level(client, clients: int, indices: range, work: list, references: list[str], options: BenchOptions,
               limits: Limits, server: ServerProcess) -> Level:
+    """Requests `indices` (request i asks work[i % W]) from `clients` concurrent clients."""
     level = Level(clients)
     lock = threading.Lock()
-    counter = iter(range(options.requests))
+    counter = iter(indices)
     rss_start = server.rss_mib()
     start = time.perf_counter()
-    deadline = start + options.time_limit_s
+    deadline = start + options.time_limit_s / options.rounds
 
     def worker():
         while time.perf_counter() < deadline:
@@ -224,7 +235,7 @@ def run_level(client, clients: int, work: list, references: list[str], options: 
     for t in threads:
         t.join(max(0.0, deadline - time.perf_counter()) + options.request_timeout_s)
     level.wall_s = time.perf_counter() - start
-    level.lost += options.requests - level.sent        # never sent: out of time
+    level.lost += len(indices) - level.sent            # never sent: out of time
     level.rss_mib = (rss_start, server.rss_mib())
     return level
 
@@ -235,8 +246,9 @@ def run_bench(bundle: str | Path, options: BenchOptions, out=sys.stdout, log_pat
 
     if not options.clients or min(options.clients) < 1 or max(options.clients) > MAX_CLIENTS:
         raise EdgepruneError(f"--clients {','.join(map(str, options.clients))}: expected 1..{MAX_CLIENTS} each")
-    if options.requests < 1:
-        raise EdgepruneError(f"--requests {options.requests}: expected >= 1")
+    if not 1 <= options.rounds <= options.requests:
+        raise EdgepruneError(f"--requests {options.requests}, --rounds {options.rounds}: expected 1 <= rounds <= "
+                             "requests")
     limits = options.limits
     work = workload(options.distinct)
     print(f"starting edgeprune serve {bundle} {' '.join(options.server_args)}", file=out, flush=True)
@@ -251,10 +263,15 @@ def run_bench(bundle: str | Path, options: BenchOptions, out=sys.stdout, log_pat
             references.append(text)
         print(f"{len(work)} distinct requests answered one at a time (the references); e.g. {references[0]!r}",
               file=out, flush=True)
-        levels = []
-        for clients in options.clients:
-            levels.append(run_level(client, clients, work, references, options, limits, server))
-            print(_row(levels[-1]), file=out, flush=True)
+        levels = {clients: Level(clients) for clients in options.clients}
+        print(HEADER, file=out, flush=True)
+        for r in range(options.rounds):            # round-robin, so that load drifts hit every level alike
+            share = range(r * options.requests // options.rounds, (r + 1) * options.requests // options.rounds)
+            for clients in options.clients:
+                part = run_level(client, clients, share, work, references, options, limits, server)
+                levels[clients].add(part)
+                print(f"{_row(part)}  (round {r + 1}/{options.rounds})", file=out, flush=True)
+    levels = list(levels.values())
     _report(levels, options, out)
     return sum(level.lost + level.mismatched for level in levels)
 
@@ -272,6 +289,7 @@ def _row(level: Level) -> str:
 
 
 def _report(levels: list[Level], options: BenchOptions, out) -> None:
+    print(f"over {options.rounds} round(s):", file=out)
     print(HEADER, file=out)
     for level in levels:
         print(_row(level), file=out)
