@@ -19,12 +19,17 @@ from edgeprune.serve.repo import RepoOptions, write_repo
 
 CLIENT = """
 import json, sys
+import numpy as np
 from edgeprune.serve.bench import request_tensors, workload
 from edgeprune.serve.openai import TritonHttp
 client, out = TritonHttp(sys.argv[1]), []
-for image, prompt in workload(3):
+work = workload(3)
+for image, prompt in work:
     result = client.infer(request_tensors(image, prompt, 8))
     out.append([result["text"][0][0].decode(), result["positions"][0][0].tolist()])
+two = request_tensors(work[0][0], work[0][1], 8)
+two["image"] = np.array([[work[0][0], work[1][0]]], dtype=object)     # two images, one prompt: an answer each
+out.append([t.decode() for t in client.infer(two)["text"][0]])
 try:
     client.infer(request_tensors(b"broken", "hi", 8))
 except Exception as err:
@@ -70,10 +75,12 @@ def test_repository_loads_in_a_stock_tritonserver(serve_python, tiny_bundle, sin
         result = subprocess.run([str(serve_python), "-c", CLIENT, f"127.0.0.1:{http}"], capture_output=True,
                                 text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
-        *answers, error = json.loads(result.stdout)
-        for (image, prompt), (text, positions) in zip(workload(3), answers):
+        *answers, pair, error = json.loads(result.stdout)
+        work = workload(3)
+        for (image, prompt), (text, positions) in zip(work, answers):
             alone = single(image, prompt, 8)
             assert text == alone.texts[0] and positions == alone.positions[0].tolist()
+        assert pair == [single(work[0][0], work[0][1], 8).texts[0], single(work[1][0], work[0][1], 8).texts[0]]
         assert "[400]" in error and "image 0: cannot decode" in error
     finally:
         proc.terminate()
