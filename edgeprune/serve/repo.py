@@ -135,8 +135,9 @@ def write_repo(bundle: str | Path, out: str | Path, options: RepoOptions = RepoO
             raise EdgepruneError(f"{out} exists; pass --force to replace it")
         if not (out / MODEL_NAME / "config.pbtxt").is_file():
             raise EdgepruneError(f"{out} exists and is not a repository written by edgeprune triton-repo: not replaced")
-    if options.max_batch < 1 or options.instances < 1 or options.max_queue_delay_us < 0 or options.threads < 0:
-        raise EdgepruneError(f"{options}: expected max_batch and instances >= 1, delay and threads >= 0")
+    for name, least in (("max_batch", 1), ("instances", 1), ("max_queue_delay_us", 0), ("threads", 0)):
+        if getattr(options, name) < least:
+            raise EdgepruneError(f"--{name.replace('_', '-')} {getattr(options, name)}: expected an integer >= {least}")
     loaded = load_bundle(bundle, verify=True)   # refuse a broken bundle here, not in the container
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))

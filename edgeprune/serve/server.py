@@ -40,8 +40,8 @@ def import_pytriton():
         import pytriton.triton  # noqa: F401
     except ImportError as err:
         raise MissingDependencyError(f"serving needs PyTriton ({err}): pip install 'edgeprune[serve]' in an "
-                                     "environment built on a Python with a shared libpython (NOTES: Debian's "
-                                     "python3.11 with libpython3.11)") from None
+                                     "environment built on a Python with its own shared libpython (README, Serving: "
+                                     "Debian's python3.11 with libpython3.11)") from None
     from edgeprune.serve.libpython import problem
 
     reason = problem()

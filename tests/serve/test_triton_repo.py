@@ -110,5 +110,7 @@ def test_repository_files_and_refusals(tiny_bundle, tmp_path):
     assert (mine / "notes.txt").read_text() == "keep me"
     with pytest.raises(BundleError):
         write_repo(tmp_path / "no-bundle", tmp_path / "other")
+    with pytest.raises(EdgepruneError, match="--max-batch 0: expected an integer >= 1"):
+        write_repo(tiny_bundle, tmp_path / "other", RepoOptions(max_batch=0))
     assert not (tmp_path / "other").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp folder left behind
