@@ -62,3 +62,15 @@ def test_runtime_equals_reference(adapter, bundles, method, batch):
     np.testing.assert_array_equal(got.positions, ref.image_positions)
     assert got.ids == ref.ids
     assert ref.position_ids.shape == (3, batch, got.num_prompt_tokens)
+
+
+def test_rows_with_different_prompts_equal_single_requests(bundles):
+    """The server's batched entry point with M-RoPE ids: right-padded rows of different prompt lengths decode
+    from each row's own largest id; every row's greedy tokens equal the single request's."""
+    images = seeded_images((168, 224), 2, seed=5)
+    pipe = Pipeline(bundles["divprune"][0], threads=1)
+    prompts = [PROMPT, "What colour is the large object in the middle of this picture, and where is it?"]
+    got = pipe.generate_rows(list(images), prompts, max_new_tokens=8)
+    assert got.prompt_lengths[0] < got.prompt_lengths[1]
+    for i, prompt in enumerate(prompts):
+        assert got.ids[i] == pipe(images[i], prompt, max_new_tokens=8).ids[0], f"row {i}"
