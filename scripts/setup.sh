@@ -38,11 +38,12 @@ libpython_ok || apt_install python3.11 python3.11-venv libpython3.11 || true
 if libpython_ok; then
   [ -x .venv-serve/bin/python ] || "$SERVE_PYTHON" -m venv .venv-serve
   SPIP=".venv-serve/bin/pip --disable-pip-version-check -q"
-  if [ "${EDGEPRUNE_EDITABLE:-0}" = 1 ]; then $SPIP install --no-deps -e .; else $SPIP install --no-deps .; fi
-  # the [runtime] and [serve] extras, read from pyproject.toml (installing ".[serve]" would pull torch)
+  # the [runtime] and [serve] extras, read from pyproject.toml; then edgeprune itself without its dependencies
+  # (installing ".[serve]" would pull torch)
   .venv-serve/bin/python -c 'import tomllib; extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]
 print("\n".join(extras["runtime"] + extras["serve"]))' > .venv-serve/requirements-serve.txt
   $SPIP install -r .venv-serve/requirements-serve.txt
+  if [ "${EDGEPRUNE_EDITABLE:-0}" = 1 ]; then $SPIP install --no-deps -e .; else $SPIP install --no-deps .; fi
   .venv-serve/bin/edgeprune serve --help >/dev/null
 else
   echo "note: no Python 3.11 with venv and its own shared libpython ($SERVE_PYTHON); the serving tests will be skipped"
