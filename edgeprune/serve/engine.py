@@ -28,8 +28,8 @@ class Engine:
         from edgeprune.runtime.pipeline import Pipeline
 
         self.pipeline = Pipeline(bundle, providers=providers, threads=threads)
-        fixed = self.pipeline._vision_batch
-        if isinstance(fixed, int):
+        fixed = self.pipeline.vision.batch
+        if fixed is not None:
             raise BundleError(f"{bundle}: its vision graph takes exactly {fixed} image(s) (exported with --batch "
                               f"{fixed}); serving batches requests: export it without --batch")
         self.limits = limits
