@@ -34,10 +34,13 @@ the key and says to re-export.
 Adding a key (rule for this development release: schema 2 stays 2 until the release ships, later
 issues add keys to it without a bump). It is ONE line here, plus the code that writes and reads it:
 
-    LLM_QUANTIZATION = Key("llm.quantization", default="none")   # str, weight quantization
+    LLM_QUANTIZATION = Key("llm.quantization", TEXT, default="none")   # weight quantization
 
-- `Key("x.y")` is required: `read` refuses a manifest without it, so write it in every export.
-  `Key("x.y", default=v)` is optional: `read` fills `v` when it is absent (older schema-2 bundles of
+- The Kind (TEXT, COUNT, GRAPH, ... below) is what JSON value the key holds; `read` checks every key's
+  value against it, nested records included, and a mismatch is a BundleError naming the key and what
+  was expected, so readers never meet a string where a number belongs.
+- `Key("x.y", KIND)` is required: `read` refuses a manifest without it, so write it in every export.
+  `Key("x.y", KIND, default=v)` is optional: `read` fills `v` when it is absent (older schema-2 bundles of
   this release, or a fact only some exports have). Prefer optional with a default that means "as
   before", so bundles exported earlier in the release keep loading. export_bundle writes every
   optional key (its value, or the default), so a fresh manifest lists every key.
@@ -53,12 +56,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from edgeprune.errors import BundleError
 
 __all__ = ["SCHEMA_VERSION", "MIN_SCHEMA_VERSION", "FORMAT", "UNKNOWN", "Key", "Keys", "Files", "Graph", "Engine",
-           "Bucket", "PASSED", "read", "write_manifest", "known", "required_keys", "optional_keys", "llm_keys",
-           "bucket_file",
+           "Bucket", "PASSED", "read", "recognise", "write_manifest", "known", "required_keys", "optional_keys",
+           "llm_keys", "bucket_file", "Kind",
            "external_data", "VISION_INPUT", "VISION_TOKENS", "VISION_POSITIONS", "EMBED_INPUT", "EMBED_OUTPUT",
            "DECODER_EMBEDS", "DECODER_POSITIONS", "DECODER_MASK", "DECODER_LOGITS", "KV_KINDS", "past_name",
            "present_name", "past_names", "present_names", "DIM_BATCH", "DIM_SEQUENCE", "DIM_PAST", "DIM_TOTAL"]
@@ -133,83 +137,6 @@ def external_data(file: str) -> str:
     return f"{file}.data"
 
 
-# ---- manifest keys ------------------------------------------------------------------------------
-class Key(str):
-    """A manifest key: its dotted name (a str, so it indexes the manifest directly), and for an
-    optional key the value readers assume when a bundle lacks it (module docstring)."""
-
-    optional: bool
-    default: object
-
-    def __new__(cls, name: str, **default):
-        key = super().__new__(cls, name)
-        if set(default) - {"default"}:
-            raise TypeError(f"Key({name!r}): only default= is accepted")
-        key.optional = "default" in default
-        key.default = default.get("default")
-        return key
-
-
-class Keys:
-    # general
-    FORMAT = Key("general.format")                                # str, FORMAT (schema 1: absent)
-    SCHEMA_VERSION = Key("general.schema_version")                # int
-    EDGEPRUNE_VERSION = Key("general.edgeprune_version")          # str
-    CREATED = Key("general.created", default=None)                # ISO-8601 UTC time of export
-
-    # model
-    MODEL_FAMILY = Key("model.family")                            # str, Adapter.family
-    MODEL_SOURCE = Key("model.source", default="")                # str, the preset or path given to export
-    MODEL_GRID = Key("model.grid")                                # [H, W] patch grid
-    MODEL_NUM_IMAGE_TOKENS = Key("model.num_image_tokens")        # N (= H * W; LLaVA-NeXT: packed length)
-    MODEL_EOS_TOKEN_IDS = Key("model.eos_token_ids")              # [int]
-    MODEL_CHAT_TEMPLATE = Key("model.chat_template")              # ChatTemplate.to_dict()
-
-    # pruner
-    PRUNER_METHOD = Key("pruner.method")                          # registry name
-    PRUNER_KEEP = Key("pruner.keep")                              # K (= N when not pruned)
-    PRUNER_CONFIG = Key("pruner.config")                          # options the pruner was built with (JSON; arrays
-                                                                  # as {"file": "pruner/<k>.npy", "shape", "dtype"})
-    PRUNER_CONFIG_OMITTED = Key("pruner.config_omitted", default={})  # {option: why it is not in pruner.config}
-    PRUNER_SPACE = Key("pruner.space", default="tokens")          # "tokens" or "feats"
-    PRUNER_EXTRA_OUTPUTS = Key("pruner.extra_outputs")            # [name] extra vision graph outputs
-
-    # positions
-    POSITIONS_MODE = Key("positions.mode")                        # runtime.positions.POSITION_MODES
-    POSITIONS_ROPE = Key("positions.rope")                        # runtime.positions.ROPE_KINDS ("1d" | "mrope")
-
-    # vision graph and encoder facts
-    VISION_GRAPH = Key("vision.graph")                            # Graph record
-    VISION_DTYPE = Key("vision.dtype")                            # "float32" | "float16" (the ONNX graph)
-    VISION_BATCH = Key("vision.batch")                            # int, or null for a dynamic batch
-    VISION_BUCKETS = Key("vision.buckets", default=None)          # [Bucket record] resolution buckets; null = one
-                                                                  # size (the first is vision.onnx / model.grid)
-    VISION_NUM_LAYERS = Key("vision.num_layers")                  # encoder layers
-    VISION_HIDDEN_SIZE = Key("vision.hidden_size")                # encoder width
-    VISION_TOKENS_PER_VIEW = Key("vision.tokens_per_view")        # tokens one encoder pass attends over ([CLS] incl.)
-    VISION_VIEWS = Key("vision.views")                            # encoder passes per image (LLaVA-NeXT: 1 + crops)
-
-    # LLM graphs and facts
-    LLM_EMBED_GRAPH = Key("llm.embed_graph")                      # Graph record
-    LLM_DECODER_GRAPH = Key("llm.decoder_graph")                  # Graph record
-    LLM_DTYPE = Key("llm.dtype")                                  # "float32" | "float16" (weights, KV cache)
-    LLM_ATTENTION = Key("llm.attention")                          # "fused" (GroupQueryAttention) | "plain"
-    LLM_NUM_LAYERS = Key("llm.num_layers")
-    LLM_NUM_HEADS = Key("llm.num_heads")                          # query heads
-    LLM_NUM_KV_HEADS = Key("llm.num_kv_heads")
-    LLM_HEAD_DIM = Key("llm.head_dim")
-    LLM_HIDDEN_SIZE = Key("llm.hidden_size")
-    LLM_INTERMEDIATE_SIZE = Key("llm.intermediate_size")          # MLP width
-    LLM_VOCAB_SIZE = Key("llm.vocab_size")
-    LLM_CONTEXT_LENGTH = Key("llm.context_length")                # max_position_embeddings: largest position id + 1
-
-    # files, checks and engines
-    FILES_SHA256 = Key("files.sha256")                            # {relative path: sha256 hex}
-    VALIDATION_VISION = Key("validation.vision", default=None)    # ORT vs torch report of vision.onnx (PASSED ...)
-    VALIDATION_LLM = Key("validation.llm", default=None)          # ORT vs torch report of the LLM graphs (PASSED ...)
-    ENGINE_VISION = Key("engines.vision", default=None)           # Engine record of engines/vision.plan
-
-
 # Fields of the nested records.
 class Graph:        # an ONNX graph: {"file", "inputs": {name: {"shape", "dtype"}}, "outputs": {...}}
     FILE, INPUTS, OUTPUTS, SHAPE, DTYPE = "file", "inputs", "outputs", "shape", "dtype"
@@ -227,6 +154,161 @@ class Engine:       # a TensorRT engine written by build-engine; BATCH = {"min",
 
 
 PASSED = "passed"   # the one flag of every validation report
+
+
+# ---- value kinds --------------------------------------------------------------------------------
+class Kind:
+    """What JSON value a key holds: `expected` says it in words (read's BundleError quotes it) and
+    `test(value)` checks it, nested records included, so readers can index what `read` returned without
+    guarding against a hand-edited manifest (a string where K should be, a graph without its file)."""
+
+    def __init__(self, expected: str, test: Callable[[object], bool]):
+        self.expected, self.test = expected, test
+
+    def __call__(self, value) -> bool:
+        return self.test(value)
+
+
+def _int(v, low: int = 1) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _str_map(v, value: Callable[[object], bool]) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and value(x) for k, x in v.items())
+
+
+def _dims(v) -> bool:       # a graph shape: ints, symbolic names, or null (unknown)
+    return isinstance(v, list) and all(d is None or isinstance(d, str) or _int(d, 0) for d in v)
+
+
+def _graph_values(v) -> bool:
+    return _str_map(v, lambda io: (isinstance(io, dict) and _dims(io.get(Graph.SHAPE))
+                                   and isinstance(io.get(Graph.DTYPE), str)))
+
+
+def _report(v) -> bool:
+    return isinstance(v, dict) and isinstance(v.get(PASSED), bool)
+
+
+def _size(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(_int(d) for d in v)
+
+
+def _bucket(v) -> bool:
+    return (isinstance(v, dict) and _size(v.get(Bucket.SIZE)) and _size(v.get(Bucket.GRID))
+            and _int(v.get(Bucket.NUM_IMAGE_TOKENS)) and isinstance(v.get(Bucket.FILE), str)
+            and (v.get(Bucket.VALIDATION) is None or _report(v[Bucket.VALIDATION])))
+
+
+_SHA256 = frozenset("0123456789abcdef")
+
+TEXT = Kind("a string", lambda v: isinstance(v, str))
+TEXT_OR_NULL = Kind("a string or null", lambda v: v is None or isinstance(v, str))
+COUNT = Kind("an integer >= 1", _int)
+COUNT_OR_NULL = Kind("an integer >= 1 or null", lambda v: v is None or _int(v))
+SIZE = Kind("[height, width], integers >= 1", _size)
+TOKEN_IDS = Kind("a list of token ids (integers >= 0)", lambda v: isinstance(v, list) and all(_int(i, 0) for i in v))
+NAMES = Kind("a list of strings", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v))
+OBJECT = Kind("a JSON object", lambda v: isinstance(v, dict))
+TEMPLATE = Kind("an object with strings 'prefix' and 'suffix'",
+                lambda v: isinstance(v, dict) and isinstance(v.get("prefix"), str) and isinstance(v.get("suffix"), str))
+DTYPE = Kind("'float32' or 'float16'", lambda v: v in ("float32", "float16"))
+GRAPH = Kind("a graph record {file: str, inputs/outputs: {name: {shape: [int|str|null], dtype: str}}}",
+             lambda v: (isinstance(v, dict) and isinstance(v.get(Graph.FILE), str)
+                        and _graph_values(v.get(Graph.INPUTS)) and _graph_values(v.get(Graph.OUTPUTS))))
+BUCKETS = Kind("null or a non-empty list of bucket records {size: [h, w], grid: [h, w], num_image_tokens: int, "
+               "file: str}", lambda v: v is None or (isinstance(v, list) and bool(v) and all(map(_bucket, v))))
+SHA256S = Kind("a non-empty object {relative path: sha256 as 64 lowercase hex digits}",
+               lambda v: bool(v) and _str_map(v, lambda h: isinstance(h, str) and len(h) == 64 and set(h) <= _SHA256))
+REPORT = Kind("null or a report object with a boolean 'passed'", lambda v: v is None or _report(v))
+ENGINE = Kind("null or an engine record {file: str, ...}", lambda v: v is None or (
+    isinstance(v, dict) and isinstance(v.get(Engine.FILE), str)
+    and all(v.get(f) is None or isinstance(v[f], str) for f in (Engine.TIMING_CACHE, Engine.TENSORRT_VERSION,
+                                                               Engine.GPU_NAME, Engine.COMPUTE_CAPABILITY,
+                                                               Engine.PRECISION, Engine.BUILT))
+    and (v.get(Engine.BATCH) is None or (isinstance(v[Engine.BATCH], dict)
+                                         and all(_int(b) for b in v[Engine.BATCH].values())))))
+
+
+# ---- manifest keys ------------------------------------------------------------------------------
+class Key(str):
+    """A manifest key: its dotted name (a str, so it indexes the manifest directly), the Kind of value it
+    holds, and for an optional key the value readers assume when a bundle lacks it (module docstring)."""
+
+    kind: Kind
+    optional: bool
+    default: object
+
+    def __new__(cls, name: str, kind: Kind, **default):
+        key = super().__new__(cls, name)
+        if set(default) - {"default"}:
+            raise TypeError(f"Key({name!r}): only default= is accepted")
+        key.kind = kind
+        key.optional = "default" in default
+        key.default = default.get("default")
+        return key
+
+
+class Keys:
+    # general
+    FORMAT = Key("general.format", TEXT)                            # FORMAT (schema 1: absent)
+    SCHEMA_VERSION = Key("general.schema_version", COUNT)
+    EDGEPRUNE_VERSION = Key("general.edgeprune_version", TEXT)
+    CREATED = Key("general.created", TEXT_OR_NULL, default=None)    # ISO-8601 UTC time of export
+
+    # model
+    MODEL_FAMILY = Key("model.family", TEXT)                        # Adapter.family
+    MODEL_SOURCE = Key("model.source", TEXT, default="")            # the preset or path given to export
+    MODEL_GRID = Key("model.grid", SIZE)                            # [H, W] patch grid
+    MODEL_NUM_IMAGE_TOKENS = Key("model.num_image_tokens", COUNT)   # N (= H * W; LLaVA-NeXT: packed length)
+    MODEL_EOS_TOKEN_IDS = Key("model.eos_token_ids", TOKEN_IDS)
+    MODEL_CHAT_TEMPLATE = Key("model.chat_template", TEMPLATE)      # ChatTemplate.to_dict()
+
+    # pruner
+    PRUNER_METHOD = Key("pruner.method", TEXT)                      # registry name
+    PRUNER_KEEP = Key("pruner.keep", COUNT)                         # K (= N when not pruned)
+    PRUNER_CONFIG = Key("pruner.config", OBJECT)                    # options the pruner was built with (JSON; arrays
+                                                                    # as {"file": "pruner/<k>.npy", "shape", "dtype"})
+    PRUNER_CONFIG_OMITTED = Key("pruner.config_omitted", OBJECT, default={})  # {option: why not in pruner.config}
+    PRUNER_SPACE = Key("pruner.space", TEXT, default="tokens")      # "tokens" or "feats"
+    PRUNER_EXTRA_OUTPUTS = Key("pruner.extra_outputs", NAMES)       # extra vision graph outputs
+
+    # positions
+    POSITIONS_MODE = Key("positions.mode", TEXT)                    # runtime.positions.POSITION_MODES
+    POSITIONS_ROPE = Key("positions.rope", TEXT)                    # runtime.positions.ROPE_KINDS ("1d" | "mrope")
+
+    # vision graph and encoder facts
+    VISION_GRAPH = Key("vision.graph", GRAPH)
+    VISION_DTYPE = Key("vision.dtype", DTYPE)                       # of the ONNX graph
+    VISION_BATCH = Key("vision.batch", COUNT_OR_NULL)               # null for a dynamic batch
+    VISION_BUCKETS = Key("vision.buckets", BUCKETS, default=None)   # resolution buckets; null = one size
+                                                                    # (the first is vision.onnx / model.grid)
+    VISION_NUM_LAYERS = Key("vision.num_layers", COUNT)             # encoder layers
+    VISION_HIDDEN_SIZE = Key("vision.hidden_size", COUNT)           # encoder width
+    VISION_TOKENS_PER_VIEW = Key("vision.tokens_per_view", COUNT)   # tokens one encoder pass attends over (+ [CLS])
+    VISION_VIEWS = Key("vision.views", COUNT)                       # encoder passes per image (LLaVA-NeXT: 1 + crops)
+
+    # LLM graphs and facts
+    LLM_EMBED_GRAPH = Key("llm.embed_graph", GRAPH)
+    LLM_DECODER_GRAPH = Key("llm.decoder_graph", GRAPH)
+    LLM_DTYPE = Key("llm.dtype", DTYPE)                             # weights and KV cache
+    LLM_ATTENTION = Key("llm.attention", TEXT)                      # "fused" (GroupQueryAttention) | "plain"
+    LLM_NUM_LAYERS = Key("llm.num_layers", COUNT)
+    LLM_NUM_HEADS = Key("llm.num_heads", COUNT)                     # query heads
+    LLM_NUM_KV_HEADS = Key("llm.num_kv_heads", COUNT)
+    LLM_HEAD_DIM = Key("llm.head_dim", COUNT)
+    LLM_HIDDEN_SIZE = Key("llm.hidden_size", COUNT)
+    LLM_INTERMEDIATE_SIZE = Key("llm.intermediate_size", COUNT)     # MLP width
+    LLM_VOCAB_SIZE = Key("llm.vocab_size", COUNT)
+    LLM_CONTEXT_LENGTH = Key("llm.context_length", COUNT)           # max_position_embeddings: largest position id + 1
+
+    # files, checks and engines
+    FILES_SHA256 = Key("files.sha256", SHA256S)                     # {relative path: sha256 hex}
+    VALIDATION_VISION = Key("validation.vision", REPORT, default=None)  # ORT vs torch report of vision.onnx
+    VALIDATION_LLM = Key("validation.llm", REPORT, default=None)    # ORT vs torch report of the LLM graphs
+    ENGINE_VISION = Key("engines.vision", ENGINE, default=None)     # Engine record of engines/vision.plan
+
+
 
 
 def _all_keys() -> list[Key]:
@@ -261,16 +343,25 @@ class _FormatError(ValueError):
     pass
 
 
-def _read(manifest: dict) -> dict:
+def recognise(manifest) -> str | None:
+    """None when parsed JSON `manifest` is an edgeprune manifest by its own marker (general.format; schema 1,
+    which predates it: schema_version 1 and its llm.spec), else why not. Nothing else is checked, so a
+    damaged bundle is still recognised (export --force may replace it; read() refuses it)."""
     if not isinstance(manifest, dict):
-        raise _FormatError(f"expected a JSON object, got {type(manifest).__name__}")
-    version = manifest.get(Keys.SCHEMA_VERSION)
-    marker = manifest.get(Keys.FORMAT)
-    if marker is None and version != 1:  # schema 1 predates the marker and is recognised by its version key
-        raise _FormatError(f"not an edgeprune bundle manifest ({Keys.FORMAT} absent, {Keys.SCHEMA_VERSION}="
-                          f"{version!r})")
+        return f"expected a JSON object, got {type(manifest).__name__}"
+    version, marker = manifest.get(Keys.SCHEMA_VERSION), manifest.get(Keys.FORMAT)
+    if marker is None and not (version == 1 and not isinstance(version, bool) and "llm.spec" in manifest):
+        return f"not an edgeprune bundle manifest ({Keys.FORMAT} absent, {Keys.SCHEMA_VERSION}={version!r})"
     if marker is not None and marker != FORMAT:
-        raise _FormatError(f"{Keys.FORMAT}={marker!r}: not an edgeprune bundle (expected {FORMAT!r})")
+        return f"{Keys.FORMAT}={marker!r:.60}: not an edgeprune bundle (expected {FORMAT!r})"
+    return None
+
+
+def _read(manifest: dict) -> dict:
+    problem = recognise(manifest)
+    if problem:
+        raise _FormatError(problem)
+    version = manifest[Keys.SCHEMA_VERSION]
     if isinstance(version, bool) or not isinstance(version, int) or not MIN_SCHEMA_VERSION <= version <= SCHEMA_VERSION:
         raise _FormatError(f"schema {version!r}, this runtime reads {MIN_SCHEMA_VERSION}-{SCHEMA_VERSION}"
                           + ("; upgrade edgeprune" if isinstance(version, int) and version > SCHEMA_VERSION else ""))
@@ -281,7 +372,17 @@ def _read(manifest: dict) -> dict:
     for key in optional_keys():
         if out.get(key) is None:
             out[key] = json.loads(json.dumps(key.default))   # a fresh copy of a mutable default
+    for key in _all_keys():
+        if out[key] is UNKNOWN and version == 1 and key in _V1_UNRECORDED:
+            continue
+        if not key.kind(out[key]):
+            raise _FormatError(f"{key}={_quote(out[key])}: expected {key.kind.expected}")
     return out
+
+
+def _quote(value, limit: int = 60) -> str:
+    text = json.dumps(value, allow_nan=True)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def known(manifest: dict, key: Key):
@@ -298,6 +399,10 @@ def _v1_graph(part: dict, dtypes: dict[str, str]) -> dict:
     def io(values: dict) -> dict:
         return {name: {Graph.SHAPE: list(dims), Graph.DTYPE: dtypes.get(name, dtypes["*"])} for name, dims in values.items()}
     return {Graph.FILE: part["file"], Graph.INPUTS: io(part["inputs"]), Graph.OUTPUTS: io(part["outputs"])}
+
+
+_V1_UNRECORDED = (Keys.LLM_NUM_HEADS, Keys.LLM_INTERMEDIATE_SIZE, Keys.LLM_CONTEXT_LENGTH, Keys.VISION_NUM_LAYERS,
+                  Keys.VISION_HIDDEN_SIZE, Keys.VISION_TOKENS_PER_VIEW, Keys.VISION_VIEWS)
 
 
 def _migrate_v1(m: dict) -> dict:
@@ -321,8 +426,7 @@ def _migrate_v1(m: dict) -> dict:
         raise _FormatError(f"schema 1 llm.spec lacks {err}") from None
     out[Keys.LLM_DTYPE] = dtype
     out[Keys.LLM_ATTENTION] = spec.get("attention", "plain")   # the earliest v1 exports had only plain attention
-    for key in (Keys.LLM_NUM_HEADS, Keys.LLM_INTERMEDIATE_SIZE, Keys.LLM_CONTEXT_LENGTH, Keys.VISION_NUM_LAYERS,
-                Keys.VISION_HIDDEN_SIZE, Keys.VISION_TOKENS_PER_VIEW, Keys.VISION_VIEWS):
+    for key in _V1_UNRECORDED:
         out[key] = UNKNOWN                                     # schema 1 never recorded these
     validation = m.get("validation") or {}
     for key, part in ((Keys.VALIDATION_VISION, "vision"), (Keys.VALIDATION_LLM, "llm")):
