@@ -1,25 +1,40 @@
 """Read and verify a bundle (the format is in runtime/format.py). numpy-free, torch-free.
 
 `load_bundle(path)` checks, in order, and raises `BundleError` naming the file or key:
-the folder and manifest.json exist and parse; format.read accepts it (format marker, schema range,
-older schemas migrated, required keys); every file listed under `files.sha256` exists and its sha256
-matches.
-`check_vision_outputs` compares K (and the extras) in the manifest with the vision graph itself.
+1. the folder and manifest.json exist and parse; format.read accepts it (format marker, schema range,
+   older schemas migrated, required keys, every key's value of its Kind);
+2. the facts agree with each other (position mode and RoPE kind, K <= N, N = H * W for one view, ...);
+3. files: every path the manifest names is a relative path that stays inside the bundle (no '..', no
+   absolute path, no symlink leading out); every file the runtime opens (`runtime_files`: the graphs
+   and their external data, tokenizer, preprocessing, the TensorRT engine) is listed under
+   `files.sha256`; every listed file exists and its sha256 matches (hashing skipped with verify=False).
+   Files in the folder that the manifest does not list are reported in `Bundle.unlisted` (the
+   runtime opens none of them; `run` warns and `inspect` lists them).
+`check_vision_graph` and `check_llm_graphs` compare the manifest with the graphs' own inputs and outputs
+as ONNX Runtime (or TensorRT) reports them; the pipeline runs them on load, so `run` and `inspect` refuse
+the same bundles.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from edgeprune.errors import BundleError
+from edgeprune.errors import BundleError, EdgepruneError
+from edgeprune.fileio import FileLock
 from edgeprune.runtime import format as fmt
-from edgeprune.runtime.format import VISION_POSITIONS, VISION_TOKENS, Bucket, Files, Keys
+from edgeprune.runtime.format import (DECODER_EMBEDS, DECODER_LOGITS, DECODER_POSITIONS, EMBED_OUTPUT, VISION_INPUT,
+                                      VISION_POSITIONS, VISION_TOKENS, Bucket, Engine, Files, Graph, Keys,
+                                      external_data, past_names)
+from edgeprune.runtime.positions import check_rope_mode
 from edgeprune.runtime.preprocess import PreprocessConfig
 from edgeprune.runtime.prompt import ChatTemplate
 
-__all__ = ["Bundle", "load_bundle", "read_manifest", "sha256_file", "hash_files", "check_vision_outputs"]
+__all__ = ["Bundle", "load_bundle", "read_manifest", "sha256_file", "hash_files", "runtime_files", "unlisted_files",
+           "bundle_lock",
+           "check_vision_outputs", "check_vision_graph", "check_llm_graphs"]
 
 _CHUNK = 1 << 20
 
@@ -42,6 +57,17 @@ def hash_files(root: str | Path, rels: list[str] | None = None) -> dict[str, str
     return {rel: sha256_file(root / rel) for rel in sorted(rels) if rel != skip[0] and not rel.startswith(skip[1])}
 
 
+def bundle_lock(out: Path) -> FileLock:
+    """The write lock of bundle folder `out` (`.<name>.lock` beside it), taken at once or a BundleError: what
+    writes a bundle (export, build-engine) holds it, so two writers never race."""
+    try:
+        return FileLock(out.parent / f".{out.name}.lock").acquire(
+            busy=f"{out}: another edgeprune process (export or build-engine) is writing this bundle right now; wait "
+                 "for it to finish")
+    except OSError as err:
+        raise BundleError(f"{out}: cannot write there ({err})") from err
+
+
 def read_manifest(path: str | Path) -> dict:
     """Parse `<bundle>/manifest.json` and check it with format.read (no hashing); returns the manifest in
     the current schema's layout (older schemas migrated, optional keys' defaults filled)."""
@@ -58,21 +84,88 @@ def read_manifest(path: str | Path) -> dict:
     return fmt.read(manifest, where=str(manifest_path))
 
 
-def _verify_files(root: Path, manifest: dict) -> None:
+def _inside(root: Path, rel: str, where: str) -> Path:
+    """root/rel, after checking that `rel` (a path the manifest names) is a plain relative POSIX path that
+    stays inside the bundle: no absolute path, no '..', nothing a symlink leads out of the folder."""
+    pure = PurePosixPath(rel) if isinstance(rel, str) else None
+    if pure is None or not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel or pure.as_posix() != rel:
+        raise BundleError(f"{where}: {rel!r} is not a relative path inside the bundle; re-export the bundle")
+    path = root / rel
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise BundleError(f"{path}: leads outside the bundle (to {real}); refusing to load it")
+    return path
+
+
+def runtime_files(manifest: dict, root: Path) -> list[str]:
+    """Every file the runtime opens (manifest.json aside), as the manifest names them: the vision graph(s),
+    the LLM graphs and their external data (format.external_data, where present), tokenizer, preprocessing
+    and the TensorRT engine when one is recorded."""
+    graphs = [manifest[Keys.VISION_GRAPH][Graph.FILE], Files.VISION, manifest[Keys.LLM_EMBED_GRAPH][Graph.FILE],
+              manifest[Keys.LLM_DECODER_GRAPH][Graph.FILE]]
+    graphs += [bucket[Bucket.FILE] for bucket in manifest[Keys.VISION_BUCKETS] or []]
+    files = [Files.TOKENIZER, Files.PREPROCESS]
+    for graph in dict.fromkeys(graphs):
+        files.append(graph)
+        data = external_data(graph)
+        if data in manifest[Keys.FILES_SHA256] or os.path.lexists(root / data):
+            files.append(data)
+    if manifest[Keys.ENGINE_VISION]:
+        files.append(manifest[Keys.ENGINE_VISION][Engine.FILE])
+    return files
+
+
+def unlisted_files(root: Path, manifest: dict) -> list[str]:
+    """Files in the bundle folder that files.sha256 does not list (manifest.json and ONNX Runtime's run-time
+    TensorRT cache aside), as sorted relative paths."""
+    listed, skip = manifest[Keys.FILES_SHA256], Files.ORT_TRT_CACHE + "/"
+    ours = (Files.MANIFEST, f".{Files.MANIFEST}.tmp")          # the manifest and write_manifest's temp file
+    found = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
+    return sorted(rel for rel in found if rel not in ours and rel not in listed and not rel.startswith(skip))
+
+
+def _verify_files(root: Path, manifest: dict, hash_them: bool) -> None:
+    where = str(root / Files.MANIFEST)
     listed = manifest[Keys.FILES_SHA256]
-    if not isinstance(listed, dict) or not listed:
-        raise BundleError(f"{root / Files.MANIFEST}: {Keys.FILES_SHA256} must be a non-empty object")
-    for required in (Files.VISION, Files.TOKENIZER, Files.PREPROCESS):
-        if required not in listed:
-            raise BundleError(f"{root / Files.MANIFEST}: {Keys.FILES_SHA256} does not list {required}")
+    for rel in runtime_files(manifest, root):
+        path = _inside(root, rel, where)
+        if rel not in listed:
+            raise BundleError(f"{path}: the runtime loads it but {Keys.FILES_SHA256} does not list it, so it cannot "
+                              "be verified; re-export the bundle")
     for rel, expected in listed.items():
-        path = root / rel
+        path = _inside(root, rel, f"{where}: {Keys.FILES_SHA256}")
         if not path.is_file():
             raise BundleError(f"{path}: missing (listed in {Files.MANIFEST}); re-export the bundle")
+        if not hash_them:
+            continue
         actual = sha256_file(path)
         if actual != expected:
             raise BundleError(f"{path}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}...; "
                               "the file was modified or corrupted — re-export the bundle")
+
+
+def _check_facts(root: Path, m: dict) -> None:
+    """The manifest's facts against each other (their JSON types were checked by format.read)."""
+    where = root / Files.MANIFEST
+    try:
+        check_rope_mode(m[Keys.POSITIONS_ROPE], m[Keys.POSITIONS_MODE])
+    except EdgepruneError as err:
+        raise BundleError(f"{where}: {Keys.POSITIONS_ROPE}/{Keys.POSITIONS_MODE}: {err}") from None
+    choices = {Keys.PRUNER_SPACE: ("tokens", "feats"), Keys.LLM_ATTENTION: ("fused", "plain")}
+    for key, allowed in choices.items():
+        if m[key] not in allowed:
+            raise BundleError(f"{where}: {key}={m[key]!r}, expected one of {', '.join(allowed)}")
+    nums = [m[Keys.MODEL_NUM_IMAGE_TOKENS]] + [b[Bucket.NUM_IMAGE_TOKENS] for b in m[Keys.VISION_BUCKETS] or []]
+    if m[Keys.PRUNER_KEEP] > min(nums):
+        raise BundleError(f"{where}: {Keys.PRUNER_KEEP}={m[Keys.PRUNER_KEEP]} exceeds {Keys.MODEL_NUM_IMAGE_TOKENS}="
+                          f"{min(nums)}; expected 1 <= K <= N")
+    h, w = m[Keys.MODEL_GRID]
+    if m[Keys.VISION_VIEWS] == 1 and m[Keys.MODEL_NUM_IMAGE_TOKENS] != h * w:   # LLaVA-NeXT packs several views
+        raise BundleError(f"{where}: {Keys.MODEL_NUM_IMAGE_TOKENS}={m[Keys.MODEL_NUM_IMAGE_TOKENS]} but "
+                          f"{Keys.MODEL_GRID}={[h, w]} has {h * w} cells (one view)")
+    clash = {VISION_TOKENS, VISION_POSITIONS} & set(m[Keys.PRUNER_EXTRA_OUTPUTS])
+    if clash:
+        raise BundleError(f"{where}: {Keys.PRUNER_EXTRA_OUTPUTS} repeats {sorted(clash)}")
 
 
 @dataclass(frozen=True)
@@ -83,6 +176,7 @@ class Bundle:
     manifest: dict
     preprocess: PreprocessConfig
     chat_template: ChatTemplate
+    unlisted: tuple[str, ...] = ()        # files in the folder that files.sha256 does not list (never opened)
 
     def file(self, rel: str) -> Path:
         return self.path / rel
@@ -135,28 +229,29 @@ class Bundle:
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Read and verify the bundle at `path` (verify=False skips hashing, e.g. for `inspect`)."""
+    """Read and check the bundle at `path` (module docstring); verify=False skips only the hashing."""
     root = Path(path)
     manifest = read_manifest(root)
-    if verify:
-        _verify_files(root, manifest)
+    _check_facts(root, manifest)
+    _verify_files(root, manifest, hash_them=verify)
     try:
         pre = PreprocessConfig.from_dict(json.loads((root / Files.PREPROCESS).read_text(encoding="utf-8")))
     except FileNotFoundError as err:
         raise BundleError(f"{root / Files.PREPROCESS}: missing") from err
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise BundleError(f"{root / Files.PREPROCESS}: malformed ({err})") from err
     try:
         template = ChatTemplate.from_dict(manifest[Keys.MODEL_CHAT_TEMPLATE])
-    except (KeyError, TypeError) as err:
-        raise BundleError(f"{root / Files.MANIFEST}: {Keys.MODEL_CHAT_TEMPLATE} malformed ({err})") from err
-    return Bundle(path=root, manifest=manifest, preprocess=pre, chat_template=template)
+    except EdgepruneError as err:
+        raise BundleError(f"{root / Files.MANIFEST}: {Keys.MODEL_CHAT_TEMPLATE}: {err}") from None
+    return Bundle(path=root, manifest=manifest, preprocess=pre, chat_template=template,
+                  unlisted=tuple(unlisted_files(root, manifest)))
 
 
-def check_vision_outputs(bundle: Bundle, outputs: dict[str, list]) -> None:
+def check_vision_outputs(bundle: Bundle, outputs: dict[str, list], file: str = Files.VISION) -> None:
     """`outputs`: the vision graph's output name -> shape (ints or symbolic names), as ORT reports them.
     K and the extra outputs in the manifest must be what the graph produces."""
-    where = f"{bundle.path / Files.VISION}"
+    where = f"{bundle.path / file}"
     expected = [VISION_TOKENS, VISION_POSITIONS, *bundle.extra_outputs]
     if sorted(outputs) != sorted(expected):
         raise BundleError(f"{where}: outputs {sorted(outputs)}, the manifest expects {sorted(expected)}")
@@ -165,3 +260,58 @@ def check_vision_outputs(bundle: Bundle, outputs: dict[str, list]) -> None:
         if k != bundle.keep:
             raise BundleError(f"{where}: output '{name}' has K={k}, the manifest says "
                               f"{Keys.PRUNER_KEEP}={bundle.keep}")
+
+
+def check_vision_graph(bundle: Bundle, bucket: dict, pixels: list, outputs: dict[str, list]) -> None:
+    """One vision graph (`bucket`, a format.Bucket record of bundle.buckets) against the manifest: its pixel
+    input `pixels` [B, 3, H, W] (B an int or a symbolic name) must take the bucket's size and the recorded
+    batch, and its outputs K and the extras (check_vision_outputs)."""
+    where = bundle.path / bucket[Bucket.FILE]
+    h, w = bucket[Bucket.SIZE]
+    batch = bundle.manifest[Keys.VISION_BATCH]
+    expected = [batch if batch is not None else "dynamic", 3, h, w]
+    got = [d if isinstance(d, int) else "dynamic" for d in pixels]
+    if got != expected:
+        raise BundleError(f"{where}: input '{VISION_INPUT}' has shape {got}, the manifest says {expected} "
+                          f"({Keys.VISION_BATCH}, preprocessing size)")
+    check_vision_outputs(bundle, outputs, bucket[Bucket.FILE])
+
+
+def check_llm_graphs(manifest: dict, embed: dict[str, tuple], decoder_inputs: dict[str, tuple],
+                     decoder_outputs: dict[str, tuple], where: Path) -> None:
+    """The LLM facts of `manifest` against the graphs: `embed` = the embed graph's outputs, `decoder_*` the
+    decoder's inputs and outputs, each name -> (shape, element dtype name such as "float32"), as ONNX Runtime
+    reports them (dims: int or a symbolic name). Layers, KV heads, head size, width, vocabulary, dtype and
+    the position-id layout must all be what the graphs take."""
+    m = manifest
+    layers, kv, hd, width = (m[Keys.LLM_NUM_LAYERS], m[Keys.LLM_NUM_KV_HEADS], m[Keys.LLM_HEAD_DIM],
+                             m[Keys.LLM_HIDDEN_SIZE])
+    dtype = m[Keys.LLM_DTYPE]
+    past = sorted(name for name in decoder_inputs if name.startswith("past_key_values."))
+    if past != sorted(past_names(layers)):
+        raise BundleError(f"{where}: the decoder takes {len(past)} past key/value inputs, the manifest's "
+                          f"{Keys.LLM_NUM_LAYERS}={layers} needs {2 * layers}")
+    checks = [(f"past key/values [B, {Keys.LLM_NUM_KV_HEADS}, P, {Keys.LLM_HEAD_DIM}]",
+               decoder_inputs[past_names(layers)[0]], {1: kv, 3: hd}),
+              (f"decoder input '{DECODER_EMBEDS}' [B, L, {Keys.LLM_HIDDEN_SIZE}]", decoder_inputs.get(DECODER_EMBEDS),
+               {2: width}),
+              (f"embed output '{EMBED_OUTPUT}' [B, L, {Keys.LLM_HIDDEN_SIZE}]", embed.get(EMBED_OUTPUT), {2: width}),
+              (f"decoder output '{DECODER_LOGITS}' [B, {Keys.LLM_VOCAB_SIZE}]", decoder_outputs.get(DECODER_LOGITS),
+               {-1: m[Keys.LLM_VOCAB_SIZE]})]
+    for what, io, dims in checks:
+        if io is None:
+            raise BundleError(f"{where}: the LLM graphs lack the {what}")
+        shape, _ = io
+        for axis, value in dims.items():
+            got = shape[axis] if -len(shape) <= axis < len(shape) else None
+            if isinstance(got, int) and got != value:
+                raise BundleError(f"{where}: {what} has {got} at axis {axis}, the manifest says {value}")
+    for name, io in ((DECODER_EMBEDS, decoder_inputs[DECODER_EMBEDS]), ("past key/values",
+                                                                       decoder_inputs[past_names(layers)[0]])):
+        if io[1] != dtype:
+            raise BundleError(f"{where}: decoder input {name} is {io[1]}, the manifest's {Keys.LLM_DTYPE} is {dtype}")
+    rank = 3 if m[Keys.POSITIONS_ROPE] == "mrope" else 2
+    positions = decoder_inputs.get(DECODER_POSITIONS)
+    if positions is None or len(positions[0]) != rank:
+        raise BundleError(f"{where}: decoder input '{DECODER_POSITIONS}' has shape {positions and positions[0]}, "
+                          f"{Keys.POSITIONS_ROPE}={m[Keys.POSITIONS_ROPE]!r} needs rank {rank}")

@@ -4,9 +4,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from edgeprune.errors import EdgepruneError
+from edgeprune.errors import BundleError, EdgepruneError
 
-__all__ = ["PROVIDERS", "requested_providers", "resolve_providers", "provider_names", "session_options"]
+__all__ = ["PROVIDERS", "requested_providers", "resolve_providers", "provider_names", "session_options", "open_session",
+           "check_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +22,16 @@ def requested_providers(names: list | None = None) -> list[str]:
     """The short names asked for (short or full ORT names accepted), in order; ["cpu"] when none.
     An unknown name is an error naming the choices."""
     short = {full: name for name, full in PROVIDERS.items()}
+    if isinstance(names, str):                    # one name, not its letters
+        names = [names]
+    if names is not None and not isinstance(names, (list, tuple)):
+        raise EdgepruneError(f"providers={names!r}: expected a list of names ({', '.join(PROVIDERS)})")
     out = []
     for name in names or ["cpu"]:
-        if isinstance(name, tuple):               # a resolved (full name, options) pair
+        if isinstance(name, tuple) and len(name) == 2 and isinstance(name[1], dict):  # a resolved (name, options)
             name = name[0]
+        if not isinstance(name, str):
+            raise EdgepruneError(f"provider {name!r}: expected a name, one of {', '.join(PROVIDERS)}")
         key = name.lower() if name.lower() in PROVIDERS else short.get(name)
         if key is None:
             raise EdgepruneError(f"unknown provider {name!r}; expected one of {', '.join(PROVIDERS)}")
@@ -52,8 +59,9 @@ def resolve_providers(names: list | None = None, cache_dir: str | Path | None = 
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    resolved = {p[0]: p for p in names or [] if isinstance(p, tuple)}     # keep the options of resolved pairs
     wanted = requested_providers(names)
+    names = [names] if isinstance(names, str) else names
+    resolved = {p[0]: p for p in names or [] if isinstance(p, tuple)}     # keep the options of resolved pairs
     if "tensorrt" in wanted and "cuda" not in wanted:
         wanted.insert(wanted.index("tensorrt") + 1, "cuda")
     out: list = []
@@ -86,12 +94,31 @@ def _writable(folder: Path) -> bool:
         return False
 
 
+def check_threads(threads) -> int | None:
+    """None (ONNX Runtime's choice) or an integer >= 1."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise EdgepruneError(f"threads={threads!r}: expected an integer >= 1 (or none for ONNX Runtime's choice)")
+    return threads
+
+
 def session_options(threads: int | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    if threads:
+    if check_threads(threads):
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # warnings about unused initializers etc. are noise to a user
     return opts
+
+
+def open_session(path: Path, options, providers: list):
+    """An onnxruntime InferenceSession of a bundle's graph; a file ONNX Runtime cannot load (truncated, missing
+    external data) is a BundleError naming it."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as err:  # onnxruntime raises its own (non-Edgeprune) errors for a broken file
+        raise BundleError(f"{path}: onnxruntime cannot load it ({str(err).splitlines()[0] if str(err) else err!r})") \
+            from err

@@ -138,6 +138,7 @@ class TrtVision:
             else (shape, shape, shape)
         self.batch_range = (low[0], high[0])
         self.batch = shape[0] if shape[0] != -1 else None
+        self.input_shape = ["batch" if d == -1 else int(d) for d in shape]
         self.output_shapes = {n: ["batch" if d == -1 else int(d) for d in self.engine.get_tensor_shape(n)]
                               for n in self.output_names}
         self.device = f"TensorRT {trt.__version__} engine ({entry[Engine.PRECISION]})"

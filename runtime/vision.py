@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeprune.errors import BundleError, MissingDependencyError
+from edgeprune.errors import MissingDependencyError
 from edgeprune.runtime.format import VISION_INPUT, Files, Keys
-from edgeprune.runtime.providers import session_options
+from edgeprune.runtime.providers import open_session, session_options
 
 __all__ = ["OrtVision", "open_vision"]
 
@@ -25,19 +25,15 @@ log = logging.getLogger(__name__)
 
 
 class OrtVision:
-    """One vision graph on ONNX Runtime: output_names, output_shapes, batch (None = dynamic), pixel_dtype,
-    device and run(pixels) -> {name: array}."""
+    """One vision graph on ONNX Runtime: input_shape, output_names, output_shapes, batch (None = dynamic),
+    pixel_dtype, device and run(pixels) -> {name: array}."""
 
     def __init__(self, path: Path, providers: list, threads: int | None = None):
-        import onnxruntime as ort
-
-        try:
-            self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
-        except Exception as err:  # onnxruntime raises its own (non-Edgeprune) errors for a broken file
-            raise BundleError(f"{path}: onnxruntime cannot load it ({err})") from err
+        self.session = open_session(path, session_options(threads), providers)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output_shapes = {o.name: o.shape for o in self.session.get_outputs()}
         pixels = self.session.get_inputs()[0]
+        self.input_shape = list(pixels.shape)
         self.batch = pixels.shape[0] if isinstance(pixels.shape[0], int) else None
         self.pixel_dtype = np.dtype(np.float16 if "float16" in pixels.type else np.float32)
         self.device = self.session.get_providers()[0]

@@ -11,7 +11,7 @@ DEFAULT_MODEL = "edgeprune-mini"
 
 
 def add_parser(subparsers):
-    from edgeprune.cli.args import add_bundle_args, add_pruner_args
+    from edgeprune.cli.args import add_bundle_args, add_pruner_args, count
     from edgeprune.runtime.positions import POSITION_MODES
 
     p = subparsers.add_parser("export", help=__doc__.splitlines()[0], description=__doc__)
@@ -25,7 +25,7 @@ def add_parser(subparsers):
                    "(autoselect)")
     p.add_argument("--fp16", action="store_true", help="float16 LLM graphs (the vision graph stays float32 in ONNX; "
                    "`build-engine --fp16` makes its TensorRT engine fp16)")
-    p.add_argument("--batch", type=int, metavar="N", help="fix the vision graph's batch to N (default: dynamic)")
+    p.add_argument("--batch", type=count, metavar="N", help="fix the vision graph's batch to N (default: dynamic)")
     p.add_argument("--attention", choices=("fused", "plain"), default="fused",
                    help="LLM attention kernel: ORT's fused GroupQueryAttention or plain ONNX ops (default: fused)")
     p.add_argument("--image-size", metavar="HxW", help="fixed input size for models whose token count follows the "
@@ -59,8 +59,6 @@ def run(args) -> int:
             raise EdgepruneError(f"--scorer: method {opts.method!r} takes no scorer option; its options: "
                                  f"{', '.join(accepted) or 'none'}")
         cfg["scorer"] = str(args.scorer)
-    if args.batch is not None and args.batch < 1:
-        raise EdgepruneError(f"--batch {args.batch}: expected an integer >= 1")
     image_size = _size(args.image_size, "--image-size") if args.image_size else None
     buckets = [_size(b, "--buckets") for b in args.buckets.split(",") if b.strip()] if args.buckets else None
     check_target(args.out, args.force)  # before the model loads: a refused --out should fail fast
@@ -122,13 +120,14 @@ def parity_lines(manifest: dict) -> list[str]:
     if not v and not llm:
         return ["parity: not validated (--no-validate)"]
     lines = ["parity (ONNX Runtime vs torch, seeded inputs):"]
-    if v:
-        pos = ("positions identical" if v["positions_equal"]
-               else f"positions DIFFER in rows {v['positions_mismatch_rows']}")
-        diff = "n/a" if v["max_abs_diff"] is None else f"{v['max_abs_diff']:.2e}"
-        extras = "".join(f", {k} max |diff| {d:.2e}" for k, d in v.get("extras_max_abs_diff", {}).items())
-        lines.append(f"  vision: {v['images']} images, {pos}, image tokens max |diff| {diff} "
-                     f"(tolerance {v['tolerance']:.0e}){extras}  {'OK' if v[PASSED] else 'FAILED'}")
+    if v:   # the report's numbers as export_bundle writes them; '?' where a hand-edited manifest lacks one
+        pos = ("positions identical" if v.get("positions_equal")
+               else f"positions DIFFER in rows {v.get('positions_mismatch_rows', '?')}")
+        extras = v.get("extras_max_abs_diff")
+        extras = "".join(f", {k} max |diff| {_sci(d)}" for k, d in extras.items()) if isinstance(extras, dict) else ""
+        lines.append(f"  vision: {v.get('images', '?')} images, {pos}, image tokens max |diff| "
+                     f"{_sci(v.get('max_abs_diff'))} (tolerance {_sci(v.get('tolerance'), 0)}){extras}  "
+                     f"{'OK' if v[PASSED] else 'FAILED'}")
     if llm:
         ok = llm[PASSED]
         numbers = ", ".join(f"{k} {val:.2e}" for k, val in llm.items()
@@ -136,3 +135,7 @@ def parity_lines(manifest: dict) -> list[str]:
         tol = f" (tolerance {llm['tolerance']:.0e})" if isinstance(llm.get("tolerance"), float) else ""
         lines.append(f"  llm:    max |logit diff| {numbers}{tol}  {'OK' if ok else 'FAILED'}")
     return lines
+
+
+def _sci(value, digits: int = 2) -> str:
+    return f"{value:.{digits}e}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"

@@ -1,6 +1,8 @@
-"""Summarise a bundle's manifest (model, method, K, positions, graphs, validation) and verify its files.
+"""Summarise a bundle's manifest (model, method, K, positions, graphs, validation) and check it as `run` does.
 
-Exits 1 when a file is missing or its sha256 does not match the manifest.
+Checks the files (listed, inside the bundle, sha256 as recorded; --no-verify skips the hashing) and the
+graphs against the manifest (K, extras, input size and batch, LLM layers, heads, width, vocabulary,
+dtype), lists files the manifest does not list, and exits 1 on the first problem.
 """
 from __future__ import annotations
 
@@ -25,24 +27,40 @@ def run(args) -> int:
     from edgeprune.runtime.bundle import load_bundle, read_manifest
     from edgeprune.runtime.format import Keys
 
-    manifest = read_manifest(args.bundle)          # schema and required keys: a BundleError stops here
-    problem = None
-    if not args.no_verify:
+    manifest = read_manifest(args.bundle)          # marker, schema, keys and their types: a BundleError stops here
+    files_problem = graphs_problem = None
+    unlisted = ()
+    try:
+        unlisted = load_bundle(args.bundle, verify=not args.no_verify).unlisted
+    except BundleError as err:
+        files_problem = str(err)
+    if files_problem is None:
         try:
-            load_bundle(args.bundle, verify=True)
+            _open_like_run(args.bundle)
         except BundleError as err:
-            problem = str(err)
+            graphs_problem = str(err)
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:
         print(summary(manifest, args.bundle))
         print("\n".join(parity_lines(manifest)))
-        if not args.no_verify:
-            print(f"files: {'OK' if problem is None else 'ERROR'} "
-                  f"({len(manifest[Keys.FILES_SHA256])} files, sha256 checked)")
-    if problem is not None:
-        raise BundleError(problem)
+        hashed = "sha256 not checked (--no-verify)" if args.no_verify else "sha256 checked"
+        print(f"files: {'OK' if files_problem is None else 'ERROR'} ({len(manifest[Keys.FILES_SHA256])} files, "
+              f"{hashed})")
+        print(f"graphs: {'ERROR' if graphs_problem else 'not checked' if files_problem else 'OK'} (K, extras, "
+              "input size and batch, LLM layers, heads, width, vocabulary and dtype against the manifest)")
+        for rel in unlisted:
+            print(f"unlisted: {rel} (not in the manifest; the runtime never opens it)")
+    if files_problem or graphs_problem:
+        raise BundleError(files_problem or graphs_problem)
     return 0
+
+
+def _open_like_run(bundle) -> None:
+    """Load the graphs the way `run` does (its checks of the graphs against the manifest), without hashing again."""
+    from edgeprune.runtime.pipeline import Pipeline
+
+    Pipeline(bundle, threads=1, verify=False)
 
 
 def summary(m: dict, path) -> str:
@@ -71,8 +89,8 @@ def summary(m: dict, path) -> str:
                  f"{m[Keys.LLM_ATTENTION]}")
     engine = m[Keys.ENGINE_VISION]
     if engine:
-        lines.append(f"engine:    vision: {engine[Engine.FILE]} (TensorRT {engine[Engine.TENSORRT_VERSION]}, "
-                     f"{engine[Engine.PRECISION]}, {engine.get(Engine.GPU_NAME, 'GPU not recorded')})")
+        lines.append(f"engine:    vision: {engine[Engine.FILE]} (TensorRT {engine.get(Engine.TENSORRT_VERSION, '?')}, "
+                     f"{engine.get(Engine.PRECISION, '?')}, {engine.get(Engine.GPU_NAME, 'GPU not recorded')})")
     return "\n".join(lines)
 
 

@@ -106,7 +106,7 @@ def test_existing_bundle_needs_force(exported, adapter, copy, monkeypatch):
 
 def test_non_bundle_folder_is_never_replaced(adapter, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(BundleError, match="not a bundle"):
+    with pytest.raises(BundleError, match="not an edgeprune bundle"):
         export_bundle(adapter, tmp_path, method=METHOD, keep=16, force=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
