@@ -2,8 +2,12 @@
 a manifest with every file's sha256 and the validation results.
 
 Atomic: everything is built in a temp folder beside the target and renamed into place at the end,
-so a crash leaves either the old bundle or the new one, never half of one. An existing bundle is
-replaced only with force=True; a non-empty folder that is not a bundle is never replaced.
+so a crash leaves either the old bundle or the new one, never half of one. One writer at a time: a
+lock file beside the target (`.<name>.lock`, FileLock) makes a second export to the same folder fail at
+once, and the target is checked again under the lock. What --force may replace (`check_target`): a
+folder whose manifest.json carries edgeprune's format marker and that holds nothing but the files its
+manifest lists (and run-time caches). A folder that is not a bundle, or a bundle holding files of yours,
+is never replaced; neither is the folder you are in.
 """
 from __future__ import annotations
 
@@ -28,9 +32,9 @@ from edgeprune.export.vision import export_vision
 from edgeprune.models.base import Adapter
 from edgeprune.pruners import available
 from edgeprune.pruners.ops import check_keep
-from edgeprune.runtime.bundle import hash_files, load_bundle
+from edgeprune.runtime.bundle import bundle_lock, hash_files, load_bundle, unlisted_files
 from edgeprune.runtime.format import (PASSED, SCHEMA_VERSION, Bucket, Files, Graph, Keys, bucket_file, external_data,
-                                      known, llm_keys, optional_keys, write_manifest)
+                                      known, llm_keys, optional_keys, recognise, write_manifest)
 from edgeprune.runtime.positions import POSITION_MODES, check_rope_mode
 
 __all__ = ["export_bundle", "check_target", "EXPORT_STEPS", "effective_config"]
@@ -85,19 +89,81 @@ def _store_config(config: dict, folder: Path) -> tuple[dict, dict]:
 
 
 def check_target(out: str | Path, force: bool) -> None:
-    """Raise BundleError unless `out` may be written: absent, empty, or a bundle and force=True."""
-    out = Path(out)
+    """Raise BundleError unless `out` may be written: absent, an empty folder, or with force=True an edgeprune
+    bundle (recognised by its format marker) holding only the files its manifest lists."""
+    out = Path(os.path.abspath(out))
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise BundleError(f"{out}: {above} is a file, not a folder; choose another --out")
     if not out.exists():
         return
     if not out.is_dir():
         raise BundleError(f"{out}: exists and is not a folder; choose another --out")
     if not any(out.iterdir()):
         return
-    if not (out / Files.MANIFEST).is_file():
-        raise BundleError(f"{out}: a non-empty folder that is not a bundle (no {Files.MANIFEST}); "
-                          "refusing to replace it, even with --force")
+    manifest, problem = _existing_manifest(out)
+    if problem:
+        raise BundleError(f"{out}: a non-empty folder that is not an edgeprune bundle ({problem}); refusing to replace "
+                          "it, even with --force")
     if not force:
-        raise BundleError(f"{out}: a bundle already exists there; pass --force (force=True) to overwrite it")
+        raise BundleError(f"{out}: a bundle already exists there; pass --force (force=True) to replace it")
+    cwd = Path.cwd()
+    if cwd == out or out in cwd.parents:
+        raise BundleError(f"{out}: the current folder is (inside) the bundle to replace; run from outside it or "
+                          "choose another --out")
+    files = manifest[Keys.FILES_SHA256] if Keys.FILES_SHA256 in manifest else None   # raw JSON: not read() yet
+    if not isinstance(files, dict):
+        raise BundleError(f"{out}: its manifest does not list its files ({Keys.FILES_SHA256}), so --force cannot tell "
+                          "them from yours; remove the folder yourself")
+    theirs = unlisted_files(out, {Keys.FILES_SHA256: files})
+    if theirs:
+        raise BundleError(f"{out}: the bundle holds {len(theirs)} file(s) its manifest does not list ("
+                          f"{', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}); --force replaces only what "
+                          "edgeprune wrote: move them out first")
+
+
+def _existing_manifest(out: Path) -> tuple[dict | None, str | None]:
+    """(the parsed manifest, None) when `out` holds an edgeprune manifest by its marker, else (None, why not)."""
+    path = out / Files.MANIFEST
+    if not path.is_file():
+        return None, f"no {Files.MANIFEST}"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return None, f"{Files.MANIFEST} is not readable JSON: {err}"
+    problem = recognise(manifest)
+    return (None, f"{Files.MANIFEST}: {problem}") if problem else (manifest, None)
+
+
+def _begin_write(out: Path, force: bool):
+    """The lock of `out` and the temp folder to build the bundle in: under the lock, the target is checked again
+    (another writer may have finished since the first check) and what a killed writer left is cleaned up."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BundleError(f"{out}: cannot write there ({err})") from err
+    lock = bundle_lock(out)
+    try:
+        check_target(out, force)
+        _clean_leftovers(out)
+        return lock, Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    except OSError as err:
+        lock.release()
+        raise BundleError(f"{out}: cannot write there ({err})") from err
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Temp folders of a writer killed before it finished (nobody else writes `out` while we hold its lock):
+    .tmp-* are half-built bundles; .old-* hold a replaced bundle, put back if the new one never arrived."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in out.parent.glob(f".{out.name}.old-*"):
+        if not out.exists() and (old / "bundle").is_dir():
+            os.replace(old / "bundle", out)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _normalise_permissions(folder: Path) -> None:
@@ -139,7 +205,7 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
     the others are vision_<h>x<w>.onnx; all are listed under vision.buckets. The runtime picks a bucket per
     image (runtime/buckets.py). Needs a dynamic batch (each graph runs on the images that chose it).
     """
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     cfg = dict(cfg or {})
     if method in available():
         positions = positions or available()[method].default_positions
@@ -161,8 +227,7 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
         for sub in bucket_adapters or [adapter]:
             check_keep(method, keep, sub.num_image_tokens)  # before any work: the pruner checks only when it runs
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    lock, tmp = _begin_write(out, force)      # held until the bundle is in place (module docstring)
     try:
         step(EXPORT_STEPS[0])
         pruner = adapter.build_pruner(method, keep if keep is not None else n, **cfg)
@@ -248,9 +313,14 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
         manifest = write_manifest(tmp, manifest)
         _normalise_permissions(tmp)
         _swap_into_place(tmp, out)
+    except OSError as err:      # a full or read-only disk: nothing was put in place
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BundleError(f"{out}: cannot write the bundle ({err})") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        lock.release()
     return manifest
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 
 from edgeprune.errors import EdgepruneError, MissingDependencyError
-from edgeprune.runtime.bundle import hash_files, load_bundle
+from edgeprune.runtime.bundle import bundle_lock, hash_files, load_bundle
 from edgeprune.runtime.format import VISION_INPUT, Engine, Files, Graph, Keys, write_manifest
 from edgeprune.runtime.preprocess import preprocess
 
@@ -46,8 +47,15 @@ def build_engine(bundle_dir: str | Path, *, fp16: bool = False, int8: bool = Fal
 
     A dynamic-batch graph gets one optimisation profile: batch 1..max_batch, tuned for opt_batch.
     int8 calibrates on `calib_images` (paths), preprocessed by the runtime's own numpy code. An engine
-    already recorded is replaced only with force=True.
+    already recorded is replaced only with force=True. Holds the bundle's write lock (export/bundle.py), so
+    it never races an export or another build-engine of the same bundle.
     """
+    with bundle_lock(Path(os.path.abspath(bundle_dir))):
+        return _build_engine(bundle_dir, fp16=fp16, int8=int8, calib_images=calib_images, workspace_mb=workspace_mb,
+                             max_batch=max_batch, opt_batch=opt_batch, force=force)
+
+
+def _build_engine(bundle_dir, *, fp16, int8, calib_images, workspace_mb, max_batch, opt_batch, force) -> dict:
     trt = require_tensorrt()
     from polygraphy.backend.trt import (Calibrator, CreateConfig, Profile, engine_from_network,
                                         network_from_onnx_path, save_engine)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from edgeprune import __version__
 from edgeprune.errors import EdgepruneError
@@ -74,20 +76,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from edgeprune.cli.args import setup_logging
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so what a command cleans up on an
+    interrupt (an export's temp folder, a lock) is cleaned up on `kill` too."""
 
-    setup_logging(args)
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 an error (one line on stderr), 2 a usage error (argparse), 130 Ctrl-C,
+    143 SIGTERM. Ctrl-C and SIGTERM are caught from the start (the heavy imports happen while the
+    parser is built), so neither prints a traceback."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    command = "command"
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = args.command
+        from edgeprune.cli.args import setup_logging
+
+        setup_logging(args)
         return int(args._run(args) or 0)
     except EdgepruneError as err:
-        print(f"edgeprune {args.command}: error: {err}", file=sys.stderr)
+        print(f"edgeprune {command}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:   # the machine's, not the input's: a full or read-only disk, a permission
+        print(f"edgeprune {command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
