@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnxruntime as ort
 
 from edgeprune.errors import BundleError, EdgepruneError
+from edgeprune.runtime.bundle import check_llm_graphs
+from edgeprune.runtime.checks import check_context, check_count
 from edgeprune.runtime.format import (DECODER_EMBEDS, DECODER_LOGITS, DECODER_MASK, DECODER_POSITIONS, EMBED_INPUT,
                                       Graph, Keys, past_names, present_names)
 from edgeprune.runtime.positions import next_positions
-from edgeprune.runtime.providers import PROVIDERS, provider_names, resolve_providers, session_options
+from edgeprune.runtime.providers import PROVIDERS, open_session, provider_names, resolve_providers, session_options
 from edgeprune.runtime.sampling import check_sampling, make_rng, next_tokens
 
 __all__ = ["OrtLLM", "Generation", "check_gpu_precision", "warn_cpu_fallback"]
@@ -80,6 +81,7 @@ class OrtLLM:
             self.dtype_name, self.attention = manifest[Keys.LLM_DTYPE], manifest[Keys.LLM_ATTENTION]
             self.dtype = NP_DTYPES[self.dtype_name]
             self.rope = manifest[Keys.POSITIONS_ROPE]   # "mrope": position_ids [3, B, L] (export/llm.py)
+            self.context_length = manifest[Keys.LLM_CONTEXT_LENGTH]   # None: a schema-1 bundle never recorded it
             files = {"embed": bundle_dir / manifest[Keys.LLM_EMBED_GRAPH][Graph.FILE],
                      "decoder": bundle_dir / manifest[Keys.LLM_DECODER_GRAPH][Graph.FILE]}
         except KeyError as err:
@@ -91,8 +93,10 @@ class OrtLLM:
         self.providers = resolve_providers(providers)
         check_gpu_precision(self.providers, self.attention, self.dtype_name)
         opts = session_options(threads)
-        self.embed_session = ort.InferenceSession(str(files["embed"]), opts, providers=self.providers)
-        self.decoder = ort.InferenceSession(str(files["decoder"]), opts, providers=self.providers)
+        self.embed_session = open_session(files["embed"], opts, self.providers)
+        self.decoder = open_session(files["decoder"], opts, self.providers)
+        check_llm_graphs(manifest, _signature(self.embed_session.get_outputs()), _signature(self.decoder.get_inputs()),
+                         _signature(self.decoder.get_outputs()), files["decoder"])
         self.device = self.decoder.get_providers()[0]
         warn_cpu_fallback(self.providers, self.decoder.get_providers())
         log.info("LLM on %s (threads=%s, attention=%s, %s)", self.decoder.get_providers(), threads, self.attention,
@@ -131,8 +135,8 @@ class OrtLLM:
             layout = "[B, L]" if self.rope == "1d" else "[3, B, L]"
             raise EdgepruneError(f"inputs_embeds {inputs_embeds.shape} and position_ids {position_ids.shape}: "
                                  f"expected [B, L, D] and {layout} (rope {self.rope!r})")
-        if max_new_tokens < 1:
-            raise EdgepruneError(f"max_new_tokens={max_new_tokens}; expected >= 1")
+        max_new_tokens = check_count("max_new_tokens", max_new_tokens)
+        check_context(max(int(position_ids.max()) + 1, inputs_embeds.shape[1]), max_new_tokens, self.context_length)
         eos = np.array(sorted({int(e) for e in np.atleast_1d(eos_token_ids)}) if eos_token_ids is not None else [],
                        dtype=np.int64)
         if do_sample:
@@ -197,3 +201,11 @@ def _check_lengths(lengths, batch: int, length: int) -> np.ndarray:
         raise EdgepruneError(f"lengths {lengths.tolist()}: expected {batch} prompt lengths, the longest = the padded "
                              f"length {length}, each >= 2 when rows differ")
     return lengths
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(int32)": "int32", "tensor(bfloat16)": "bfloat16"}
+
+
+def _signature(args) -> dict[str, tuple]:
+    """onnxruntime NodeArgs -> {name: (shape, dtype name)} for bundle.check_llm_graphs."""
+    return {a.name: (list(a.shape), _ORT_TYPES.get(a.type, a.type)) for a in args}

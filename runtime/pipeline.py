@@ -15,10 +15,12 @@ from typing import Callable
 import numpy as np
 
 from edgeprune.errors import BundleError, ModelError
-from edgeprune.runtime.bundle import Bundle, check_vision_outputs, load_bundle
+from edgeprune.runtime.bundle import Bundle, check_vision_graph, load_bundle
+from edgeprune.runtime.checks import check_context, check_count, check_images, check_prompt, check_seed
 from edgeprune.runtime.format import VISION_POSITIONS, VISION_TOKENS, Bucket, Files
 from edgeprune.runtime.buckets import pick_bucket
-from edgeprune.runtime.positions import build_positions
+from edgeprune.runtime.positions import build_positions, position_span
+from edgeprune.runtime.sampling import check_sampling
 from edgeprune.runtime.preprocess import load_image, preprocess
 from edgeprune.runtime.prompt import encode_prompt
 from edgeprune.runtime.providers import requested_providers, resolve_providers
@@ -71,14 +73,17 @@ class Pipeline:
 
         self.bundle: Bundle = load_bundle(bundle_dir, verify=verify)
         root = self.bundle.path
+        if self.bundle.unlisted:
+            log.warning("%s holds %d file(s) its manifest does not list (never loaded): %s", root,
+                        len(self.bundle.unlisted), ", ".join(self.bundle.unlisted[:5]))
         self.providers = resolve_providers(providers, cache_dir=root / Files.ORT_TRT_CACHE)
         use_engine = "tensorrt" in requested_providers(providers)
         # one vision graph per resolution bucket (a single one without buckets); vision = the default's
         self.buckets = self.bundle.buckets
         self.runners = [open_vision(self.bundle, bucket[Bucket.FILE], self.providers, threads, use_engine=use_engine)
                         for bucket in self.buckets]
-        for runner in self.runners:
-            check_vision_outputs(self.bundle, runner.output_shapes)
+        for bucket, runner in zip(self.buckets, self.runners):
+            check_vision_graph(self.bundle, bucket, runner.input_shape, runner.output_shapes)
         self.vision = self.runners[0]
         try:
             self.tokenizer = Tokenizer.from_file(str(root / Files.TOKENIZER))
@@ -97,7 +102,7 @@ class Pipeline:
 
         `on_text(row, piece)` streams decoded text as tokens arrive (pieces concatenate to the row's
         text). Greedy by default; `do_sample` draws top-p samples seeded by `seed`."""
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        images = check_images(images)
         return self.generate_rows(images, [prompt] * len(images), max_new_tokens=max_new_tokens, do_sample=do_sample,
                                   top_p=top_p, temperature=temperature, seed=seed, on_text=on_text)
 
@@ -110,13 +115,20 @@ class Pipeline:
         tokens are those of the row run alone (up to the float rounding of batched kernels). Same options as
         `__call__`; one random stream for the batch when sampling."""
         timings = {}
+        images = check_images(images)
+        if not isinstance(prompts, (list, tuple)):
+            raise ModelError(f"prompts: expected a list of str, one per image, got {type(prompts).__name__}")
+        prompts = [check_prompt(prompt) for prompt in prompts]
+        max_new_tokens, seed = check_count("max_new_tokens", max_new_tokens), check_seed(seed)
+        if do_sample:
+            check_sampling(top_p, temperature)
         # 1. preprocess (the adapter's own numpy code), each image at its bucket's size
         start = time.perf_counter()
-        if not images:
-            raise ModelError("no image given")
         if len(prompts) != len(images):
             raise ModelError(f"{len(images)} image(s) and {len(prompts)} prompt(s): expected one prompt per image")
         chosen = self.choose_buckets(images)                                              # [B] bucket per image
+        encoded = [encode_prompt(self.tokenizer, self.bundle.chat_template, prompt) for prompt in prompts]
+        self._check_context(encoded, chosen, max_new_tokens)                              # before any graph runs
         groups = {j: [i for i, c in enumerate(chosen) if c == j] for j in sorted(set(chosen))}
         pixels = {j: preprocess([images[i] for i in rows], replace(self.bundle.preprocess,
                                                                    size=tuple(self.buckets[j][Bucket.SIZE])))
@@ -137,10 +149,11 @@ class Pipeline:
                 outputs[name][rows] = value
         timings["vision"] = time.perf_counter() - start
         image_tokens, positions = outputs.pop(VISION_TOKENS), outputs.pop(VISION_POSITIONS)  # [B, K, D], [B, K]
+        self._check_positions(positions, chosen)
 
         # 3. per row [prefix, K image tokens, suffix] and its position ids (the bundle's mode), right-padded
         start = time.perf_counter()
-        embeds, position_ids, lengths = self._llm_inputs(image_tokens, positions, prompts, chosen)
+        embeds, position_ids, lengths = self._llm_inputs(image_tokens, positions, encoded, chosen)
         timings["embed"] = time.perf_counter() - start
 
         # 4. prefill + decode with the KV cache; stream text per row
@@ -159,11 +172,12 @@ class Pipeline:
                       num_prompt_tokens=gen.num_prompt_tokens, kv_bytes=gen.kv_bytes, decode_steps=list(gen.decode_s),
                       buckets=chosen, prompt_lengths=lengths.tolist())
 
-    def _llm_inputs(self, image_tokens: np.ndarray, positions: np.ndarray, prompts: list[str], chosen: list[int]):
+    def _llm_inputs(self, image_tokens: np.ndarray, positions: np.ndarray, encoded: list[tuple[list[int], list[int]]],
+                    chosen: list[int]):
         """-> (inputs_embeds [B, L, D], position_ids [B, L] or [3, B, L], lengths [B]): row i is
-        [prefix, its K image tokens, its prompt's suffix], right-padded with zeros to the longest row L."""
+        [prefix, its K image tokens, its prompt's suffix] (`encoded`: encode_prompt's ids per row), right-padded
+        with zeros to the longest row L."""
         b, k = positions.shape
-        encoded = [encode_prompt(self.tokenizer, self.bundle.chat_template, prompt) for prompt in prompts]
         prefix = encoded[0][0]                      # the template's text before the image: the same for every row
         suffixes = [suffix for _, suffix in encoded]
         lengths = np.array([len(prefix) + k + len(s) for s in suffixes], dtype=np.int64)
@@ -199,6 +213,20 @@ class Pipeline:
             return [0] * len(images)
         sizes = [tuple(bucket[Bucket.SIZE]) for bucket in self.buckets]
         return [pick_bucket((im.height, im.width), sizes) for im in map(load_image, images)]
+
+    def _check_context(self, encoded: list[tuple[list, list]], chosen: list[int], max_new_tokens: int) -> None:
+        """The context-length rule (runtime/checks.py) for each row's prompt and the bucket its image chose."""
+        span = max(position_span(self.bundle.rope, len(prefix), self.keep, self.buckets[c][Bucket.NUM_IMAGE_TOKENS],
+                                 self.buckets[c][Bucket.GRID], len(suffix), self.bundle.positions_mode)
+                   for (prefix, suffix), c in zip(encoded, chosen))
+        check_context(span, max_new_tokens, self.llm.context_length)
+
+    def _check_positions(self, positions: np.ndarray, chosen: list[int]) -> None:
+        """The vision graph's positions must index its N tokens (a manifest whose N was edited says otherwise)."""
+        nums = np.array([self.buckets[c][Bucket.NUM_IMAGE_TOKENS] for c in chosen])[:, None]
+        if positions.size and (positions.min() < 0 or (positions >= nums).any()):
+            raise BundleError(f"{self.bundle.path}: the vision graph returned positions up to {positions.max()}, "
+                              f"outside 0..N-1 for the manifest's N = {nums.ravel().tolist()}")
 
 
 def _cut_at_eos(ids: np.ndarray, eos: list[int]) -> list[list[int]]:

@@ -24,7 +24,7 @@ import numpy as np
 from edgeprune.errors import EdgepruneError
 
 __all__ = ["POSITION_MODES", "ROPE_KINDS", "sequence_positions", "mrope_positions", "build_positions",
-           "build_positions_rows", "check_rope_mode", "next_positions"]
+           "build_positions_rows", "check_rope_mode", "next_positions", "position_span"]
 
 POSITION_MODES = ("original", "compact")
 ROPE_KINDS = ("1d", "mrope")
@@ -96,6 +96,16 @@ def build_positions_rows(rope: str, prefix_len: int, image_positions: np.ndarray
     rows = [build_positions(rope, prefix_len, image_positions[i:i + 1], int(nums[i]), tuple(grids[i]), suffix_len,
                             mode) for i in range(image_positions.shape[0])]
     return np.concatenate(rows, axis=-2)
+
+
+def position_span(rope: str, prefix_len: int, keep: int, num_image_tokens: int, grid: tuple[int, int] | None,
+                  suffix_len: int, mode: str) -> int:
+    """What a prompt takes of the context, known before the vision graph runs: the larger of its length
+    (prefix + K + suffix) and its largest position id + 1 whichever K tokens are kept (the last K give the
+    largest ids)."""
+    worst = np.arange(num_image_tokens - keep, num_image_tokens, dtype=np.int64)[None]     # [1, K]
+    ids = build_positions(rope, prefix_len, worst, num_image_tokens, grid, suffix_len, mode)
+    return max(int(ids.max()) + 1 if ids.size else 0, prefix_len + keep + suffix_len)
 
 
 def next_positions(position_ids: np.ndarray, step: int) -> np.ndarray:

@@ -16,22 +16,32 @@ Sampling (`sample_next`), for each row b in order 0..B-1, exactly:
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.runtime.checks import check_seed
 
 __all__ = ["greedy_next", "sample_next", "next_tokens", "make_rng", "check_sampling"]
 
 
 def make_rng(seed: int) -> np.random.Generator:
-    return np.random.default_rng(seed)
+    """PCG64 seeded with `seed`, an integer >= 0 (numpy's own rule)."""
+    return np.random.default_rng(check_seed(seed))
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_sampling(top_p: float, temperature: float) -> None:
-    if not (0.0 < top_p <= 1.0):
-        raise EdgepruneError(f"top_p={top_p}, expected 0 < top_p <= 1")
-    if not temperature > 0.0:
-        raise EdgepruneError(f"temperature={temperature}, expected > 0 (use do_sample=False for greedy)")
+    if not (_real(top_p) and 0.0 < top_p <= 1.0):
+        raise EdgepruneError(f"top_p={top_p!r}, expected a number with 0 < top_p <= 1")
+    if not (_real(temperature) and temperature > 0.0):
+        raise EdgepruneError(f"temperature={temperature!r}, expected a finite number > 0 (use do_sample=False for "
+                             "greedy)")
 
 
 def greedy_next(logits: np.ndarray) -> np.ndarray:
