@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,8 +149,12 @@ def plan(facts: ModelFacts, device: DeviceProfile, *, context: int, ttft_ms: flo
          latency: dict[str, LatencyModel] | None = None, batch: int = 1, keeps=None) -> dict:
     """Every candidate K with its memory and (if known) TTFT; the recommendation is the largest K that
     fits both the memory budget and the TTFT target, with the fastest method there."""
-    if context < 1:
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
         raise EdgepruneError(f"--context {context}: expected the text tokens of a request (prompt + answer), >= 1")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise EdgepruneError(f"--batch {batch}: expected the images of a request, an integer >= 1")
+    if ttft_ms is not None and not (isinstance(ttft_ms, (int, float)) and math.isfinite(ttft_ms) and ttft_ms > 0):
+        raise EdgepruneError(f"--ttft-ms {ttft_ms}: expected a time-to-first-token target in ms, a finite number > 0")
     n = facts.num_image_tokens
     candidates = sorted({k for k in (keeps or CANDIDATE_KEEPS) if 1 <= k <= n} | {n}, reverse=True)
     budget = device.memory_available_bytes

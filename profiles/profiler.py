@@ -160,8 +160,10 @@ def soak(bundle_dir: str | Path, requests: int, *, image=None, prompt: str = DEF
     """`requests` back-to-back requests: RSS growth and latency drift between the first and last tenth.
 
     RSS is compared after the first tenth (allocators and ORT arenas have grown by then) with the end."""
+    from edgeprune.runtime.checks import check_count
     from edgeprune.runtime.pipeline import Pipeline
 
+    check_count("requests", requests)
     pipeline = Pipeline(bundle_dir, providers=providers, threads=threads)
     tenth = max(1, requests // 10)
     latencies, rss = [], []

@@ -9,7 +9,41 @@ from pathlib import Path
 from edgeprune.errors import EdgepruneError
 
 __all__ = ["add_logging_args", "setup_logging", "add_pruner_args", "pruner_options", "PrunerOptions",
-           "add_bundle_args", "add_device_args", "parse_key_values"]
+           "add_bundle_args", "add_device_args", "parse_key_values", "count", "count0", "positive_float"]
+
+
+# argparse `type=` checks: a nonsense value is a usage error naming the option, before anything loads.
+def count(text: str) -> int:
+    """An integer >= 1 (--threads, --batch, --runs, --soak, ...)."""
+    return _integer(text, 1)
+
+
+def count0(text: str) -> int:
+    """An integer >= 0 (--warmup, --seed)."""
+    return _integer(text, 0)
+
+
+def _integer(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value}: expected an integer >= {low}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (--ttft-ms)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: expected a finite number > 0")
+    return value
 
 
 def add_logging_args(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +100,7 @@ def add_pruner_args(parser: argparse.ArgumentParser, keep_required: bool = False
         choices, title = None, "pruner (unavailable: torch is not installed)"
     group = parser.add_argument_group(title)
     group.add_argument("--method", default="divprune", choices=choices, help="pruning method")
-    group.add_argument("--keep", type=int, required=keep_required,
+    group.add_argument("--keep", type=count, required=keep_required,
                        help="token budget K (default: N, i.e. no pruning)")
     group.add_argument("--cfg", action="append", metavar="KEY=VALUE",
                        help="method option, repeatable (see `edgeprune methods`)")

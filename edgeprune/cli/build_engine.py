@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def add_parser(subparsers):
-    from edgeprune.cli.args import add_bundle_args
+    from edgeprune.cli.args import add_bundle_args, count
 
     p = subparsers.add_parser("build-engine", help=__doc__.splitlines()[0], description=__doc__)
     add_bundle_args(p)
@@ -18,9 +18,9 @@ def add_parser(subparsers):
     p.add_argument("--fp16", action="store_true", help="allow fp16 kernels")
     p.add_argument("--int8", action="store_true", help="allow int8 kernels (needs --calib-images)")
     p.add_argument("--calib-images", nargs="+", type=Path, metavar="PATH", help="images to calibrate int8 on")
-    p.add_argument("--workspace", type=int, metavar="MiB", help="builder workspace limit in MiB")
-    p.add_argument("--max-batch", type=int, default=4, help="largest batch of a dynamic-batch graph (default 4)")
-    p.add_argument("--opt-batch", type=int, default=1, help="batch the engine is tuned for (default 1)")
+    p.add_argument("--workspace", type=count, metavar="MiB", help="builder workspace limit in MiB")
+    p.add_argument("--max-batch", type=count, default=4, help="largest batch of a dynamic-batch graph (default 4)")
+    p.add_argument("--opt-batch", type=count, default=1, help="batch the engine is tuned for (default 1)")
     return p
 
 

@@ -17,21 +17,23 @@ ALL = "all"
 
 
 def add_parser(subparsers):
+    from edgeprune.cli.args import count, count0
+
     p = subparsers.add_parser("eval", help=__doc__.splitlines()[0], description=__doc__)
     p.add_argument("--model", default="edgeprune-mini", help="model preset (default: edgeprune-mini)")
     p.add_argument("--data", type=Path, default=None,
                    help="Fashion-MNIST folder with the IDX gz files (default: /usr/share/datasets/fashion-mnist)")
     p.add_argument("--method", default="random", help="pruning method for a single run (default: random)")
-    p.add_argument("--keep", type=int, default=None, help="token budget K for a single run (default: N)")
+    p.add_argument("--keep", type=count, default=None, help="token budget K for a single run (default: N)")
     p.add_argument("--sweep", action="store_true", help="every --methods x --keeps; writes a table and a plot")
     p.add_argument("--probe", action="store_true", help="LLM-free evaluation (linear probe on re-run [CLS])")
     p.add_argument("--methods", default=ALL, help="comma-separated methods for --sweep (default: all)")
     p.add_argument("--keeps", default="576,192,128,64,32,16,8", help="comma-separated K for --sweep")
-    p.add_argument("-n", "--num-images", type=int, default=50, help="held-out test images (default: 50)")
-    p.add_argument("--seed", type=int, default=0, help="picks the test subset and seeds random methods (default: 0)")
-    p.add_argument("--probe-train", type=int, default=1200, help="train images for the linear probe (default: 1200)")
-    p.add_argument("--batch", type=int, default=16, help="images per forward (default: 16)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("-n", "--num-images", type=count, default=50, help="held-out test images (default: 50)")
+    p.add_argument("--seed", type=count0, default=0, help="picks the test subset and seeds random methods (default: 0)")
+    p.add_argument("--probe-train", type=count, default=1200, help="train images for the linear probe (default: 1200)")
+    p.add_argument("--batch", type=count, default=16, help="images per forward (default: 16)")
+    p.add_argument("--threads", type=count, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", type=Path, default=None, help="folder for results.json, table.md, plot.png")
     return p
 

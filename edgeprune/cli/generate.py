@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def add_parser(subparsers):
-    from edgeprune.cli.args import add_pruner_args
+    from edgeprune.cli.args import add_pruner_args, count, count0
 
     p = subparsers.add_parser("generate", help=__doc__.splitlines()[0], description=__doc__)
     p.add_argument("--model", default="edgeprune-mini",
@@ -19,11 +19,11 @@ def add_parser(subparsers):
     p.add_argument("--prompt", required=True, help="question about the image")
     p.add_argument("--positions", choices=("original", "compact"),
                    help="position ids of the kept tokens (default: the model's)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="decode at most this many tokens (default: 32)")
+    p.add_argument("--max-new-tokens", type=count, default=32, help="decode at most this many tokens (default: 32)")
     p.add_argument("--sample", action="store_true", help="top-p sampling instead of greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass for --sample (default: 1.0)")
     p.add_argument("--temperature", type=float, default=1.0, help="temperature for --sample (default: 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--seed", type=count0, default=0, help="sampling seed (default: 0)")
     add_pruner_args(p)
     return p
 
@@ -35,8 +35,6 @@ def run(args) -> int:
     from edgeprune.reference import generate
 
     opts = pruner_options(args)
-    if args.max_new_tokens < 1:
-        raise EdgepruneError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 1")
     for image in args.image:
         if not image.is_file():
             raise EdgepruneError(f"--image {image}: no such file")

@@ -13,14 +13,16 @@ from pathlib import Path
 
 
 def add_parser(subparsers):
+    from edgeprune.cli.args import count, positive_float
+
     p = subparsers.add_parser("plan", help=__doc__.splitlines()[0], description=__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--bundle", type=Path, help="an exported bundle of the model (torch-free)")
     source.add_argument("--model", help="preset or model directory (loads the model with torch)")
     p.add_argument("--device-profile", required=True, metavar="NAME|FILE", help="device profile (see profiles/devices)")
-    p.add_argument("--context", type=int, default=128, help="text tokens per request: prompt + answer (default 128)")
-    p.add_argument("--ttft-ms", type=float, help="time-to-first-token target in ms")
-    p.add_argument("--batch", type=int, default=1, help="images per request (default 1)")
+    p.add_argument("--context", type=count, default=128, help="text tokens per request: prompt + answer (default 128)")
+    p.add_argument("--ttft-ms", type=positive_float, help="time-to-first-token target in ms")
+    p.add_argument("--batch", type=count, default=1, help="images per request (default 1)")
     p.add_argument("--sweep", type=Path, help="sweep.json from `edgeprune sweep` run on the target device")
     p.add_argument("--calibrate", action="store_true", help="time the bundle's LLM prefill here (needs --bundle)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

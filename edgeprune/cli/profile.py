@@ -10,23 +10,23 @@ from pathlib import Path
 
 
 def add_parser(subparsers):
-    from edgeprune.cli.args import add_bundle_args, add_device_args
+    from edgeprune.cli.args import add_bundle_args, add_device_args, count, count0
 
     p = subparsers.add_parser("profile", help=__doc__.splitlines()[0], description=__doc__)
     add_bundle_args(p)
     p.add_argument("--image", type=Path, help="image to run (default: a photo shipped with edgeprune)")
     p.add_argument("--prompt", help="prompt (default: 'Describe the image in one sentence.')")
-    p.add_argument("--runs", type=int, default=5, help="timed runs (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default 1)")
-    p.add_argument("--new-tokens", type=int, default=16, help="tokens to generate per run (default 16)")
-    p.add_argument("--batch", type=int, default=1, help="images per request (default 1)")
+    p.add_argument("--runs", type=count, default=5, help="timed runs (default 5)")
+    p.add_argument("--warmup", type=count0, default=1, help="untimed warm-up runs (default 1)")
+    p.add_argument("--new-tokens", type=count, default=16, help="tokens to generate per run (default 16)")
+    p.add_argument("--batch", type=count, default=1, help="images per request (default 1)")
     p.add_argument("--reference", type=Path, metavar="DIR",
                    help="unpruned bundle of the same model: splits vision time into encoder and pruner")
-    p.add_argument("--soak", type=int, metavar="N", help="run N requests back to back; report RSS growth and drift")
+    p.add_argument("--soak", type=count, metavar="N", help="run N requests back to back; report RSS growth and drift")
     p.add_argument("--out", type=Path, help="report folder (profile.json, profile.md); nothing is overwritten "
                                             "without --force")
     p.add_argument("--force", action="store_true", help="overwrite an existing report")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+    p.add_argument("--threads", type=count, help="ONNX Runtime intra-op threads (default: ORT's choice)")
     add_device_args(p)
     return p
 

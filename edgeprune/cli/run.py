@@ -9,32 +9,34 @@ import sys
 
 
 def add_parser(subparsers):
-    from edgeprune.cli.args import add_bundle_args, add_device_args
+    from edgeprune.cli.args import add_bundle_args, add_device_args, count, count0
 
     p = subparsers.add_parser("run", help=__doc__.splitlines()[0], description=__doc__)
     add_bundle_args(p)
     p.add_argument("--image", action="append", required=True, metavar="PATH",
                    help="image file, repeatable (a batch of images shares the prompt)")
     p.add_argument("--prompt", required=True, help="the question about the image(s)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many new tokens (default 64)")
+    p.add_argument("--max-new-tokens", type=count, default=64, help="stop after this many new tokens (default 64)")
     group = p.add_argument_group("sampling (default: greedy)")
     group.add_argument("--sample", action="store_true", help="top-p sampling instead of greedy decoding")
     group.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (default 0.9)")
     group.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
-    group.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    group.add_argument("--seed", type=count0, default=0, help="sampling seed (default 0)")
     add_device_args(p)
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+    p.add_argument("--threads", type=count, help="ONNX Runtime intra-op threads (default: ORT's choice)")
     p.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming it")
     return p
 
 
 def run(args) -> int:
-    from edgeprune.errors import EdgepruneError
     from edgeprune.runtime.pipeline import Pipeline
 
-    if args.max_new_tokens < 1:
-        raise EdgepruneError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 1")
-    pipe = Pipeline(args.bundle, providers=args.provider, threads=args.threads)
+    providers = args.provider
+    if args.device_profile:   # its providers, unless --provider says otherwise; a missing profile is an error
+        from edgeprune.profiles.device import load_device_profile
+
+        providers = providers or list(load_device_profile(args.device_profile).providers)
+    pipe = Pipeline(args.bundle, providers=providers, threads=args.threads)
     stream = len(args.image) == 1 and not args.no_stream
 
     def on_text(row: int, piece: str) -> None:

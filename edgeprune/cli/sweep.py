@@ -19,17 +19,19 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_parser(subparsers):
+    from edgeprune.cli.args import count, count0
+
     p = subparsers.add_parser("sweep", help=__doc__.splitlines()[0], description=__doc__)
     p.add_argument("--model", default="edgeprune-mini", help="preset or local model directory (default edgeprune-mini)")
     p.add_argument("--methods", default="dart,divprune", help="comma-separated methods (default dart,divprune)")
     p.add_argument("--keep", default="576,192,128,64,32", help="comma-separated budgets K (default 576,192,128,64,32)")
     p.add_argument("--out", type=Path, required=True, help="report folder")
-    p.add_argument("--runs", type=int, default=3, help="timed runs per point (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up runs per point (default 1)")
-    p.add_argument("--new-tokens", type=int, default=8, help="tokens generated per run (default 8)")
+    p.add_argument("--runs", type=count, default=3, help="timed runs per point (default 3)")
+    p.add_argument("--warmup", type=count0, default=1, help="warm-up runs per point (default 1)")
+    p.add_argument("--new-tokens", type=count, default=8, help="tokens generated per run (default 8)")
     p.add_argument("--positions", choices=("original", "compact"), help="position mode of the bundles")
     p.add_argument("--image", type=Path, help="image to run (default: a shipped photo)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=count, help="ONNX Runtime intra-op threads")
     return p
 
 

@@ -162,12 +162,13 @@ class AutoSelect(Pruner):
 
     def select(self, tokens: Tensor, feats: Tensor) -> Selection:      # [B, N, D], [B, N, C]
         if self.scorer is None:  # lazy: dim was not given (see __init__)
-            self.scorer = self._random_scorer(feats.shape[-1]).to(device=feats.device, dtype=feats.dtype)
+            self.scorer = self._random_scorer(feats.shape[-1]).to(device=feats.device)
         width = getattr(self.scorer, "dim", feats.shape[-1])
         if feats.shape[-1] != width:
             raise PrunerConfigError(f"autoselect: feats have C={feats.shape[-1]}, the scorer expects C={width}")
-        # 1. score every token
-        scores = self.scorer(feats)                                    # [B, N]
+        # 1. score every token, in the scorer's own dtype (float16 feats of a half-precision model included)
+        weight = next(self.scorer.parameters(), None)
+        scores = self.scorer(feats if weight is None else feats.to(weight.dtype))  # [B, N]
         # 2. top-K by score (ties to the lowest index), then ascending original positions.
         chosen = topk_indices(scores, self.keep)                       # [B, K]
         # The projector acts per token, so gathering the post-projector `tokens` equals projecting

@@ -58,7 +58,7 @@ class Pruner(nn.Module):
     """Base class. Subclasses set `requires` (and `space` if they output `feats`-space tokens) and
     implement `select(**signals)`, which receives exactly the signals in `requires`.
 
-    `forward` validates what a user can get wrong (missing signal, rank, N mismatch, NaN, keep vs N)
+    `forward` validates what a user can get wrong (missing signal, rank, N mismatch, NaN or Inf, keep vs N)
     and returns the input unchanged when keep == N. Validation that reads tensor values is skipped
     while exporting (it would bake a constant branch into the graph).
     """
@@ -125,8 +125,9 @@ class Pruner(nn.Module):
                 if n is not None and x.shape[1] != n:
                     raise PrunerConfigError(f"{self.name}: signal '{name}' has N={x.shape[1]}, other signals N={n}")
                 n = x.shape[1]
-            if not exporting() and x.is_floating_point() and torch.isnan(x).any():
-                raise PrunerConfigError(f"{self.name}: signal '{name}' contains NaN")
+            if not exporting() and x.is_floating_point() and not torch.isfinite(x).all():
+                bad = "NaN" if torch.isnan(x).any() else "Inf"
+                raise PrunerConfigError(f"{self.name}: signal '{name}' contains {bad}; expected finite values")
         if n is None:  # only grid (and/or pixels) required: N comes from the grid or any token signal
             n = next((given[s].shape[1] for s in ("tokens", "feats", "keys", "attn") if given[s] is not None), None)
             if n is None and given["grid"] is not None:

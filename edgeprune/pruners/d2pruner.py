@@ -64,8 +64,11 @@ class D2Pruner(Pruner):
                 raise PrunerConfigError(f"d2pruner: {option}={value!r}, expected a finite number")
         if not 0.0 <= alpha <= 1.0:
             raise PrunerConfigError(f"d2pruner: alpha={alpha!r}, expected 0 <= alpha <= 1")
-        if not 0.0 <= pivot_ratio <= 1.0:
-            raise PrunerConfigError(f"d2pruner: pivot_ratio={pivot_ratio!r}, expected 0 <= pivot_ratio <= 1")
+        if not 0.0 < pivot_ratio <= 1.0:   # 0: no pivots, not the method (METHODS.md: P = floor(0.7 K) pivots)
+            raise PrunerConfigError(f"d2pruner: pivot_ratio={pivot_ratio!r}, expected 0 < pivot_ratio <= 1")
+        if not 0.0 <= theta <= 1.0:        # S lies in [0, 1]: theta = 1 already makes no edge, < 0 joins every pair
+            raise PrunerConfigError(f"d2pruner: theta={theta!r}, expected 0 <= theta <= 1 (edges where S > theta, "
+                                    "S in [0, 1])")
         self.alpha, self.theta, self.pivot_ratio = float(alpha), float(theta), float(pivot_ratio)
         # Fraction(str(.)) reads 0.7 as exactly 7/10: float 0.7 * 90 floors to 62, not 63.
         self.num_pivots = math.floor(Fraction(str(self.pivot_ratio)) * keep)

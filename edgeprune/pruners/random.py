@@ -4,6 +4,7 @@ import random as _random
 import torch
 from torch import Tensor
 
+from edgeprune.errors import PrunerConfigError
 from edgeprune.pruners._registry import register_pruner
 from edgeprune.pruners.base import Pruner, Selection
 from edgeprune.pruners.ops import gather_rows
@@ -19,6 +20,8 @@ class RandomPruner(Pruner):
 
     def __init__(self, keep: int, seed: int = 0):
         super().__init__(keep)
+        if isinstance(seed, bool) or not isinstance(seed, int):   # random.Random would hash any object silently
+            raise PrunerConfigError(f"random: seed={seed!r}, expected an integer")
         self.seed = seed
 
     def select(self, tokens: Tensor) -> Selection:  # [B, N, D]

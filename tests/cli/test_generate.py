@@ -34,7 +34,6 @@ def test_generate_without_keep_does_not_prune(image, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["--keep", "700"], "keep=700, expected 1 <= keep <= N=576"),
-    (["--max-new-tokens", "0"], "--max-new-tokens 0"),
 ])
 def test_generate_errors(image, capsys, argv, message):
     base = {"--model": "tiny-llava", "--image": str(image), "--prompt": "hi", "--method": "attention"}
@@ -42,6 +41,12 @@ def test_generate_errors(image, capsys, argv, message):
         base[flag] = value
     rc = main(["generate", *[x for kv in base.items() for x in kv]])
     assert rc == 1 and message in capsys.readouterr().err
+
+
+def test_generate_refuses_a_nonsense_count_as_a_usage_error(image, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", "tiny-llava", "--image", str(image), "--prompt", "hi", "--max-new-tokens", "0"])
+    assert exit_.value.code == 2 and "argument --max-new-tokens: 0: expected an integer >= 1" in capsys.readouterr().err
 
 
 def test_generate_missing_image(tmp_path, capsys):

@@ -36,7 +36,7 @@ def test_pivot_count_is_floor_of_ratio_times_keep():
 
 def test_without_edges_the_most_important_tokens_are_kept():
     attn = ranked_attn(16, [6, 1, 12, 7, 3])                # neighbours of each other, on purpose
-    assert run(5, attn, (4, 4), theta=2.0) == [[1, 3, 6, 7, 12]]
+    assert run(5, attn, (4, 4), theta=1.0) == [[1, 3, 6, 7, 12]]   # S <= 1: no S > theta
 
 
 def test_neighbours_of_pivots_are_skipped():
@@ -100,8 +100,8 @@ def test_fallback_is_decided_per_row():
 def test_bias_debiasing_flips_the_choice(kind):
     # attn favours cell 0, but cell 0 gets that attention everywhere (prior 0.8): I = [0.5, 1.5, 0.8, 0.4].
     attn = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
-    assert run(1, attn, (2, 2), theta=2.0) == [[0]]
-    assert run(1, attn, (2, 2), theta=2.0, bias=kind([0.8, 0.2, 0.25, 0.25])) == [[1]]
+    assert run(1, attn, (2, 2), theta=1.0) == [[0]]
+    assert run(1, attn, (2, 2), theta=1.0, bias=kind([0.8, 0.2, 0.25, 0.25])) == [[1]]
 
 
 def test_bias_of_another_grid_is_resized_bilinearly():
@@ -113,8 +113,8 @@ def test_bias_of_another_grid_is_resized_bilinearly():
     # Equal attention everywhere: no prior keeps cell 0 (tie to the lowest index); a prior that is
     # lowest at the bottom right (resized: 1 at cell 15) makes cell 15 the most important.
     attn = torch.full((1, 16), 1 / 16)
-    assert run(1, attn, (4, 4), theta=2.0) == [[0]]
-    assert run(1, attn, (4, 4), theta=2.0, bias=[4.0, 3.0, 2.0, 1.0]) == [[15]]
+    assert run(1, attn, (4, 4), theta=1.0) == [[0]]
+    assert run(1, attn, (4, 4), theta=1.0, bias=[4.0, 3.0, 2.0, 1.0]) == [[15]]
 
 
 @pytest.mark.parametrize("bias,match", [
@@ -134,9 +134,10 @@ def test_bias_that_cannot_be_resized_is_clear_error():
         run(1, torch.full((1, 16), 1 / 16), (4, 4), bias=[1.0] * 6)
 
 
-@pytest.mark.parametrize("option,value", [("alpha", 1.5), ("alpha", -0.1), ("pivot_ratio", 2.0)])
+@pytest.mark.parametrize("option,value", [("alpha", 1.5), ("alpha", -0.1), ("pivot_ratio", 2.0), ("pivot_ratio", 0.0),
+                                          ("theta", 5.0), ("theta", -0.5)])
 def test_bad_ratio_is_clear_error(option, value):
-    with pytest.raises(PrunerConfigError, match=rf"d2pruner: {option}={value}, expected 0 <= {option} <= 1"):
+    with pytest.raises(PrunerConfigError, match=rf"d2pruner: {option}={value}, expected 0 <=? {option} <= 1"):
         build("d2pruner", keep=4, **{option: value})
 
 
@@ -149,4 +150,4 @@ def test_non_numeric_option_is_clear_error(option, value):
 def test_bias_from_a_calibration_file(tmp_path):
     np.save(tmp_path / "bias.npy", np.array([4.0, 3.0, 2.0, 1.0], dtype=np.float32))
     attn = torch.full((1, 16), 1 / 16)
-    assert run(1, attn, (4, 4), theta=2.0, bias=str(tmp_path / "bias.npy")) == [[15]]
+    assert run(1, attn, (4, 4), theta=1.0, bias=str(tmp_path / "bias.npy")) == [[15]]
