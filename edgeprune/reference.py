@@ -25,6 +25,7 @@ from edgeprune.errors import EdgepruneError, ModelError
 from edgeprune.models.base import Adapter
 from edgeprune.models.vision_step import vision_step
 from edgeprune.runtime.buckets import pick_bucket
+from edgeprune.runtime.checks import check_context
 from edgeprune.runtime.positions import (POSITION_MODES, build_positions, build_positions_rows, check_rope_mode,
                                          next_positions)
 from edgeprune.runtime.preprocess import load_image
@@ -126,11 +127,8 @@ def generate(adapter: Adapter, pruner, images, prompt: str, max_new_tokens: int 
                                    [s.grid for s in subs], len(suffix), positions)
     else:
         pos = build_positions(rope, len(prefix), kept.numpy(), n, grid, len(suffix), positions)   # [B, L] / [3, B, L]
-    max_pos = int(next_positions(pos, max_new_tokens - 2).max())   # position of the last decode input
-    limit = getattr(adapter.llm.config, "max_position_embeddings", None)
-    if limit is not None and max_pos >= limit:
-        raise ModelError(f"sequence needs position ids up to {max_pos}, the LLM allows < {limit}; "
-                         "shorten the prompt or max_new_tokens")
+    check_context(int(pos.max()) if pos.size else -1, max_new_tokens,            # the runtime's rule
+                  getattr(adapter.llm.config, "max_position_embeddings", None))
 
     # 3. prefill with an explicit cache
     from transformers import DynamicCache

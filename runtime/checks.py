@@ -1,11 +1,12 @@
 """What a caller may pass to the runtime (Pipeline, OrtLLM), checked once at its edge: a wrong type or
 value is a one-line EdgepruneError naming the argument and what was expected, before any work.
 
-Context-length rule (README, Guarantees): a request needs span + max_new_tokens <= the model's context
-length (manifest llm.context_length, the model's max_position_embeddings), where span is the larger of
-the prompt's length in tokens (text + K image tokens) and its largest position id + 1 (with "original"
-positions the image spans all N ids however many tokens are kept; runtime/positions.py). A request
-beyond it is refused before preprocessing, naming how many new tokens would fit; nothing is truncated.
+Context-length rule (README, Guarantees; the torch reference applies the same function): every position
+id the decoder is fed must be below the model's context length (manifest llm.context_length, its
+max_position_embeddings). The prompt's largest id is P (with "original" positions the image spans all N
+ids however few tokens are kept; runtime/positions.py), and new token t (0-based) is fed at P + 1 + t
+except the last, which is never fed back: so P + max_new_tokens <= context length. A request beyond it is
+refused before any graph runs, naming how many new tokens would fit; nothing is truncated.
 """
 from __future__ import annotations
 
@@ -51,16 +52,17 @@ def check_seed(seed) -> int:
     return check_count("seed", seed, low=0)
 
 
-def check_context(span: int, max_new_tokens: int, context_length: int | None) -> None:
-    """Refuse a request whose prompt span + max_new_tokens exceeds the context length (module rule);
-    None (a schema-1 bundle never recorded it): nothing to check against."""
-    if context_length is None or span + max_new_tokens <= context_length:
+def check_context(top_position: int, max_new_tokens: int, context_length: int | None) -> None:
+    """Refuse a request whose prompt's largest position id `top_position` + max_new_tokens exceeds the context
+    length (module rule); context_length None (a schema-1 bundle never recorded it): nothing to check."""
+    if context_length is None or top_position + max_new_tokens <= context_length:
         return
-    if span >= context_length:
-        raise ModelError(f"the prompt spans {span} positions (text and image tokens), the model's context length is "
-                         f"{context_length}: shorten the prompt")
-    raise ModelError(f"the prompt spans {span} positions and max_new_tokens={max_new_tokens}: {span + max_new_tokens} "
-                     f"> the model's context length {context_length}; at most {context_length - span} new tokens fit")
+    if top_position >= context_length:
+        raise ModelError(f"the prompt needs position ids up to {top_position} (text and image tokens), the model's "
+                         f"context length is {context_length}: shorten the prompt")
+    raise ModelError(f"the prompt needs position ids up to {top_position} and max_new_tokens={max_new_tokens} up to "
+                     f"{top_position + max_new_tokens - 1}, the model's context length is {context_length}: at most "
+                     f"{context_length - top_position} new tokens fit")
 
 
 def _short(value) -> str:

@@ -136,7 +136,7 @@ class OrtLLM:
             raise EdgepruneError(f"inputs_embeds {inputs_embeds.shape} and position_ids {position_ids.shape}: "
                                  f"expected [B, L, D] and {layout} (rope {self.rope!r})")
         max_new_tokens = check_count("max_new_tokens", max_new_tokens)
-        check_context(max(int(position_ids.max()) + 1, inputs_embeds.shape[1]), max_new_tokens, self.context_length)
+        check_context(int(position_ids.max()) if position_ids.size else -1, max_new_tokens, self.context_length)
         eos = np.array(sorted({int(e) for e in np.atleast_1d(eos_token_ids)}) if eos_token_ids is not None else [],
                        dtype=np.int64)
         if do_sample:

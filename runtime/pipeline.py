@@ -19,7 +19,7 @@ from edgeprune.runtime.bundle import Bundle, check_vision_graph, load_bundle
 from edgeprune.runtime.checks import check_context, check_count, check_images, check_prompt, check_seed
 from edgeprune.runtime.format import VISION_POSITIONS, VISION_TOKENS, Bucket, Files
 from edgeprune.runtime.buckets import pick_bucket
-from edgeprune.runtime.positions import build_positions, position_span
+from edgeprune.runtime.positions import build_positions, largest_position
 from edgeprune.runtime.sampling import check_sampling
 from edgeprune.runtime.preprocess import load_image, preprocess
 from edgeprune.runtime.prompt import encode_prompt
@@ -216,10 +216,10 @@ class Pipeline:
 
     def _check_context(self, encoded: list[tuple[list, list]], chosen: list[int], max_new_tokens: int) -> None:
         """The context-length rule (runtime/checks.py) for each row's prompt and the bucket its image chose."""
-        span = max(position_span(self.bundle.rope, len(prefix), self.keep, self.buckets[c][Bucket.NUM_IMAGE_TOKENS],
-                                 self.buckets[c][Bucket.GRID], len(suffix), self.bundle.positions_mode)
-                   for (prefix, suffix), c in zip(encoded, chosen))
-        check_context(span, max_new_tokens, self.llm.context_length)
+        top = max(largest_position(self.bundle.rope, len(prefix), self.keep, self.buckets[c][Bucket.NUM_IMAGE_TOKENS],
+                                   self.buckets[c][Bucket.GRID], len(suffix), self.bundle.positions_mode)
+                  for (prefix, suffix), c in zip(encoded, chosen))
+        check_context(top, max_new_tokens, self.llm.context_length)
 
     def _check_positions(self, positions: np.ndarray, chosen: list[int]) -> None:
         """The vision graph's positions must index its N tokens (a manifest whose N was edited says otherwise)."""

@@ -24,7 +24,7 @@ import numpy as np
 from edgeprune.errors import EdgepruneError
 
 __all__ = ["POSITION_MODES", "ROPE_KINDS", "sequence_positions", "mrope_positions", "build_positions",
-           "build_positions_rows", "check_rope_mode", "next_positions", "position_span"]
+           "build_positions_rows", "check_rope_mode", "next_positions", "largest_position"]
 
 POSITION_MODES = ("original", "compact")
 ROPE_KINDS = ("1d", "mrope")
@@ -98,14 +98,13 @@ def build_positions_rows(rope: str, prefix_len: int, image_positions: np.ndarray
     return np.concatenate(rows, axis=-2)
 
 
-def position_span(rope: str, prefix_len: int, keep: int, num_image_tokens: int, grid: tuple[int, int] | None,
-                  suffix_len: int, mode: str) -> int:
-    """What a prompt takes of the context, known before the vision graph runs: the larger of its length
-    (prefix + K + suffix) and its largest position id + 1 whichever K tokens are kept (the last K give the
-    largest ids)."""
-    worst = np.arange(num_image_tokens - keep, num_image_tokens, dtype=np.int64)[None]     # [1, K]
+def largest_position(rope: str, prefix_len: int, keep: int, num_image_tokens: int, grid: tuple[int, int] | None,
+                     suffix_len: int, mode: str) -> int:
+    """A prompt's largest position id whichever K of the N image tokens are kept (the last K give the largest
+    ids), so the context-length rule (runtime/checks.py) holds before the vision graph runs."""
+    worst = np.arange(max(num_image_tokens - keep, 0), num_image_tokens, dtype=np.int64)[None]     # [1, K]
     ids = build_positions(rope, prefix_len, worst, num_image_tokens, grid, suffix_len, mode)
-    return max(int(ids.max()) + 1 if ids.size else 0, prefix_len + keep + suffix_len)
+    return int(ids.max()) if ids.size else -1
 
 
 def next_positions(position_ids: np.ndarray, step: int) -> np.ndarray:

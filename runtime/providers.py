@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 from edgeprune.errors import BundleError, EdgepruneError
+from edgeprune.runtime.checks import check_count
 
 __all__ = ["PROVIDERS", "requested_providers", "resolve_providers", "provider_names", "session_options", "open_session",
            "check_threads"]
@@ -96,9 +97,7 @@ def _writable(folder: Path) -> bool:
 
 def check_threads(threads) -> int | None:
     """None (ONNX Runtime's choice) or an integer >= 1."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise EdgepruneError(f"threads={threads!r}: expected an integer >= 1 (or none for ONNX Runtime's choice)")
-    return threads
+    return None if threads is None else check_count("threads", threads)
 
 
 def session_options(threads: int | None = None):

@@ -13,7 +13,7 @@ from edgeprune.cli import main
 from edgeprune.errors import EdgepruneError, ModelError, PrunerConfigError
 from edgeprune.pruners import build
 from edgeprune.runtime.pipeline import Pipeline
-from edgeprune.runtime.positions import position_span
+from edgeprune.runtime.positions import largest_position
 from edgeprune.runtime.prompt import encode_prompt
 
 IMAGE = np.zeros((16, 16, 3), np.uint8)
@@ -41,23 +41,24 @@ def test_the_bundle_records_the_context_length(pipe):
 
 
 def test_too_many_new_tokens_are_refused_before_any_work(no_graph_runs):
-    with pytest.raises(ModelError, match=r"the prompt spans (\d+) positions and max_new_tokens=100000000: \d+ > the "
-                                         r"model's context length 2048; at most \d+ new tokens fit"):
+    with pytest.raises(ModelError, match=r"the prompt needs position ids up to \d+ and max_new_tokens=100000000 up to "
+                                         r"\d+, the model's context length is 2048: at most \d+ new tokens fit"):
         no_graph_runs(IMAGE, "hi", max_new_tokens=100_000_000)
 
 
 def test_a_prompt_longer_than_the_context_is_refused_before_any_work(no_graph_runs):
-    with pytest.raises(ModelError, match=r"the prompt spans \d+ positions .*context length is 2048: shorten"):
+    with pytest.raises(ModelError, match=r"position ids up to \d+ \(text and image tokens\).*context length is 2048: "
+                                         r"shorten"):
         no_graph_runs(IMAGE, "x" * 3000, max_new_tokens=1)     # tiny-llava's tokenizer: about a token a character
 
 
 def test_the_rule_counts_positions_not_only_tokens(pipe):
     """With original positions the image spans all N = 576 ids, whichever K = 8 are kept."""
-    assert position_span("1d", 5, 8, 576, (24, 24), 7, "compact") == 5 + 8 + 7
-    assert position_span("1d", 5, 8, 576, (24, 24), 7, "original") == 5 + 576 + 7
-    assert position_span("mrope", 5, 8, 64, (8, 8), 7, "original") == 5 + 8 + 7       # ids < length here
+    assert largest_position("1d", 5, 8, 576, (24, 24), 7, "compact") == 5 + 8 + 7 - 1
+    assert largest_position("1d", 5, 8, 576, (24, 24), 7, "original") == 5 + 576 + 7 - 1
+    assert largest_position("mrope", 5, 8, 64, (8, 8), 7, "original") == 5 + 8 + 7 - 1   # suffix after max(H, W)
     prefix, suffix = (len(p) for p in encode_prompt(pipe.tokenizer, pipe.bundle.chat_template, "hi"))
-    fits = 2048 - (prefix + 8 + suffix)
+    fits = 2048 - (prefix + 8 + suffix - 1)       # new token t is fed at id top + 1 + t, the last one never
     assert len(pipe(IMAGE, "hi", max_new_tokens=fits).ids[0]) <= fits          # the limit itself runs
     with pytest.raises(ModelError, match=f"at most {fits} new tokens fit"):
         pipe(IMAGE, "hi", max_new_tokens=fits + 1)
@@ -66,7 +67,7 @@ def test_the_rule_counts_positions_not_only_tokens(pipe):
 def test_the_llm_checks_the_rule_itself(pipe):
     embeds = np.zeros((1, 10, pipe.llm.hidden_size), np.float32)
     positions = np.arange(2040, 2050)[None]                           # ids past the context
-    with pytest.raises(ModelError, match="spans 2050 positions"):
+    with pytest.raises(ModelError, match="position ids up to 2049"):
         pipe.llm.generate(embeds, positions, max_new_tokens=1, eos_token_ids=[0])
 
 
