@@ -79,7 +79,10 @@ class PreprocessConfig:
 
 
 def _describe(image) -> str:
-    text = os.fspath(image) if isinstance(image, (str, os.PathLike)) else repr(image)
+    """A path in full; anything else (a file object, an image) as a short repr."""
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    text = repr(image)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
