@@ -71,6 +71,8 @@ def bundle_lock(out: Path) -> FileLock:
 def read_manifest(path: str | Path) -> dict:
     """Parse `<bundle>/manifest.json` and check it with format.read (no hashing); returns the manifest in
     the current schema's layout (older schemas migrated, optional keys' defaults filled)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise BundleError(f"bundle={path!r:.60}: expected the path of a bundle folder")
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"{root}: not a bundle folder (it does not exist or is a file)")
@@ -230,8 +232,8 @@ class Bundle:
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Read and check the bundle at `path` (module docstring); verify=False skips only the hashing."""
+    manifest = read_manifest(path)
     root = Path(path)
-    manifest = read_manifest(root)
     _check_facts(root, manifest)
     _verify_files(root, manifest, hash_them=verify)
     try:

@@ -109,6 +109,11 @@ def test_bad_prompts_are_one_line(no_graph_runs, prompt, message):
         no_graph_runs(IMAGE, prompt, max_new_tokens=1)
 
 
+def test_the_bundle_argument_is_a_path():
+    with pytest.raises(EdgepruneError, match=r"bundle=None: expected the path of a bundle folder"):
+        Pipeline(None)
+
+
 def test_providers_and_threads(tiny_bundle):
     assert Pipeline(tiny_bundle, providers="cpu", threads=1).llm.device == "CPUExecutionProvider"  # not 'c', 'p', 'u'
     with pytest.raises(EdgepruneError, match=r"provider 1: expected a name"):
