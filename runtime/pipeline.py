@@ -119,13 +119,13 @@ class Pipeline:
         if not isinstance(prompts, (list, tuple)):
             raise ModelError(f"prompts: expected a list of str, one per image, got {type(prompts).__name__}")
         prompts = [check_prompt(prompt) for prompt in prompts]
+        if len(prompts) != len(images):
+            raise ModelError(f"{len(images)} image(s) and {len(prompts)} prompt(s): expected one prompt per image")
         max_new_tokens, seed = check_count("max_new_tokens", max_new_tokens), check_seed(seed)
         if do_sample:
             check_sampling(top_p, temperature)
         # 1. preprocess (the adapter's own numpy code), each image at its bucket's size
         start = time.perf_counter()
-        if len(prompts) != len(images):
-            raise ModelError(f"{len(images)} image(s) and {len(prompts)} prompt(s): expected one prompt per image")
         chosen = self.choose_buckets(images)                                              # [B] bucket per image
         encoded = [encode_prompt(self.tokenizer, self.bundle.chat_template, prompt) for prompt in prompts]
         self._check_context(encoded, chosen, max_new_tokens)                              # before any graph runs
