@@ -109,6 +109,13 @@ def test_bad_prompts_are_one_line(no_graph_runs, prompt, message):
         no_graph_runs(IMAGE, prompt, max_new_tokens=1)
 
 
+def test_generate_rows_checks_every_prompt(no_graph_runs):
+    with pytest.raises(ModelError, match=r"prompts: expected a list of str, one per image, got str"):
+        no_graph_runs.generate_rows([IMAGE], "hi", max_new_tokens=1)
+    with pytest.raises(ModelError, match=r"prompt must be a str, got int"):
+        no_graph_runs.generate_rows([IMAGE, IMAGE], ["hi", 3], max_new_tokens=1)
+
+
 def test_the_bundle_argument_is_a_path():
     with pytest.raises(EdgepruneError, match=r"bundle=None: expected the path of a bundle folder"):
         Pipeline(None)
