@@ -14,7 +14,8 @@ with a ModelError naming what was wrong:
 Size rule: at most MAX_PIXELS pixels (Pillow's own decompression-bomb limit, checked from the header
 before decoding) and an aspect ratio of at most MAX_ASPECT_RATIO (Qwen2-VL's image processor refuses
 beyond 200 too). The shortest-edge resize makes an intermediate image of shortest_edge^2 * aspect
-pixels, so the aspect limit is what bounds its memory by the output size (< 70 MB at 336 pixels).
+pixels, so the aspect limit is what bounds its memory by the output size (peak RSS + 90 MB at 200:1 and
+336 pixels, measured; 7 MB for a square image).
 """
 from __future__ import annotations
 
