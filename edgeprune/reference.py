@@ -4,7 +4,8 @@ images -> adapter.preprocess -> the vision step (models/vision_step.py, the expo
 encode -> pruner -> project if the pruner works on `feats`) -> [prefix ids, K image tokens, suffix ids] (runtime.prompt.encode_prompt) -> embeddings
 -> position ids (runtime.positions.build_positions, the runtime's own rule: [B, L] for 1-D RoPE,
 [3, B, L] for M-RoPE) -> prefill of the
-HF causal LM (inputs_embeds, explicit position_ids, all-ones attention mask, DynamicCache) ->
+HF causal LM (inputs_embeds, explicit position_ids, all-ones attention mask, a DynamicCache passed as
+`cache=`: transformers 5.24 deprecates the `past_key_values` name, removed in 5.40) ->
 greedy or top-p decode with the KV cache (runtime.sampling, the runtime's own code).
 
 Decode step t (0-based) of row b gets position id = last prefill position of row b + 1 + t
@@ -136,7 +137,7 @@ def generate(adapter: Adapter, pruner, images, prompt: str, max_new_tokens: int 
     cache = DynamicCache(config=adapter.llm.config)
     length = embeds.shape[1]
     out = adapter.llm(inputs_embeds=embeds, position_ids=torch.from_numpy(pos),
-                      attention_mask=torch.ones(b, length, dtype=torch.long), past_key_values=cache,
+                      attention_mask=torch.ones(b, length, dtype=torch.long), cache=cache,
                       use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1].float().numpy()                           # [B, V]
 
@@ -156,7 +157,7 @@ def generate(adapter: Adapter, pruner, images, prompt: str, max_new_tokens: int 
             break
         step_pos = torch.from_numpy(next_positions(pos, t))              # [B, 1] / [3, B, 1]
         out = adapter.llm(inputs_embeds=adapter.embed(torch.from_numpy(ids).unsqueeze(1)), position_ids=step_pos,
-                          attention_mask=torch.ones(b, length + t + 1, dtype=torch.long), past_key_values=cache,
+                          attention_mask=torch.ones(b, length + t + 1, dtype=torch.long), cache=cache,
                           use_cache=True)
         logits = out.logits[:, -1].float().numpy()
 

@@ -299,7 +299,7 @@ def validate_llm(llm: nn.Module, bundle_dir: Path, entries: dict, *, steps: int 
     logits, present = ort_llm.step(embeds.numpy(), pos.numpy(), mask.numpy(), None)
     errors["prefill"] = float(np.abs(logits - out.logits[:, -1].float().numpy()).max())
     decode = []
-    cache = out.past_key_values
+    cache = out.cache       # transformers 5.24's name (`past_key_values` is deprecated, removed in 5.40)
     last = pos.amax(dim=(0, 2)).unsqueeze(-1) if pos.dim() == 3 else pos[:, -1:]   # [B, 1]
     for t in range(steps):
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)                   # [B, 1], same token on both sides
@@ -308,9 +308,8 @@ def validate_llm(llm: nn.Module, bundle_dir: Path, entries: dict, *, steps: int 
         if pos.dim() == 3:
             step_pos = step_pos.unsqueeze(0).expand(3, -1, -1)             # [3, B, 1]
         mask = torch.ones(ids.shape[0], mask.shape[1] + 1, dtype=torch.int64)
-        out = llm(inputs_embeds=step_embeds, position_ids=step_pos, attention_mask=mask, past_key_values=cache,
-                  use_cache=True)
-        cache = out.past_key_values
+        out = llm(inputs_embeds=step_embeds, position_ids=step_pos, attention_mask=mask, cache=cache, use_cache=True)
+        cache = out.cache
         logits, present = ort_llm.step(step_embeds.numpy(), step_pos.numpy(), mask.numpy(), present)
         decode.append(float(np.abs(logits - out.logits[:, -1].float().numpy()).max()))
     errors["decode"] = max(decode) if decode else 0.0

@@ -66,13 +66,13 @@ def torch_timings(llm, lengths, decode_past: int, threads: int, runs: int, d: in
             out[n] = median_time(lambda: llm(inputs_embeds=x, position_ids=pos, use_cache=True, logits_to_keep=1),
                                  runs)
         x = torch.randn(1, decode_past, d)
-        past = llm(inputs_embeds=x, position_ids=torch.arange(decode_past)[None], use_cache=True).past_key_values
+        past = llm(inputs_embeds=x, position_ids=torch.arange(decode_past)[None], use_cache=True).cache
         step = torch.randn(1, 1, d)
         mask = torch.ones(1, decode_past + 1, dtype=torch.int64)
 
         def decode():
             llm(inputs_embeds=step, position_ids=torch.tensor([[decode_past]]), attention_mask=mask,
-                past_key_values=past, use_cache=True)
+                cache=past, use_cache=True)
             past.crop(-1)  # the DynamicCache grew by one token: keep it at decode_past
         out["decode"] = median_time(decode, runs)
     return out

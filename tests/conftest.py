@@ -44,3 +44,29 @@ def _drop_cli_log_handler():
     root = logging.getLogger()
     for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:
         root.removeHandler(handler)
+
+
+@pytest.fixture
+def transformers_deprecations():
+    """A function returning the deprecation notices transformers emitted so far in the test: FutureWarnings
+    and its log lines (e.g. "`past_key_values`/`cache_params` are deprecated"). warning_once's memory is
+    cleared first, so a notice an earlier test triggered is seen again."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    logged: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            logged.append(record.getMessage())
+
+    logging.Logger.warning_once.cache_clear()
+    handler = Collect(level=logging.WARNING)
+    root = hf_logging.get_logger("transformers")
+    root.addHandler(handler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield lambda: logged + [str(w.message) for w in caught
+                                if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    root.removeHandler(handler)

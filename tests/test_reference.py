@@ -191,3 +191,21 @@ def test_sample_next_bad_options():
         sample_next(np.zeros((1, 3)), make_rng(0), temperature=0)
     with pytest.raises(EdgepruneError, match="top_p=1.5"):
         sample_next(np.zeros((1, 3)), make_rng(0), top_p=1.5)
+
+
+def test_generate_uses_the_current_cache_api(tiny, images, transformers_deprecations):
+    """transformers 5.24 deprecates the `past_key_values` name (removed in 5.40): no notice may appear."""
+    generate(tiny, None, images[0], PROMPT, max_new_tokens=3)
+    assert not [m for m in transformers_deprecations() if "past_key_values" in m or "deprecated" in m]
+
+
+def test_the_deprecation_fixture_sees_the_old_name(tiny, transformers_deprecations):
+    """The check above can fail: the deprecated spelling is reported."""
+    import torch
+
+    embeds = tiny.embed(torch.tensor([[1, 2, 3]]))
+    out = tiny.llm(inputs_embeds=embeds, use_cache=True)
+    tiny.llm(inputs_embeds=embeds[:, :1], past_key_values=out.cache, use_cache=True)
+    assert any("past_key_values" in m for m in transformers_deprecations())        # the FutureWarning
+    out.past_key_values                                                            # the logged notice
+    assert any("`past_key_values`/`cache_params` are deprecated" in m for m in transformers_deprecations())

@@ -49,7 +49,7 @@ def split_template(template: str, image: str = IMAGE_PLACEHOLDER) -> ChatTemplat
 
 def causal_lm_from_parts(text_config, language_model: nn.Module, lm_head: nn.Module) -> nn.Module:
     """A transformers causal LM (e.g. LlamaForCausalLM) sharing the given decoder and head, so the
-    LLM is used like any causal LM (inputs_embeds, position_ids, past_key_values -> logits).
+    LLM is used like any causal LM (inputs_embeds, position_ids, cache -> logits).
     Built on the meta device first: no second copy of the weights is allocated."""
     from transformers import AutoModelForCausalLM
 

@@ -58,7 +58,7 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 class Qwen2VLTextLM(nn.Module):
     """The Qwen2-VL text model + lm_head as a plain causal LM (inputs_embeds, position_ids [3, B, L] or
-    [B, L], attention_mask, past_key_values -> logits), sharing the parts of the full model. Has the
+    [B, L], attention_mask, cache -> logits), sharing the parts of the full model. Has the
     `.model.{layers, norm, rotary_emb}` layout export/llm.py's DecoderGraph walks."""
 
     def __init__(self, text_config, language_model: nn.Module, lm_head: nn.Module):
@@ -74,15 +74,16 @@ class Qwen2VLTextLM(nn.Module):
         return self.lm_head
 
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                past_key_values=None, use_cache: bool | None = None, logits_to_keep: int = 0):
+                cache=None, use_cache: bool | None = None, logits_to_keep: int = 0):
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
+        # `cache`: transformers 5.24's name for the KV cache (`past_key_values` is deprecated, gone in 5.40)
         out = self.model(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
-                         past_key_values=past_key_values, use_cache=use_cache)
+                         cache=cache, use_cache=use_cache)
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(logits=self.lm_head(hidden), past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(logits=self.lm_head(hidden), cache=out.cache)
 
 
 class Qwen2VLAdapter(Adapter):

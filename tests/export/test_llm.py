@@ -12,7 +12,7 @@ import torch
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from edgeprune.errors import ModelError
-from edgeprune.export.llm import export_llm
+from edgeprune.export.llm import export_llm, validate_llm
 from edgeprune.runtime.llm import OrtLLM
 from edgeprune.runtime.format import PASSED, Graph, Keys
 
@@ -92,6 +92,12 @@ def test_validation_reports_small_errors(exported):
     assert v["prefill"] < 1e-4 and v["decode"] < 1e-4
 
 
+def test_validation_uses_the_current_cache_api(exported, llm, transformers_deprecations):
+    out, spec = exported
+    assert validate_llm(llm, out, spec)["ok"]
+    assert not [m for m in transformers_deprecations() if "past_key_values" in m or "deprecated" in m]
+
+
 @torch.no_grad()
 def test_prefill_and_4_decode_steps_match_torch(exported, llm):
     out, spec = exported
@@ -104,15 +110,15 @@ def test_prefill_and_4_decode_steps_match_torch(exported, llm):
     logits, present = ort_llm.step(embeds.numpy(), pos.numpy(), mask.numpy(), None)
     np.testing.assert_allclose(logits, ref.logits[:, -1].numpy(), atol=1e-4, rtol=0)
     assert present[0].shape == (2, 2, 12, 16)
-    cache = ref.past_key_values
+    cache = ref.cache
     for t in range(4):
         nxt = ref.logits[:, -1].argmax(-1, keepdim=True)
         step = llm.get_input_embeddings()(nxt)
         step_pos = pos[:, -1:] + 1 + t
         mask = torch.ones(2, 12 + t + 1, dtype=torch.int64)
-        ref = llm(inputs_embeds=step, position_ids=step_pos, attention_mask=mask, past_key_values=cache,
+        ref = llm(inputs_embeds=step, position_ids=step_pos, attention_mask=mask, cache=cache,
                   use_cache=True)
-        cache = ref.past_key_values
+        cache = ref.cache
         logits, present = ort_llm.step(step.numpy(), step_pos.numpy(), mask.numpy(), present)
         np.testing.assert_allclose(logits, ref.logits[:, -1].numpy(), atol=1e-4, rtol=0)
     assert present[-1].shape == (2, 2, 16, 16)

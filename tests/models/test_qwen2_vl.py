@@ -179,3 +179,8 @@ def test_text_only_prompt(adapter):
     res = generate(adapter, None, None, PROMPT, max_new_tokens=2)
     length = res.position_ids.shape[-1]
     np.testing.assert_array_equal(res.position_ids, np.tile(np.arange(length), (3, 1, 1)))
+
+
+def test_text_lm_uses_the_current_cache_api(adapter, images, transformers_deprecations):
+    generate(adapter, None, images[:1], PROMPT, max_new_tokens=3)     # prefill + 2 decode steps through Qwen2VLTextLM
+    assert not [m for m in transformers_deprecations() if "past_key_values" in m or "deprecated" in m]

@@ -57,7 +57,7 @@ def torch_generate(llm, embeds, positions, steps: int, do_sample=False, top_p=1.
         tokens.append(nxt)
         mask = torch.ones(pos.shape[0], mask.shape[1] + 1, dtype=torch.int64)
         out = llm(inputs_embeds=llm.get_input_embeddings()(torch.from_numpy(nxt)[:, None]),
-                  position_ids=pos[:, -1:] + 1 + t, attention_mask=mask, past_key_values=out.past_key_values,
+                  position_ids=pos[:, -1:] + 1 + t, attention_mask=mask, cache=out.cache,
                   use_cache=True)
     return np.stack(tokens, axis=1)
 
