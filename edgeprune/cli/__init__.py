@@ -1,12 +1,15 @@
 """The `edgeprune` command. Subcommands are listed once, here; each is a module of this package
 with `add_parser(subparsers)` and `run(args) -> int` (STYLE.md section 3).
 
-Heavy imports (torch, onnx) happen inside each `run()`, so `edgeprune run --help` works on a
-runtime-only install. A subcommand whose module cannot be imported still shows up and explains.
+Heavy imports (torch, onnx) happen inside each `run()`: building the parser imports neither torch
+nor the pruners (method names come from the static cli/method_names.py), so `edgeprune --help` starts
+at once and `edgeprune run` works on a runtime-only install (tests/cli/test_startup.py checks both).
+A subcommand whose module cannot be imported still shows up and explains.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import signal
@@ -87,8 +90,8 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 an error (one line on stderr), 2 a usage error (argparse), 130 Ctrl-C,
-    143 SIGTERM. Ctrl-C and SIGTERM are caught from the start (the heavy imports happen while the
-    parser is built), so neither prints a traceback."""
+    143 SIGTERM. Ctrl-C and SIGTERM are caught from the start (parser included), so neither prints a
+    traceback; log lines are written through the progress bars while the command runs."""
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     command = "command"
@@ -99,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         from edgeprune.cli.args import setup_logging
 
         setup_logging(args)
-        return int(args._run(args) or 0)
+        with _logs_through_progress_bars():
+            return int(args._run(args) or 0)
     except EdgepruneError as err:
         print(f"edgeprune {command}: error: {err}", file=sys.stderr)
         return 1
@@ -115,6 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _logs_through_progress_bars():
+    """Log lines are written with tqdm.write while the command runs, so they never share a line with a
+    progress bar (tqdm's own redirect). A runtime-only install may lack tqdm: plain logging then."""
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:
+        return contextlib.nullcontext()
+    return logging_redirect_tqdm()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ from pathlib import Path
 from edgeprune.errors import EdgepruneError
 
 __all__ = ["add_logging_args", "setup_logging", "add_pruner_args", "pruner_options", "PrunerOptions",
-           "add_bundle_args", "add_device_args", "parse_key_values", "count", "count0", "positive_float"]
+           "add_bundle_args", "add_device_args", "device_profile", "add_model_arg", "add_threads_arg",
+           "add_positions_arg", "parse_key_values", "DEFAULT_MODEL", "count", "count0", "positive_float"]
+
+DEFAULT_MODEL = "edgeprune-mini"
 
 
 # argparse `type=` checks: a nonsense value is a usage error naming the option, before anything loads.
@@ -54,12 +57,17 @@ def add_logging_args(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_logging(args: argparse.Namespace) -> None:
-    level = logging.WARNING if getattr(args, "quiet", False) else (
-        logging.DEBUG if getattr(args, "verbose", 0) >= 2 else logging.INFO)
+    """Warnings by default, INFO with -v, DEBUG with -vv, errors only with -q. The console handler
+    writes through tqdm when it is installed (`cli.main` redirects it), so log lines never land on a
+    progress bar's line."""
+    verbose = getattr(args, "verbose", 0)
+    level = logging.ERROR if getattr(args, "quiet", False) else (
+        logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING)
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if getattr(args, "log_file", None):
         handlers.append(logging.FileHandler(args.log_file))
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+    logging.captureWarnings(True)   # Python warnings (e.g. from torch.onnx) follow the same level
 
 
 def parse_key_values(items: list[str] | None) -> dict:
@@ -93,13 +101,10 @@ class PrunerOptions:
 
 
 def add_pruner_args(parser: argparse.ArgumentParser, keep_required: bool = False) -> None:
-    try:
-        from edgeprune.pruners import available  # torch: for --method's choices
-        choices, title = sorted(available()), "pruner"
-    except ImportError:  # a runtime-only install: the parser (and `run --help`) must still build
-        choices, title = None, "pruner (unavailable: torch is not installed)"
-    group = parser.add_argument_group(title)
-    group.add_argument("--method", default="divprune", choices=choices, help="pruning method")
+    from edgeprune.cli.method_names import METHOD_NAMES   # static: no torch, no pruner imports at parse time
+
+    group = parser.add_argument_group("pruner")
+    group.add_argument("--method", default="divprune", choices=METHOD_NAMES, help="pruning method")
     group.add_argument("--keep", type=count, required=keep_required,
                        help="token budget K (default: N, i.e. no pruning)")
     group.add_argument("--cfg", action="append", metavar="KEY=VALUE",
@@ -125,5 +130,41 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("device")
     group.add_argument("--provider", action="append", metavar="NAME",
                        help="execution provider, repeatable, in priority order (cpu, cuda, tensorrt; default: "
-                            "cpu); tensorrt runs the vision engine of `build-engine` with TensorRT itself")
-    group.add_argument("--device-profile", metavar="NAME|FILE", help="device profile (see profiles/)")
+                            "the device profile's, else cpu); tensorrt runs the vision engine of `build-engine` "
+                            "with TensorRT itself")
+    group.add_argument("--device-profile", metavar="NAME|FILE",
+                       help="device profile (profiles/devices/*.yaml or your own file): its providers are used "
+                            "unless --provider is given")
+
+
+def device_profile(args: argparse.Namespace):
+    """(the loaded --device-profile or None, the providers to use: --provider, else the profile's, else None)."""
+    device = None
+    if args.device_profile:
+        from edgeprune.profiles.device import load_device_profile
+
+        device = load_device_profile(args.device_profile)
+    return device, args.provider or (list(device.providers) if device else None)
+
+
+def add_model_arg(parser, *, required: bool = False, default: str | None = DEFAULT_MODEL,
+                  torch_note: bool = False) -> None:
+    """--model: a preset (edgeprune.models.presets()) or a local Hugging Face directory. `parser` may be a
+    group (e.g. plan's --bundle | --model)."""
+    default = None if required else default
+    text = "preset (edgeprune-mini, tiny-llava, ...) or local model directory"
+    text += f" (default: {default})" if default else ""
+    text += "; loads the model with torch" if torch_note else ""
+    parser.add_argument("--model", required=required, default=default, help=text)
+
+
+def add_threads_arg(parser: argparse.ArgumentParser, engine: str = "ONNX Runtime intra-op") -> None:
+    parser.add_argument("--threads", type=count, metavar="N", help=f"{engine} threads (default: its own choice)")
+
+
+def add_positions_arg(parser: argparse.ArgumentParser, default_note: str = "the method's convention, else the "
+                      "model's") -> None:
+    from edgeprune.runtime.positions import POSITION_MODES
+
+    parser.add_argument("--positions", choices=POSITION_MODES,
+                        help=f"position ids of the kept image tokens (default: {default_note})")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 
 def add_parser(subparsers):
-    from edgeprune.cli.args import count
+    from edgeprune.cli.args import add_model_arg, count
 
     p = subparsers.add_parser("calibrate", help=__doc__.splitlines()[0], description=__doc__)
-    p.add_argument("--model", default="edgeprune-mini", help="preset or local model directory (default edgeprune-mini)")
+    add_model_arg(p)
     p.add_argument("--images", nargs="+", type=Path, required=True, help="calibration images (a few dozen or more)")
     p.add_argument("--out", type=Path, required=True, help="the prior to write (.npy)")
     p.add_argument("--batch-size", type=count, default=8, help="images per encoder call (default 8)")

@@ -17,10 +17,10 @@ ALL = "all"
 
 
 def add_parser(subparsers):
-    from edgeprune.cli.args import count, count0
+    from edgeprune.cli.args import add_model_arg, add_threads_arg, count, count0
 
     p = subparsers.add_parser("eval", help=__doc__.splitlines()[0], description=__doc__)
-    p.add_argument("--model", default="edgeprune-mini", help="model preset (default: edgeprune-mini)")
+    add_model_arg(p)
     p.add_argument("--data", type=Path, default=None,
                    help="Fashion-MNIST folder with the IDX gz files (default: /usr/share/datasets/fashion-mnist)")
     p.add_argument("--method", default="random", help="pruning method for a single run (default: random)")
@@ -33,7 +33,7 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=count0, default=0, help="picks the test subset and seeds random methods (default: 0)")
     p.add_argument("--probe-train", type=count, default=1200, help="train images for the linear probe (default: 1200)")
     p.add_argument("--batch", type=count, default=16, help="images per forward (default: 16)")
-    p.add_argument("--threads", type=count, default=None, help="torch threads (default: torch's)")
+    add_threads_arg(p, "torch")
     p.add_argument("--out", type=Path, default=None, help="folder for results.json, table.md, plot.png")
     return p
 

@@ -7,20 +7,14 @@ from __future__ import annotations
 
 import sys
 
-DEFAULT_MODEL = "edgeprune-mini"
-
 
 def add_parser(subparsers):
-    from edgeprune.cli.args import add_bundle_args, add_pruner_args, count
-    from edgeprune.runtime.positions import POSITION_MODES
+    from edgeprune.cli.args import add_bundle_args, add_model_arg, add_positions_arg, add_pruner_args, count
 
     p = subparsers.add_parser("export", help=__doc__.splitlines()[0], description=__doc__)
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"preset name or local model directory (default: {DEFAULT_MODEL})")
+    add_model_arg(p)
     add_pruner_args(p)
-    p.add_argument("--positions", choices=POSITION_MODES,
-                   help="position ids of the kept image tokens (default: the method's convention, e.g. original "
-                        "for dart and autoselect, else the model's)")
+    add_positions_arg(p, "the method's convention, e.g. original for dart and autoselect, else the model's")
     p.add_argument("--scorer", metavar="CKPT", help="learned scorer checkpoint, for methods with a `scorer` option "
                    "(autoselect)")
     p.add_argument("--fp16", action="store_true", help="float16 LLM graphs (the vision graph stays float32 in ONNX; "

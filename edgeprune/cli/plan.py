@@ -13,12 +13,12 @@ from pathlib import Path
 
 
 def add_parser(subparsers):
-    from edgeprune.cli.args import count, positive_float
+    from edgeprune.cli.args import add_model_arg, count, positive_float
 
     p = subparsers.add_parser("plan", help=__doc__.splitlines()[0], description=__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--bundle", type=Path, help="an exported bundle of the model (torch-free)")
-    source.add_argument("--model", help="preset or model directory (loads the model with torch)")
+    add_model_arg(source, default=None, torch_note=True)
     p.add_argument("--device-profile", required=True, metavar="NAME|FILE", help="device profile (see profiles/devices)")
     p.add_argument("--context", type=count, default=128, help="text tokens per request: prompt + answer (default 128)")
     p.add_argument("--ttft-ms", type=positive_float, help="time-to-first-token target in ms")

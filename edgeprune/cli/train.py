@@ -15,9 +15,11 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers):
+    from edgeprune.cli.args import add_model_arg
+
     p = subparsers.add_parser("train", help=__doc__.splitlines()[0], description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="preset name (tiny-llava, edgeprune-mini) or a local model directory")
+    add_model_arg(p, required=True)
     p.add_argument("--data", type=Path, required=True, help="training JSONL (image, prompt, answer)")
     p.add_argument("--keep", type=int, required=True, help="token budget K the Scorer is trained for")
     p.add_argument("--steps", type=int, required=True, help="total optimisation steps (the schedules span these)")

@@ -45,9 +45,10 @@ def bundle(tmp_path_factory):
     return root / "bundle", image
 
 
-def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCKER + textwrap.dedent(code)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=240, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+def _run(code: str, block: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", (BLOCKER if block else "") + textwrap.dedent(code)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=240,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
 
 
 def test_blocker_blocks():
@@ -74,27 +75,10 @@ def test_pipeline_runs_without_torch(bundle):
 
 
 def test_cli_run_and_inspect_without_torch(bundle):
-    """Our subcommands (run, inspect, export's clear refusal), dispatched the way cli.main does."""
+    """The real `cli.main`: run, inspect, and export's clear refusal, with torch and transformers blocked."""
     path, image = bundle
     proc = _run(f"""
-        import argparse
-        from edgeprune.cli import args as common
-        from edgeprune.cli import export, inspect, run
-        from edgeprune.errors import EdgepruneError
-
-        def main(argv):
-            parser = argparse.ArgumentParser(prog="edgeprune")
-            sub = parser.add_subparsers(dest="command", required=True)
-            for mod in (export, inspect, run):
-                p = mod.add_parser(sub)
-                common.add_logging_args(p)
-                p.set_defaults(_run=mod.run)
-            args = parser.parse_args(argv)
-            try:
-                return args._run(args)
-            except EdgepruneError as err:
-                print(f"edgeprune {{args.command}}: error: {{err}}", file=sys.stderr)
-                return 1
+        from edgeprune.cli import main
 
         assert main(["inspect", {str(path)!r}]) == 0
         assert main(["run", {str(path)!r}, "--image", {str(image)!r}, "--prompt", "hi", "--max-new-tokens", "3",
@@ -105,6 +89,24 @@ def test_cli_run_and_inspect_without_torch(bundle):
     assert "pruner:    attention K=16" in proc.stdout
     assert "timing: preprocess" in proc.stderr
     assert "export needs the full install" in proc.stderr
+
+
+def test_cli_run_on_a_bundle_leaves_torch_unimported(bundle):
+    """With torch installed and importable, `edgeprune run BUNDLE` still never imports it (nor the pruners)."""
+    path, image = bundle
+    proc = _run(f"""
+        import json, sys
+        from edgeprune.cli import main
+
+        code = main(["run", {str(path)!r}, "--image", {str(image)!r}, "--prompt", "hi", "--max-new-tokens", "3",
+                     "--threads", "1"])
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r} or m.startswith("edgeprune.pruners"))
+        print(json.dumps({{"code": code, "heavy": heavy}}))
+    """, block=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"code": 0, "heavy": []}
+    assert "timing: preprocess" in proc.stderr
 
 
 def test_full_cli_builds_without_torch():
