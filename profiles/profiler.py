@@ -1,12 +1,17 @@
-"""Per-stage latency and memory of one bundle on this device (`edgeprune profile`).
+"""Per-stage latency and memory of bundles on this device (`edgeprune profile`, `edgeprune sweep`).
 
 Stages come from the runtime's own timers (runtime.pipeline.STAGES); every run is also timed as a
 whole, so the report shows how much the stages leave unexplained. TTFT = preprocess + vision +
-embed + prefill: the first new token comes out of the prefill. Torch-free.
+embed + prefill: the first new token comes out of the prefill. Several bundles are timed
+interleaved, round-robin after warming each (profiles/interleave.py): a load change then lands on
+every point of a round instead of on one point. The pruner's cost comes from ONNX Runtime's
+per-node profile of the vision graph (profiles/pruner_cost.py). Torch-free.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -18,27 +23,29 @@ import numpy as np
 from edgeprune import __version__
 from edgeprune.profiles import memory
 from edgeprune.profiles.device import DeviceProfile
-from edgeprune.runtime.format import Graph, Keys, external_data
+from edgeprune.profiles.interleave import paired_ratio, run_interleaved, spread_pct
+from edgeprune.runtime.format import Graph, Keys, external_data, llm_keys
 
-__all__ = ["profile_bundle", "soak", "summarize", "kv_bytes_expected", "weights_bytes", "DEFAULT_PROMPT",
-           "REPORT_SCHEMA"]
+__all__ = ["profile_bundle", "profile_bundles", "soak", "summarize", "kv_bytes_expected", "weights_bytes",
+           "DEFAULT_PROMPT", "REPORT_SCHEMA", "STAGE_KEYS"]
 
 log = logging.getLogger(__name__)
 
-REPORT_SCHEMA = 1
+REPORT_SCHEMA = 2   # 2: interleaved runs, per-round samples, spread_pct, pruner cost from the ORT node profile
 DEFAULT_PROMPT = "Describe the image in one sentence."
-DEFAULT_IMAGE = Path(__file__).resolve().parent / "chelsea.png"
+DEFAULT_IMAGE = Path(__file__).resolve().parent / "chelsea.png"   # timing only: the answer is not shown
 STAGE_KEYS = ("preprocess", "vision", "embed", "prefill", "decode")
+TTFT_STAGES = ("preprocess", "vision", "embed", "prefill")
 DTYPE_BYTES = {"float32": 4, "float16": 2}
 
 
 def summarize(values: list[float]) -> dict:
-    """Median, p90, min, max (seconds) of repeated measurements; the spread is max - min."""
+    """Median, p90, min, max (seconds) of repeated measurements and spread_pct = 100 (max - min) / median."""
     arr = np.asarray(values, dtype=np.float64)
     if arr.size == 0:
-        return {"median": None, "p90": None, "min": None, "max": None, "n": 0}
+        return {"median": None, "p90": None, "min": None, "max": None, "spread_pct": None, "n": 0}
     return {"median": float(np.median(arr)), "p90": float(np.percentile(arr, 90)), "min": float(arr.min()),
-            "max": float(arr.max()), "n": int(arr.size)}
+            "max": float(arr.max()), "spread_pct": spread_pct(arr), "n": int(arr.size)}
 
 
 def kv_bytes_expected(manifest: dict, batch: int, tokens: int) -> int:
@@ -80,41 +87,91 @@ def _device_memory(device: DeviceProfile | None) -> dict:
                    "source": p.source, "reason": p.reason} for name, p in probes.items()}
 
 
-def profile_bundle(bundle_dir: str | Path, *, image=None, prompt: str = DEFAULT_PROMPT, runs: int = 5,
-                   warmup: int = 1, new_tokens: int = 16, batch: int = 1, providers: list[str] | None = None,
-                   threads: int | None = None, device: DeviceProfile | None = None, progress=None) -> dict:
-    """Warm up, then time `runs` requests. Returns the report dict (stable keys, REPORT_SCHEMA)."""
+def _llm_key(manifest: dict) -> str:
+    """The LLM graphs' manifest entries and file hashes: bundles with the same key can share one loaded LLM."""
+    files = {manifest[key][Graph.FILE] for key in (Keys.LLM_EMBED_GRAPH, Keys.LLM_DECODER_GRAPH)}
+    files |= {external_data(f) for f in files}
+    return json.dumps([{key: manifest[key] for key in llm_keys()},
+                       {k: v for k, v in manifest[Keys.FILES_SHA256].items() if k in files}], sort_keys=True)
+
+
+def _load(bundle_dirs: list[Path], providers, threads) -> list:
+    """Pipelines of the bundles; those whose LLM graphs are the same files share one loaded LLM."""
+    from edgeprune.runtime.bundle import read_manifest
     from edgeprune.runtime.pipeline import Pipeline
 
+    pipelines, shared = [], {}
+    for path in bundle_dirs:
+        key = _llm_key(read_manifest(path))
+        pipelines.append(Pipeline(path, providers=providers, threads=threads, llm=shared.get(key)))
+        shared.setdefault(key, pipelines[-1].llm)
+    return pipelines
+
+
+def _pruner_profile(pipeline, images: list, threads):
+    """A profiled session of the pipeline's (default) vision graph, fed the same images."""
+    from dataclasses import replace
+
+    from edgeprune.profiles.pruner_cost import PrunerProfile
+    from edgeprune.runtime.preprocess import preprocess
+
+    bundle = pipeline.bundle
+    pixels = preprocess(images, replace(bundle.preprocess, size=tuple(pipeline.buckets[0]["size"])))
+    return PrunerProfile(bundle, pixels.astype(pipeline.vision.pixel_dtype), providers=pipeline.providers,
+                         threads=threads)
+
+
+def profile_bundles(bundle_dirs: list[str | Path], *, image=None, prompt: str = DEFAULT_PROMPT, runs: int = 5,
+                    warmup: int = 1, new_tokens: int = 16, batch: int = 1, providers: list[str] | None = None,
+                    threads: int | None = None, device: DeviceProfile | None = None, progress=None) -> list[dict]:
+    """Warm up each bundle, then time `runs` rounds of one request per bundle, round-robin. Returns one
+    report per bundle (stable keys, REPORT_SCHEMA); `samples_s` holds the per-round values, in round
+    order, so two reports can be compared round by round (`compare`)."""
     if runs < 1 or warmup < 0 or new_tokens < 1 or batch < 1:
         from edgeprune.errors import EdgepruneError
 
         raise EdgepruneError(f"runs={runs}, warmup={warmup}, new_tokens={new_tokens}, batch={batch}: expected "
                              "runs >= 1, warmup >= 0, new_tokens >= 1, batch >= 1")
-    bundle_dir = Path(bundle_dir)
+    bundle_dirs = [Path(p) for p in bundle_dirs]
     rss_before_load = memory.rss_bytes()
     start = time.perf_counter()
-    pipeline = Pipeline(bundle_dir, providers=providers or (list(device.providers) if device else None),
-                        threads=threads)
-    load_s = time.perf_counter() - start
-    manifest = pipeline.bundle.manifest
+    pipelines = _load(bundle_dirs, providers or (list(device.providers) if device else None), threads)
+    load_s = (time.perf_counter() - start) / len(pipelines)
     images = [image or DEFAULT_IMAGE] * batch
-    for _ in range(warmup):
-        _run_once(pipeline, images, prompt, new_tokens)
-    runs_done: list[_Run] = []
+    probes = [_pruner_profile(pipe, images, threads) for pipe in pipelines]
+
+    def measure(pipe, probe):
+        def once():
+            run = _run_once(pipe, images, prompt, new_tokens)
+            probe.run()
+            return run
+        return once
+
     with memory.RssSampler() as sampler:
-        for _ in range(runs):
-            runs_done.append(_run_once(pipeline, images, prompt, new_tokens))
-            if progress:
-                progress()
+        samples = run_interleaved([measure(p, q) for p, q in zip(pipelines, probes)], runs, warmup, progress)
+    settings = {"runs": runs, "warmup": warmup, "new_tokens": new_tokens, "batch": batch, "prompt": prompt,
+                "image": str(image or DEFAULT_IMAGE), "interleaved_with": len(pipelines) - 1}
+    return [_report(path, pipe, done, probe.finish(skip=warmup), settings, device, threads, load_s, rss_before_load,
+                    sampler.peak) for path, pipe, done, probe in zip(bundle_dirs, pipelines, samples, probes)]
+
+
+def profile_bundle(bundle_dir: str | Path, **kw) -> dict:
+    """One bundle: `profile_bundles([bundle_dir], **kw)[0]`."""
+    return profile_bundles([bundle_dir], **kw)[0]
+
+
+def _report(bundle_dir: Path, pipeline, runs_done: list[_Run], nodes: list[dict], settings: dict, device, threads,
+            load_s: float, rss_before_load: int, peak_rss: int) -> dict:
+    manifest = pipeline.bundle.manifest
     last = runs_done[-1].result
-    stage = {name: summarize([r.result.timings[name] for r in runs_done]) for name in STAGE_KEYS}
-    ttft = [sum(r.result.timings[s] for s in ("preprocess", "vision", "embed", "prefill")) for r in runs_done]
+    samples = {name: [r.result.timings[name] for r in runs_done] for name in STAGE_KEYS}
+    samples["ttft"] = [sum(r.result.timings[s] for s in TTFT_STAGES) for r in runs_done]
+    samples["total"] = [r.total_s for r in runs_done]
     steps = [s for r in runs_done for s in r.result.decode_steps]
-    totals = [r.total_s for r in runs_done]
     stage_sum = [sum(r.result.timings[s] for s in STAGE_KEYS) for r in runs_done]
     generated = len(last.ids[0]) if last.ids else 0
     kv_tokens = last.num_prompt_tokens + max(len(last.decode_steps), 0)  # tokens whose K/V the cache holds
+    loaded = settings["interleaved_with"] + 1
     return {
         "schema": REPORT_SCHEMA,
         "edgeprune_version": __version__,
@@ -127,32 +184,58 @@ def profile_bundle(bundle_dir: str | Path, *, image=None, prompt: str = DEFAULT_
         "device_profile": device.to_dict() if device else None,
         "host": {"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version(),
                  "providers": list(pipeline.providers), "vision_on": pipeline.vision.device,
-                 "llm_on": pipeline.llm.device, "threads": threads},
-        "settings": {"runs": runs, "warmup": warmup, "new_tokens": new_tokens, "batch": batch, "prompt": prompt,
-                     "image": str(image or DEFAULT_IMAGE)},
+                 "llm_on": pipeline.llm.device, "threads": threads, "load_average": _load_average()},
+        "settings": settings,
         "load_s": load_s,
         "latency_s": {
-            **stage,
-            "ttft": summarize(ttft),
+            **{name: summarize(values) for name, values in samples.items()},
             "decode_per_token": summarize(steps),
-            "total": summarize(totals),
             "stages_sum": summarize(stage_sum),
         },
+        "samples_s": samples,
+        "pruner": pruner_summary(nodes),
         "tokens_per_s": (1.0 / statistics.median(steps)) if steps else None,
         "tokens": {"prompt": last.num_prompt_tokens, "generated": generated, "text_tokens":
                    last.num_prompt_tokens - int(manifest[Keys.PRUNER_KEEP])},
         "memory": {
-            "peak_rss_bytes": sampler.peak,
+            "peak_rss_bytes": peak_rss,
+            # one process holds every interleaved bundle (their LLM shared when it is the same graphs)
+            "peak_rss_scope": "this bundle" if loaded == 1 else f"process with {loaded} bundles loaded",
             "rss_before_load_bytes": rss_before_load,
             "weights_bytes": weights_bytes(bundle_dir, manifest),
             "kv_cache_bytes": int(last.kv_bytes),
-            "kv_cache_bytes_expected": kv_bytes_expected(manifest, batch, kv_tokens),
+            "kv_cache_bytes_expected": kv_bytes_expected(manifest, settings["batch"], kv_tokens),
             "kv_cache_tokens": kv_tokens,
             "device": _device_memory(device),
         },
         "text": last.texts[0],
         "extras": {k: np.asarray(v).tolist() for k, v in last.extras.items()},
     }
+
+
+def pruner_summary(nodes: list[dict]) -> dict:
+    """The pruner's time per run and its share of the vision graph's node time (paired per run)."""
+    if not nodes or not any(n["pruner_nodes"] for n in nodes):
+        return {"available": False, "reason": "no node of the vision graph carries the pruner's scope (no pruner "
+                "nodes, or the provider ran the graph as one fused node)", "runs": len(nodes)}
+    pruner = [n["pruner_s"] for n in nodes]
+    graph = [n["graph_s"] for n in nodes]
+    return {"available": True, "time_s": summarize(pruner), "graph_s": summarize(graph),
+            "share": paired_ratio(pruner, graph), "inferred_s": summarize([n["inferred_s"] for n in nodes]),
+            "nodes": nodes[0]["pruner_nodes"], "runs": len(nodes)}
+
+
+def compare(report: dict, reference: dict, stages=("vision", "prefill", "ttft", "total")) -> dict:
+    """reference / report per round for each stage (a speedup when the reference is the slower one),
+    with spread and the noise flag (profiles/interleave.py). Both must come from one profile_bundles call."""
+    return {stage: paired_ratio(reference["samples_s"][stage], report["samples_s"][stage]) for stage in stages}
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def soak(bundle_dir: str | Path, requests: int, *, image=None, prompt: str = DEFAULT_PROMPT, new_tokens: int = 8,

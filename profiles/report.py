@@ -5,8 +5,9 @@ import json
 from pathlib import Path
 
 from edgeprune.fileio import atomic_write
+from edgeprune.profiles.interleave import NOISY
 
-__all__ = ["write_atomic", "profile_markdown", "sweep_markdown", "sweep_plots", "ms", "mib"]
+__all__ = ["write_atomic", "profile_markdown", "sweep_markdown", "sweep_plots", "ms", "mib", "pct", "pruner_line"]
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -25,25 +26,43 @@ def mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
 
 
-def profile_markdown(report: dict) -> str:
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
+def profile_markdown(report: dict, reference: dict | None = None, comparison: dict | None = None) -> str:
+    """One bundle's table (median, p90, min-max and spread per stage), its pruner cost, memory; with
+    `reference` and `comparison` (profiler.compare), the paired speedups against the reference bundle."""
     lat = report["latency_s"]
     rows = [("preprocess", lat["preprocess"]), ("vision (encoder + pruner + projector)", lat["vision"]),
             ("embed + sequence", lat["embed"]), ("LLM prefill", lat["prefill"]),
             ("time to first token", lat["ttft"]), ("decode per token", lat["decode_per_token"]),
             ("decode (all tokens)", lat["decode"]), ("total", lat["total"])]
-    if "pruner" in lat:
-        rows.insert(2, ("  of which pruner (vision K - vision N)", lat["pruner"]))
+    runs = report["settings"]["runs"]
+    others = report["settings"].get("interleaved_with", 0)
+    how = f"{runs} runs" + (f", interleaved round-robin with {others} other bundle(s)" if others else "")
     lines = [f"### {report['method']} K={report['keep']} of N={report['num_image_tokens']} ({report['bundle']})", "",
-             "| stage | median ms | p90 ms | min-max ms |", "|---|---:|---:|---:|"]
+             f"{how}; load average {_load(report)}", "",
+             "| stage | median ms | p90 ms | min-max ms | spread |", "|---|---:|---:|---:|---:|"]
     for name, s in rows:
-        lines.append(f"| {name} | {ms(s['median'])} | {ms(s['p90'])} | {ms(s['min'])}-{ms(s['max'])} |")
+        lines.append(f"| {name} | {ms(s['median'])} | {ms(s['p90'])} | {ms(s['min'])}-{ms(s['max'])} | "
+                     f"{pct(s.get('spread_pct'))} |")
+    lines += ["", pruner_line(report["pruner"])]
+    if reference is not None and comparison is not None:
+        lines += ["", f"against {reference['bundle']} (K={reference['keep']}), the same rounds "
+                      "(ratio = reference / this bundle, per round):", "",
+                  "| stage | reference median ms | speedup | spread | |", "|---|---:|---:|---:|---|"]
+        for stage, c in comparison.items():
+            lines.append(f"| {stage} | {ms(reference['latency_s'][stage]['median'])} | {c['median']:.2f}x | "
+                         f"{pct(c['spread_pct'])} | {NOISY if c['noisy'] else ''} |")
     mem = report["memory"]
     tps = report["tokens_per_s"]
+    scope = mem.get("peak_rss_scope", "this bundle")
     lines += ["", f"tokens/s: {tps:.1f}" if tps else "tokens/s: -",
               f"prompt tokens: {report['tokens']['prompt']} (K={report['keep']} image + "
               f"{report['tokens']['text_tokens']} text), generated: {report['tokens']['generated']}", "",
               "| memory | MiB |", "|---|---:|",
-              f"| peak RSS | {mib(mem['peak_rss_bytes'])} |",
+              f"| peak RSS ({scope}) | {mib(mem['peak_rss_bytes'])} |",
               *(f"| weights: {k} | {mib(v)} |" for k, v in mem["weights_bytes"].items()),
               f"| KV cache at end ({mem['kv_cache_tokens']} tokens) | {mib(mem['kv_cache_bytes'])} |"]
     for name, probe in mem["device"].items():
@@ -52,21 +71,45 @@ def profile_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-SWEEP_COLUMNS = ("method", "keep", "ttft_ms", "prefill_ms", "vision_ms", "pruner_overhead_pct", "decode_ms_per_token",
-                 "kv_bytes", "kv_ratio", "prefill_speedup", "token_limit")
+def pruner_line(pruner: dict) -> str:
+    if not pruner["available"]:
+        return f"pruner: not measured ({pruner['reason']})"
+    share, t = pruner["share"], pruner["time_s"]
+    inferred = pruner["inferred_s"]["median"] or 0.0
+    note = f"; {NOISY}" if share["noisy"] else ""
+    return (f"pruner (ONNX Runtime node profile, {pruner['nodes']} nodes, {pruner['runs']} runs): {ms(t['median'])} ms "
+            f"median ({pct(t['spread_pct'])} spread) = {100 * share['median']:.2f}% of the vision graph's node time "
+            f"({100 * share['min']:.2f}-{100 * share['max']:.2f}%){note}"
+            + (f"; {ms(inferred)} ms of it from fused nodes without a scope" if inferred else ""))
+
+
+def _load(report: dict) -> str:
+    load = report.get("host", {}).get("load_average")
+    return "n/a" if not load else " / ".join(f"{v:.2f}" for v in load) + " (1/5/15 min)"
 
 
 def sweep_markdown(rows: list[dict], meta: dict) -> str:
+    load = meta.get("load_average")
     lines = [f"## Sweep: {meta['model']} (N={meta['num_image_tokens']}, M={meta['text_tokens']} text tokens, "
-             f"{meta['runs']} runs, {meta['new_tokens']} new tokens)", "",
-             "| method | K | TTFT ms | prefill ms | vision ms | pruner % of vision | decode ms/token | KV MiB | "
-             "KV ratio | prefill speedup | limit (N+M)/(K+M) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{meta['runs']} runs per point interleaved round-robin after {meta.get('warmup', 1)} warm-up, "
+             f"{meta['new_tokens']} new tokens; load average "
+             f"{'n/a' if not load else ' / '.join(f'{v:.2f}' for v in load)})", "",
+             "Speedups are reference (K = N) / this point, per round; ± is the spread (max - min) / median over "
+             f"the rounds; a row is noisy when a ratio spreads more than {meta.get('noise_limit_pct', 10):.0f}%. "
+             "Pruner % = the pruner's nodes in ONNX Runtime's node profile of its own vision graph.", "",
+             "| method | K | TTFT ms | prefill ms | vision ms | pruner ms | pruner % of vision | decode ms/token | "
+             "KV MiB | KV ratio | TTFT speedup | prefill speedup | limit (N+M)/(K+M) | vision speedup | noise |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        overhead = "-" if r["pruner_overhead_pct"] is None else f"{r['pruner_overhead_pct']:.1f}"
-        lines.append(f"| {r['method']} | {r['keep']} | {r['ttft_ms']:.1f} | {r['prefill_ms']:.1f} | "
-                     f"{r['vision_ms']:.1f} | {overhead} | {r['decode_ms_per_token']:.1f} | {mib(r['kv_bytes'])} | "
-                     f"{r['kv_ratio']:.3f} | {r['prefill_speedup']:.2f}x | {r['token_limit']:.2f}x |")
+        pruner_ms = "-" if r["pruner_ms"] is None else f"{r['pruner_ms']:.1f}"
+        overhead = "-" if r["pruner_overhead_pct"] is None else \
+            f"{r['pruner_overhead_pct']:.2f} ±{pct(r['pruner_overhead_spread_pct'])}"
+        lines.append(f"| {r['method']} | {r['keep']} | {r['ttft_ms']:.1f} ±{pct(r['ttft_spread_pct'])} | "
+                     f"{r['prefill_ms']:.1f} | {r['vision_ms']:.1f} | {pruner_ms} | {overhead} | "
+                     f"{r['decode_ms_per_token']:.1f} | {mib(r['kv_bytes'])} | {r['kv_ratio']:.3f} | "
+                     f"{r['ttft_speedup']:.2f}x ±{pct(r['ttft_speedup_spread_pct'])} | "
+                     f"{r['prefill_speedup']:.2f}x ±{pct(r['prefill_speedup_spread_pct'])} | {r['token_limit']:.2f}x | "
+                     f"{r['vision_speedup']:.2f}x ±{pct(r['vision_speedup_spread_pct'])} | {r['note'] or 'ok'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -109,8 +152,8 @@ def sweep_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         labels = [f"{r['method']}\nK={r['keep']}" for r in overhead]
         ax.bar(range(len(overhead)), [r["pruner_overhead_pct"] for r in overhead])
         ax.set_xticks(range(len(overhead)), labels, fontsize=7)
-        ax.set_ylabel("% of the unpruned vision graph time")
-        ax.set_title("Pruner overhead")
+        ax.set_ylabel("% of the vision graph's node time")
+        ax.set_title("Pruner cost (ONNX Runtime node profile)")
         ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
         paths.append(out_dir / "pruner_overhead.png")

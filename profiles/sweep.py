@@ -1,9 +1,13 @@
-"""Sweep methods x budgets: export (or reuse) a bundle per point, profile each, one table + plots.
+"""Sweep methods x budgets: export (or reuse) a bundle per point, profile them interleaved, one table + plots.
 
-The unpruned bundle (K = N) is exported once and is the baseline of every row: prefill speedup =
-prefill(N) / prefill(K), next to the token-count limit (N + M) / (K + M), and pruner overhead =
-(vision(K) - vision(N)) / vision(N). The LLM graphs are the same for every point, so they are exported
-once and reused (hard-linked where possible) by the other bundles.
+The unpruned bundle (K = N) is exported once and is the baseline of every row. All points are timed
+in one interleaved profile (profiles/interleave.py: warm-up each, then round-robin rounds), and every
+ratio against the baseline is taken round by round: prefill speedup = prefill(N) / prefill(K) next to
+the token-count limit (N + M) / (K + M), TTFT and vision-graph speedups the same way. The pruner's
+cost is its own nodes' share of its vision graph in ONNX Runtime's node profile (profiles/pruner_cost.py),
+not a difference of two bundles. A row whose ratios spread more than NOISE_LIMIT_PCT over the rounds
+is marked NOISY. The LLM graphs are the same for every point, so they are exported once and reused
+(hard-linked where possible) by the other bundles, and loaded once.
 """
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ import logging
 from pathlib import Path
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.profiles.profiler import profile_bundle
+from edgeprune.profiles.interleave import NOISE_LIMIT_PCT, NOISY, paired_ratio
+from edgeprune.profiles.profiler import profile_bundles
 from edgeprune.profiles.report import sweep_markdown, sweep_plots, write_atomic, write_json
 from edgeprune.runtime.format import Keys
 
@@ -37,26 +42,35 @@ def _matches(bundle: Path, model: str, method: str | None, keep: int) -> bool:
             and method in (None, manifest[Keys.PRUNER_METHOD]))
 
 
-def sweep_rows(reports: list[dict], baseline: dict) -> list[dict]:
-    """Table rows from profile reports, relative to the unpruned `baseline` report."""
+def sweep_rows(reports: list[dict], baseline: dict, limit_pct: float = NOISE_LIMIT_PCT) -> list[dict]:
+    """Table rows from interleaved profile reports, relative to the unpruned `baseline` report (paired per round)."""
     n = baseline["num_image_tokens"]
     m = baseline["tokens"]["text_tokens"]
-    base_prefill = baseline["latency_s"]["prefill"]["median"]
-    base_vision = baseline["latency_s"]["vision"]["median"]
-    base_kv = baseline["memory"]["kv_cache_bytes"]
+    base, base_kv = baseline["samples_s"], baseline["memory"]["kv_cache_bytes"]
     rows = []
     for r in reports:
-        lat, k = r["latency_s"], r["keep"]
+        lat, k, own = r["latency_s"], r["keep"], r["samples_s"]
+        speedup = {stage: paired_ratio(base[stage], own[stage], limit_pct) for stage in ("prefill", "ttft", "vision")}
+        pruner = r["pruner"]
+        share = pruner["share"] if pruner["available"] and k < n else None
+        noisy = any(c["noisy"] for c in speedup.values()) or bool(share and share["noisy"])
         rows.append({
             "method": r["sweep_method"], "keep": k, "num_image_tokens": n,
             "ttft_ms": lat["ttft"]["median"] * 1e3, "ttft_min_ms": lat["ttft"]["min"] * 1e3,
+            "ttft_spread_pct": lat["ttft"]["spread_pct"],
             "prefill_ms": lat["prefill"]["median"] * 1e3, "prefill_min_ms": lat["prefill"]["min"] * 1e3,
-            "vision_ms": lat["vision"]["median"] * 1e3,
-            "pruner_overhead_pct": None if k == n else 100.0 * (lat["vision"]["median"] - base_vision) / base_vision,
+            "vision_ms": lat["vision"]["median"] * 1e3, "vision_spread_pct": lat["vision"]["spread_pct"],
+            "pruner_ms": pruner["time_s"]["median"] * 1e3 if share else None,
+            # the pruner's nodes as % of its own vision graph's node time, per run (ORT node profile)
+            "pruner_overhead_pct": 100.0 * share["median"] if share else None,
+            "pruner_overhead_spread_pct": share["spread_pct"] if share else None,
             "decode_ms_per_token": (lat["decode_per_token"]["median"] or 0.0) * 1e3,
             "kv_bytes": r["memory"]["kv_cache_bytes"], "kv_ratio": r["memory"]["kv_cache_bytes"] / base_kv,
-            "prefill_speedup": base_prefill / lat["prefill"]["median"],
+            "prefill_speedup": speedup["prefill"]["median"], "prefill_speedup_spread_pct": speedup["prefill"]["spread_pct"],
+            "ttft_speedup": speedup["ttft"]["median"], "ttft_speedup_spread_pct": speedup["ttft"]["spread_pct"],
+            "vision_speedup": speedup["vision"]["median"], "vision_speedup_spread_pct": speedup["vision"]["spread_pct"],
             "token_limit": (n + m) / (k + m),
+            "noisy": noisy, "note": NOISY if noisy else "",
         })
     return rows
 
@@ -64,7 +78,9 @@ def sweep_rows(reports: list[dict], baseline: dict) -> list[dict]:
 def run_sweep(model: str, methods: list[str], keeps: list[int], out: Path, *, runs: int = 3, warmup: int = 1,
               new_tokens: int = 8, image=None, prompt: str | None = None, threads: int | None = None,
               positions: str | None = None, progress=None) -> dict:
-    """Export/reuse bundles under out/bundles, profile them, write sweep.json, sweep.md and the plots."""
+    """Export/reuse bundles under out/bundles, profile them interleaved, write sweep.json, sweep.md and the plots.
+
+    progress(label, total) is called after each bundle is ready and after each timed run."""
     from edgeprune.export.bundle import export_bundle
     from edgeprune.models import load
 
@@ -75,32 +91,35 @@ def run_sweep(model: str, methods: list[str], keeps: list[int], out: Path, *, ru
         raise EdgepruneError(f"--keep {bad}: expected 1 <= K <= N={n}")
     bundles = out / "bundles"
     points = [(None, n)] + [(m, k) for m in methods for k in sorted(set(keeps), reverse=True) if k < n]
-    kw = {"image": image, "threads": threads, "runs": runs, "warmup": warmup, "new_tokens": new_tokens}
-    if prompt:
-        kw["prompt"] = prompt
-    reports = []
-    llm_source = None
+    total = len(points) + runs * len(points)
+    paths = []
     for method, k in points:
         path = bundles / bundle_name(method, k)
         if not _matches(path, model, method, k):
             # K = N: every method returns its input, so any method exports the unpruned graph
             export_bundle(adapter, path, method=method or methods[0], keep=k, positions=positions, force=True,
-                          source=model, validate=False, reuse_llm_from=llm_source)
-        llm_source = llm_source or path
-        report = profile_bundle(path, **kw)
-        report["sweep_method"] = method or "full"
-        reports.append(report)
+                          source=model, validate=False, reuse_llm_from=paths[0] if paths else None)
+        paths.append(path)
         if progress:
-            progress(f"{report['sweep_method']} K={k}", len(points))
+            progress(f"exported {method or 'full'} K={k}", total)
+    del adapter   # the torch model is not needed while timing: free its memory
+    kw = {"image": image, "threads": threads, "runs": runs, "warmup": warmup, "new_tokens": new_tokens,
+          "progress": (lambda: progress("timing, round-robin", total)) if progress else None}
+    if prompt:
+        kw["prompt"] = prompt
+    reports = profile_bundles(paths, **kw)
+    for report, (method, _) in zip(reports, points):
+        report["sweep_method"] = method or "full"
     baseline = reports[0]
     rows = sweep_rows(reports, baseline)
     # K = N is the same graph for every method: show it once per method so each curve reaches N.
     full = next(r for r in rows if r["method"] == "full")
     rows = [r for r in rows if r["method"] != "full"] + [dict(full, method=m) for m in methods]
     meta = {"model": model, "num_image_tokens": n, "text_tokens": baseline["tokens"]["text_tokens"], "runs": runs,
-            "new_tokens": new_tokens, "methods": methods, "keeps": sorted(set(keeps) | {n}, reverse=True)}
+            "warmup": warmup, "new_tokens": new_tokens, "methods": methods, "keeps": sorted(set(keeps) | {n}, reverse=True),
+            "interleaved": True, "noise_limit_pct": NOISE_LIMIT_PCT, "load_average": baseline["host"]["load_average"]}
     rows.sort(key=lambda r: (r["method"], -r["keep"]))
-    result = {"schema": 1, "meta": meta, "rows": rows, "reports": reports}
+    result = {"schema": 2, "meta": meta, "rows": rows, "reports": reports}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "sweep.json", result)
     text = sweep_markdown(rows, meta)

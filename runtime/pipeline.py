@@ -63,10 +63,12 @@ class Pipeline:
     the manifest, a file or a hash is wrong, or K in the manifest differs from the vision graph's)."""
 
     def __init__(self, bundle_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 verify: bool = True):
+                 verify: bool = True, llm=None):
         """`providers`: short names (cpu, cuda, tensorrt) in priority order, resolved once for every graph
         (runtime/providers.py). With tensorrt and an engine from `edgeprune build-engine`, the vision graph
-        runs as that engine (runtime/vision.py); the LLM runs on ONNX Runtime."""
+        runs as that engine (runtime/vision.py); the LLM runs on ONNX Runtime. `llm`: an OrtLLM to use
+        instead of loading this bundle's, shared by bundles whose LLM graphs are the same files (the
+        profiler, interleaving a sweep, keeps one LLM in memory instead of one per K; it checks the files)."""
         from tokenizers import Tokenizer
 
         from edgeprune.runtime.llm import OrtLLM
@@ -89,7 +91,7 @@ class Pipeline:
             self.tokenizer = Tokenizer.from_file(str(root / Files.TOKENIZER))
         except Exception as err:  # tokenizers raises a bare Exception on a malformed file
             raise BundleError(f"{root / Files.TOKENIZER}: cannot load ({err})") from err
-        self.llm = OrtLLM(root, self.bundle.manifest, providers=self.providers, threads=threads)
+        self.llm = llm or OrtLLM(root, self.bundle.manifest, providers=self.providers, threads=threads)
 
     @property
     def keep(self) -> int:

@@ -1,6 +1,9 @@
-"""Sweep methods and budgets: export (or reuse) bundles, profile each, write a table and plots.
+"""Sweep methods and budgets: export (or reuse) bundles, profile them interleaved, write a table and plots.
 
 Example: edgeprune sweep --model edgeprune-mini --methods dart,divprune --keep 576,192,128,64,32 --out reports/sweep
+All points are timed in one process, round-robin after a warm-up each, and compared with K = N round
+by round; each ratio shows its spread, and a row whose spread is too large for its comparison says
+"noisy: re-run on a quiet machine". The pruner's cost is read from ONNX Runtime's per-node profile.
 Writes sweep.json (stable keys), sweep.md and sweep.png / pruner_overhead.png under --out; bundles
 go to --out/bundles and are reused when a matching one is already there.
 """
@@ -19,19 +22,19 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_parser(subparsers):
-    from edgeprune.cli.args import count, count0
+    from edgeprune.cli.args import add_model_arg, add_positions_arg, add_threads_arg, count, count0
 
     p = subparsers.add_parser("sweep", help=__doc__.splitlines()[0], description=__doc__)
-    p.add_argument("--model", default="edgeprune-mini", help="preset or local model directory (default edgeprune-mini)")
+    add_model_arg(p)
     p.add_argument("--methods", default="dart,divprune", help="comma-separated methods (default dart,divprune)")
     p.add_argument("--keep", default="576,192,128,64,32", help="comma-separated budgets K (default 576,192,128,64,32)")
     p.add_argument("--out", type=Path, required=True, help="report folder")
-    p.add_argument("--runs", type=count, default=3, help="timed runs per point (default 3)")
+    p.add_argument("--runs", type=count, default=3, help="timed rounds: runs per point, interleaved (default 3)")
     p.add_argument("--warmup", type=count0, default=1, help="warm-up runs per point (default 1)")
     p.add_argument("--new-tokens", type=count, default=8, help="tokens generated per run (default 8)")
-    p.add_argument("--positions", choices=("original", "compact"), help="position mode of the bundles")
+    add_positions_arg(p)
     p.add_argument("--image", type=Path, help="image to run (default: a shipped photo)")
-    p.add_argument("--threads", type=count, help="ONNX Runtime intra-op threads")
+    add_threads_arg(p)
     return p
 
 
@@ -49,7 +52,7 @@ def run(args) -> int:
     keeps = _int_list(args.keep)
     if not keeps:
         raise EdgepruneError("--keep: expected at least one budget")
-    with tqdm(desc="sweep", unit="bundle") as bar:
+    with tqdm(desc="sweep", unit="step") as bar:
         def progress(label: str, total: int) -> None:
             bar.total = total
             bar.set_postfix_str(label)

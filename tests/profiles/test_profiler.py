@@ -50,6 +50,29 @@ def test_profile_report_is_consistent(bundles, name, keep):
     for probe in mem["device"].values():      # this machine has neither NVML nor tegrastats: reported, not raised
         assert probe["available"] or probe["reason"]
     json.dumps(report, allow_nan=False)       # machine-readable as is
+    assert all(len(v) == 3 for v in report["samples_s"].values())      # one value per round, for paired ratios
+    assert lat["ttft"]["spread_pct"] == pytest.approx(
+        100 * (lat["ttft"]["max"] - lat["ttft"]["min"]) / lat["ttft"]["median"])
+    pruner = report["pruner"]                 # the ORT node profile of the vision graph
+    if keep < 576:
+        assert pruner["available"] and pruner["nodes"] > 0 and pruner["runs"] == 3
+        assert 0 < pruner["share"]["min"] <= pruner["share"]["median"] <= pruner["share"]["max"] < 1
+        assert 0 < pruner["time_s"]["median"] < lat["vision"]["median"]
+
+
+def test_interleaved_bundles_share_one_llm_and_compare_round_by_round(bundles):
+    from edgeprune.profiles.profiler import _load, compare, profile_bundles
+
+    pipelines = _load([bundles["k64"], bundles["full"]], None, 1)
+    assert pipelines[0].llm is pipelines[1].llm                          # the same LLM graphs: loaded once
+    k64, full = profile_bundles([bundles["k64"], bundles["full"]], runs=2, warmup=1, new_tokens=2, threads=1)
+    assert (k64["keep"], full["keep"]) == (64, 576) and k64["settings"]["interleaved_with"] == 1
+    assert "2 bundles loaded" in k64["memory"]["peak_rss_scope"]
+    ratios = compare(k64, full)
+    assert set(ratios) == {"vision", "prefill", "ttft", "total"}
+    for stage, r in ratios.items():
+        per_round = [a / b for a, b in zip(full["samples_s"][stage], k64["samples_s"][stage])]
+        assert r["min"] == pytest.approx(min(per_round)) and r["max"] == pytest.approx(max(per_round)), stage
 
 
 def test_kv_formula():
@@ -72,11 +95,17 @@ def test_cli_profile_writes_report_and_refuses_overwrite(bundles, tmp_path, caps
             "--reference", str(bundles["full"])]
     assert main(args) == 0
     report = json.loads((out / "profile.json").read_text())
-    assert {"encoder", "pruner"} <= set(report["latency_s"])
-    assert "| time to first token |" in (out / "profile.md").read_text()
+    assert report["pruner"]["available"] and report["settings"]["interleaved_with"] == 1
+    assert set(report["reference"]["comparison"]) == {"vision", "prefill", "ttft", "total"}
+    text = (out / "profile.md").read_text()
+    assert "| time to first token |" in text and "interleaved round-robin with 1 other bundle" in text
+    assert "pruner (ONNX Runtime node profile" in text and "| prefill |" in text
     assert main(args) == 1
     assert "exists and is not empty; pass --force" in capsys.readouterr().err
     assert main(args + ["--force"]) == 0
+    # a pruned bundle is no reference: refused before any timing
+    assert main(["profile", str(bundles["k64"]), "--reference", str(bundles["k64"])]) == 1
+    assert "expected an unpruned bundle (K = N = 576), got K=64" in capsys.readouterr().err
 
 
 FACTS = ModelFacts(name="toy", num_image_tokens=576, vision_params=300_000_000, llm_params=7_000_000_000,
