@@ -289,6 +289,7 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
             Keys.MODEL_NUM_IMAGE_TOKENS: n,
             Keys.MODEL_EOS_TOKEN_IDS: [int(i) for i in adapter.eos_token_ids],
             Keys.MODEL_CHAT_TEMPLATE: adapter.chat_template.to_dict(),
+            Keys.MODEL_DOMAIN: adapter.domain,
             Keys.PRUNER_METHOD: method,
             Keys.PRUNER_KEEP: pruner.keep,
             Keys.PRUNER_CONFIG: config,

@@ -229,6 +229,11 @@ class Bundle:
         except BundleError as err:
             raise BundleError(f"{self.path / Files.MANIFEST}: {err}") from None
 
+    @property
+    def domain(self) -> str | None:
+        """What the model was trained to recognise, when its adapter says (Adapter.domain); else None."""
+        return self.manifest[Keys.MODEL_DOMAIN]
+
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Read and check the bundle at `path` (module docstring); verify=False skips only the hashing."""

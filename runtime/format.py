@@ -263,6 +263,7 @@ class Keys:
     MODEL_NUM_IMAGE_TOKENS = Key("model.num_image_tokens", COUNT)   # N (= H * W; LLaVA-NeXT: packed length)
     MODEL_EOS_TOKEN_IDS = Key("model.eos_token_ids", TOKEN_IDS)
     MODEL_CHAT_TEMPLATE = Key("model.chat_template", TEMPLATE)      # ChatTemplate.to_dict()
+    MODEL_DOMAIN = Key("model.domain", TEXT_OR_NULL, default=None)  # what the model was trained to recognise
 
     # pruner
     PRUNER_METHOD = Key("pruner.method", TEXT)                      # registry name

@@ -5,20 +5,19 @@ is not pruned. This is the reference the exported runtime (`edgeprune run`) is c
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
 def add_parser(subparsers):
-    from edgeprune.cli.args import add_pruner_args, count, count0
+    from edgeprune.cli.args import add_model_arg, add_positions_arg, add_pruner_args, count, count0
 
     p = subparsers.add_parser("generate", help=__doc__.splitlines()[0], description=__doc__)
-    p.add_argument("--model", default="edgeprune-mini",
-                   help="preset (tiny-llava, edgeprune-mini) or local model directory (default: edgeprune-mini)")
+    add_model_arg(p)
     p.add_argument("--image", type=Path, action="append", required=True,
                    help="image file; repeat for a batch (one answer per image)")
     p.add_argument("--prompt", required=True, help="question about the image")
-    p.add_argument("--positions", choices=("original", "compact"),
-                   help="position ids of the kept tokens (default: the model's)")
+    add_positions_arg(p)
     p.add_argument("--max-new-tokens", type=count, default=32, help="decode at most this many tokens (default: 32)")
     p.add_argument("--sample", action="store_true", help="top-p sampling instead of greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass for --sample (default: 1.0)")
@@ -31,6 +30,7 @@ def add_parser(subparsers):
 def run(args) -> int:
     from edgeprune import models
     from edgeprune.cli.args import pruner_options
+    from edgeprune.cli.run import domain_note
     from edgeprune.errors import EdgepruneError
     from edgeprune.reference import generate
 
@@ -39,6 +39,8 @@ def run(args) -> int:
         if not image.is_file():
             raise EdgepruneError(f"--image {image}: no such file")
     adapter = models.load(args.model)
+    if adapter.domain:
+        print(domain_note(adapter.domain), file=sys.stderr)
     pruner = None
     if opts.keep is not None:
         pruner = adapter.build_pruner(opts.method, opts.keep, **opts.config)

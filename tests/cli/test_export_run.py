@@ -102,6 +102,38 @@ def test_run_errors_are_one_line(bundle, tmp_path, capsys):
     assert "cannot read image" in capsys.readouterr().err
 
 
+def test_run_states_the_model_domain_once_on_stderr(bundle, image, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / Files.MANIFEST).read_text())
+    manifest[Keys.MODEL_DOMAIN] = "ten test garments"          # the manifest is not among the hashed files
+    (copy / Files.MANIFEST).write_text(json.dumps(manifest))
+    args = ["--image", str(image), "--prompt", "hi", "--max-new-tokens", "3", "--threads", "1"]
+    assert main(["run", str(copy), *args, "--image", str(image)]) == 0     # a batch of two: still one note
+    captured = capsys.readouterr()
+    assert captured.err.count("note: this model was trained to recognise ten test garments") == 1
+    assert "recognise" not in captured.out
+    assert main(["run", str(bundle), *args]) == 0                          # no domain in the manifest: no note
+    assert "recognise" not in capsys.readouterr().err
+
+
+def test_run_device_profile_supplies_the_providers(bundle, image, tmp_path, capsys):
+    args = ["run", str(bundle), "--image", str(image), "--prompt", "hi", "--max-new-tokens", "2", "--threads", "1"]
+    assert main(args + ["--device-profile", "cpu-generic"]) == 0
+    assert "CPUExecutionProvider" in capsys.readouterr().err
+    # a Jetson profile asks for TensorRT and CUDA first: absent from this onnxruntime, skipped with a warning
+    assert main(args + ["--device-profile", "jetson-orin-nano-8gb"]) == 0
+    err = capsys.readouterr().err
+    assert "TensorrtExecutionProvider is not in this onnxruntime build" in err and "| CPUExecutionProvider" in err
+    # --provider wins over the profile's list
+    assert main(args + ["--device-profile", "jetson-orin-nano-8gb", "--provider", "cpu"]) == 0
+    assert "TensorrtExecutionProvider" not in capsys.readouterr().err
+    assert main(args + ["--device-profile", "no-such-device"]) == 1
+    assert "unknown device profile 'no-such-device'" in capsys.readouterr().err
+
+
 def test_inspect(bundle, tmp_path, capsys):
     assert main(["inspect", str(bundle)]) == 0
     out = capsys.readouterr().out

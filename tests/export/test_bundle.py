@@ -204,3 +204,12 @@ def test_reuse_llm_links_the_graphs_and_checks_they_fit(exported, adapter, tmp_p
         export_bundle(adapter, tmp_path / "fp16", method="uniform", keep=16, dtype="float16", validate=False,
                       source="tiny-llava", reuse_llm_from=exported)
     assert not (tmp_path / "fp16").exists()
+
+
+def test_domain_is_recorded_when_the_adapter_states_one(exported, adapter, tmp_path, monkeypatch):
+    assert exported[1][Keys.MODEL_DOMAIN] is None and load_bundle(exported[0]).domain is None  # tiny-llava states none
+    monkeypatch.setattr(type(adapter), "domain", "ten test garments")
+    manifest = export_bundle(adapter, tmp_path / "b", method="uniform", keep=16, validate=False,
+                             source="tiny-llava", reuse_llm_from=exported[0])
+    assert manifest[Keys.MODEL_DOMAIN] == "ten test garments"
+    assert load_bundle(tmp_path / "b").domain == "ten test garments"
