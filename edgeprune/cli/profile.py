@@ -48,7 +48,7 @@ def run(args) -> int:
     prompt = args.prompt or DEFAULT_PROMPT
     common = dict(image=args.image, prompt=prompt, providers=providers, threads=args.threads)
     if args.soak:
-        with tqdm(total=args.soak, desc="soak", unit="req") as bar:
+        with tqdm(total=args.soak, desc="soak", unit="req", disable=args.quiet) as bar:
             result = soak(args.bundle, args.soak, new_tokens=args.new_tokens, progress=bar.update, **common)
         print(f"soak: {result['requests']} requests | RSS {result['rss_baseline_bytes'] / 2**20:.1f} -> "
               f"{result['rss_final_bytes'] / 2**20:.1f} MiB ({result['rss_growth_pct']:+.2f}%, goal < 5%) | latency "
@@ -60,7 +60,7 @@ def run(args) -> int:
     if args.reference:
         _check_reference(args.bundle, args.reference)
     bundles = [args.bundle] + ([args.reference] if args.reference else [])
-    with tqdm(total=args.runs * len(bundles), desc="profile", unit="run", leave=False) as bar:
+    with tqdm(total=args.runs * len(bundles), desc="profile", unit="run", leave=False, disable=args.quiet) as bar:
         reports = profile_bundles(bundles, runs=args.runs, warmup=args.warmup, new_tokens=args.new_tokens,
                                   batch=args.batch, device=device, progress=bar.update, **common)
     report, ref, comparison = reports[0], None, None

@@ -52,7 +52,7 @@ def run(args) -> int:
     keeps = _int_list(args.keep)
     if not keeps:
         raise EdgepruneError("--keep: expected at least one budget")
-    with tqdm(desc="sweep", unit="step") as bar:
+    with tqdm(desc="sweep", unit="step", disable=args.quiet) as bar:
         def progress(label: str, total: int) -> None:
             bar.total = total
             bar.set_postfix_str(label)
