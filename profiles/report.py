@@ -76,7 +76,7 @@ def pruner_line(pruner: dict) -> str:
         return f"pruner: not measured ({pruner['reason']})"
     share, t = pruner["share"], pruner["time_s"]
     inferred = pruner["inferred_s"]["median"] or 0.0
-    note = f"; {NOISY}" if share["noisy"] else ""
+    note = f"; {NOISY}" if pruner["slowdown"]["noisy"] else ""
     return (f"pruner (ONNX Runtime node profile, {pruner['nodes']} nodes, {pruner['runs']} runs): {ms(t['median'])} ms "
             f"median ({pct(t['spread_pct'])} spread) = {100 * share['median']:.2f}% of the vision graph's node time "
             f"({100 * share['min']:.2f}-{100 * share['max']:.2f}%){note}"
@@ -96,14 +96,15 @@ def sweep_markdown(rows: list[dict], meta: dict) -> str:
              f"{'n/a' if not load else ' / '.join(f'{v:.2f}' for v in load)})", "",
              "Speedups are reference (K = N) / this point, per round; ± is the spread (max - min) / median over "
              f"the rounds; a row is noisy when a ratio spreads more than {meta.get('noise_limit_pct', 10):.0f}%. "
-             "Pruner % = the pruner's nodes in ONNX Runtime's node profile of its own vision graph.", "",
+             "Pruner % = the pruner's nodes in ONNX Runtime's node profile of its own vision graph, per run: median "
+             "(min-max); its ratio is graph / (graph - pruner).", "",
              "| method | K | TTFT ms | prefill ms | vision ms | pruner ms | pruner % of vision | decode ms/token | "
              "KV MiB | KV ratio | TTFT speedup | prefill speedup | limit (N+M)/(K+M) | vision speedup | noise |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         pruner_ms = "-" if r["pruner_ms"] is None else f"{r['pruner_ms']:.1f}"
         overhead = "-" if r["pruner_overhead_pct"] is None else \
-            f"{r['pruner_overhead_pct']:.2f} ±{pct(r['pruner_overhead_spread_pct'])}"
+            f"{r['pruner_overhead_pct']:.2f} ({r['pruner_overhead_range_pct'][0]:.2f}-{r['pruner_overhead_range_pct'][1]:.2f})"
         lines.append(f"| {r['method']} | {r['keep']} | {r['ttft_ms']:.1f} ±{pct(r['ttft_spread_pct'])} | "
                      f"{r['prefill_ms']:.1f} | {r['vision_ms']:.1f} | {pruner_ms} | {overhead} | "
                      f"{r['decode_ms_per_token']:.1f} | {mib(r['kv_bytes'])} | {r['kv_ratio']:.3f} | "

@@ -53,7 +53,7 @@ def sweep_rows(reports: list[dict], baseline: dict, limit_pct: float = NOISE_LIM
         speedup = {stage: paired_ratio(base[stage], own[stage], limit_pct) for stage in ("prefill", "ttft", "vision")}
         pruner = r["pruner"]
         share = pruner["share"] if pruner["available"] and k < n else None
-        noisy = any(c["noisy"] for c in speedup.values()) or bool(share and share["noisy"])
+        noisy = any(c["noisy"] for c in speedup.values()) or bool(share and pruner["slowdown"]["noisy"])
         rows.append({
             "method": r["sweep_method"], "keep": k, "num_image_tokens": n,
             "ttft_ms": lat["ttft"]["median"] * 1e3, "ttft_min_ms": lat["ttft"]["min"] * 1e3,
@@ -63,14 +63,13 @@ def sweep_rows(reports: list[dict], baseline: dict, limit_pct: float = NOISE_LIM
             "pruner_ms": pruner["time_s"]["median"] * 1e3 if share else None,
             # the pruner's nodes as % of its own vision graph's node time, per run (ORT node profile)
             "pruner_overhead_pct": 100.0 * share["median"] if share else None,
-            "pruner_overhead_spread_pct": share["spread_pct"] if share else None,
+            "pruner_overhead_range_pct": [100.0 * share["min"], 100.0 * share["max"]] if share else None,
             "decode_ms_per_token": (lat["decode_per_token"]["median"] or 0.0) * 1e3,
             "kv_bytes": r["memory"]["kv_cache_bytes"], "kv_ratio": r["memory"]["kv_cache_bytes"] / base_kv,
-            "prefill_speedup": speedup["prefill"]["median"], "prefill_speedup_spread_pct": speedup["prefill"]["spread_pct"],
-            "ttft_speedup": speedup["ttft"]["median"], "ttft_speedup_spread_pct": speedup["ttft"]["spread_pct"],
-            "vision_speedup": speedup["vision"]["median"], "vision_speedup_spread_pct": speedup["vision"]["spread_pct"],
+            **{f"{stage}_speedup{suffix}": value for stage, c in speedup.items()
+               for suffix, value in (("", c["median"]), ("_spread_pct", c["spread_pct"]), ("_range", [c["min"], c["max"]]))},
             "token_limit": (n + m) / (k + m),
-            "noisy": noisy, "note": NOISY if noisy else "",
+            "noisy": noisy, "note": "reference" if k == n else NOISY if noisy else "",
         })
     return rows
 

@@ -2,7 +2,7 @@
 # Does the sweep survive a noisy machine? Runs the same interleaved sweep twice on edgeprune-mini —
 # once on the machine as it is, once with busy-loop processes beside it — prints both tables, the load
 # seen during each, and for every point whether the two runs' ratios agree within the spreads they
-# report (their median +- spread/2 intervals overlap). Run from the repository root; the bundles are
+# report (their min-max ranges over the rounds overlap). Run from the repository root; the bundles are
 # exported once, under $OUT/bundles, and reused.
 #   bash scripts/noise_check.sh                                   # divprune, K = 576 and 64, 5 rounds
 #   HOGS=2 RUNS=7 METHODS=dart,divprune KEEP=576,128,64 OUT=/tmp/noise bash scripts/noise_check.sh
@@ -44,19 +44,19 @@ echo
 import json, sys
 
 quiet, busy = (json.load(open(p)) for p in sys.argv[1:3])
-cols = ("ttft_speedup", "prefill_speedup", "vision_speedup", "pruner_overhead_pct")
-print("| method | K | ratio | as is | with hogs | agree within the spreads |")
+print("load average (1/5/15 min) after timing: as is", quiet["meta"]["load_average"], "| with hogs",
+      busy["meta"]["load_average"])
+print("| method | K | ratio | as is: median (min-max over rounds) | with hogs | agree within the spreads |")
 print("|---|---:|---|---:|---:|---|")
 for a, b in zip(quiet["rows"], busy["rows"]):
     if a["keep"] == a["num_image_tokens"]:
         continue
-    for col in cols:
-        spread = "pruner_overhead_spread_pct" if col == "pruner_overhead_pct" else col + "_spread_pct"
+    for col, rng in [(f"{s}_speedup", f"{s}_speedup_range") for s in ("ttft", "prefill", "vision")] + \
+                    [("pruner_overhead_pct", "pruner_overhead_range_pct")]:
         if a[col] is None or b[col] is None:
             continue
-        lo_a, hi_a = a[col] * (1 - a[spread] / 200), a[col] * (1 + a[spread] / 200)
-        lo_b, hi_b = b[col] * (1 - b[spread] / 200), b[col] * (1 + b[spread] / 200)
+        (lo_a, hi_a), (lo_b, hi_b) = a[rng], b[rng]
         agree = "yes" if lo_a <= hi_b and lo_b <= hi_a else "NO"
-        print(f"| {a['method']} | {a['keep']} | {col} | {a[col]:.3f} ±{a[spread]:.0f}% | {b[col]:.3f} ±{b[spread]:.0f}% "
-              f"| {agree} |")
+        print(f"| {a['method']} | {a['keep']} | {col} | {a[col]:.3f} ({lo_a:.3f}-{hi_a:.3f}) | "
+              f"{b[col]:.3f} ({lo_b:.3f}-{hi_b:.3f}) | {agree} |")
 EOF

@@ -118,6 +118,7 @@ def test_sweep_rows_pair_rounds_and_flag_only_the_noisy_point():
     assert rows["dart"]["prefill_speedup"] == pytest.approx(5.0) and rows["dart"]["prefill_speedup_spread_pct"] == 0
     assert rows["dart"]["pruner_overhead_pct"] == pytest.approx(2.0) and not rows["dart"]["noisy"]
     assert rows["dart"]["note"] == "" and rows["full"]["pruner_overhead_pct"] is None
+    assert rows["full"]["note"] == "reference" and rows["dart"]["pruner_overhead_range_pct"] == pytest.approx([2, 2])
     assert rows["divprune"]["prefill_speedup"] == pytest.approx(5.0)            # the median round
     assert rows["divprune"]["prefill_speedup_spread_pct"] == pytest.approx(50.0)   # (5 - 2.5) / 5
     assert rows["divprune"]["noisy"] and rows["divprune"]["note"] == NOISY
@@ -153,3 +154,16 @@ def test_node_times_attribute_the_pruner_scope_and_its_fused_nodes():
     assert times[1]["pruner_s"] == pytest.approx(80e-6) and times[1]["graph_s"] == pytest.approx(1200e-6)
     assert node_times(_events([[("TensorrtExecutionProvider_0", 900)]])) == [
         {"pruner_s": 0.0, "graph_s": pytest.approx(900e-6), "inferred_s": 0.0, "pruner_nodes": 0}]
+
+
+def test_pruner_noise_follows_its_slowdown_ratio_not_its_relative_share():
+    from edgeprune.profiles.profiler import pruner_summary
+
+    def summary(shares):
+        return pruner_summary([{"pruner_s": s, "graph_s": 1.0, "inferred_s": 0.0, "pruner_nodes": 3} for s in shares])
+
+    small = summary([0.003, 0.004, 0.005])          # 0.4 % +- 0.1: a 50 % relative spread, a supported claim
+    assert small["share"]["spread_pct"] == pytest.approx(50.0) and not small["slowdown"]["noisy"]
+    wild = summary([0.01, 0.02, 0.30])              # "2 %" measured anywhere from 1 to 30 %
+    assert wild["slowdown"]["noisy"]
+    assert not summary([])["available"]
