@@ -51,8 +51,9 @@ def positive_float(text: str) -> float:
 
 def add_logging_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("logging")
-    group.add_argument("-v", "--verbose", action="count", default=0, help="more output (-vv for debug)")
-    group.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    group.add_argument("-v", "--verbose", action="count", default=0,
+                       help="INFO log lines (default: warnings only); -vv for debug")
+    group.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
     group.add_argument("--log-file", type=Path, help="also write the log to this file")
 
 

@@ -43,7 +43,8 @@ def run(args) -> int:
     adapter = load(args.model)
     total = None
     with torch.no_grad():
-        for start in tqdm(range(0, len(args.images), args.batch_size), desc="calibrate", unit="batch"):
+        for start in tqdm(range(0, len(args.images), args.batch_size), desc="calibrate", unit="batch",
+                          disable=args.quiet):
             pixels = adapter.preprocess([str(p) for p in args.images[start:start + args.batch_size]])
             attn = adapter.encode(pixels, need=("attn",)).attn.sum(dim=0)          # [N]
             total = attn if total is None else total + attn

@@ -76,7 +76,7 @@ def run(args) -> int:
         log.info("resumed %s at step %d of %d", args.out, trainer.step, config.steps)
     log.info("training %d -> %d steps, K=%d of N=%d, %d examples, batch %d", trainer.step, config.steps,
              args.keep, n, len(examples), args.batch_size)
-    losses = trainer.train(checkpoint=args.out, progress=not args.no_progress)
+    losses = trainer.train(checkpoint=args.out, progress=not (args.no_progress or args.quiet))
     done = len(trainer.step_seconds)
     if losses:
         head, tail = losses[:max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
