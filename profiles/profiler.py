@@ -138,17 +138,15 @@ def profile_bundles(bundle_dirs: list[str | Path], *, image=None, prompt: str = 
     pipelines = _load(bundle_dirs, providers or (list(device.providers) if device else None), threads)
     load_s = (time.perf_counter() - start) / len(pipelines)
     images = [image or DEFAULT_IMAGE] * batch
-    probes = [_pruner_profile(pipe, images, threads) for pipe in pipelines]
 
-    def measure(pipe, probe):
-        def once():
-            run = _run_once(pipe, images, prompt, new_tokens)
-            probe.run()
-            return run
-        return once
+    def request(pipe):
+        return lambda: _run_once(pipe, images, prompt, new_tokens)
 
     with memory.RssSampler() as sampler:
-        samples = run_interleaved([measure(p, q) for p, q in zip(pipelines, probes)], runs, warmup, progress)
+        samples = run_interleaved([request(p) for p in pipelines], runs, warmup, progress)
+    # then the pruner's cost, in profiled sessions loaded only now: the peak RSS above is the pipelines' own
+    probes = [_pruner_profile(pipe, images, threads) for pipe in pipelines]
+    run_interleaved([probe.run for probe in probes], runs, warmup)
     settings = {"runs": runs, "warmup": warmup, "new_tokens": new_tokens, "batch": batch, "prompt": prompt,
                 "image": str(image or DEFAULT_IMAGE), "interleaved_with": len(pipelines) - 1}
     return [_report(path, pipe, done, probe.finish(skip=warmup), settings, device, threads, load_s, rss_before_load,
