@@ -223,7 +223,8 @@ def pruner_summary(nodes: list[dict]) -> dict:
     pruner = [n["pruner_s"] for n in nodes]
     graph = [n["graph_s"] for n in nodes]
     return {"available": True, "time_s": summarize(pruner), "graph_s": summarize(graph),
-            "share": paired_ratio(pruner, graph), "slowdown": paired_ratio(graph, [g - p for g, p in zip(graph, pruner)]),
+            "share": paired_ratio(pruner, graph),
+            "slowdown": paired_ratio(graph, [g - p for g, p in zip(graph, pruner)]),
             "inferred_s": summarize([n["inferred_s"] for n in nodes]),
             "nodes": nodes[0]["pruner_nodes"], "runs": len(nodes)}
 

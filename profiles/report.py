@@ -103,13 +103,16 @@ def sweep_markdown(rows: list[dict], meta: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         pruner_ms = "-" if r["pruner_ms"] is None else f"{r['pruner_ms']:.1f}"
-        overhead = "-" if r["pruner_overhead_pct"] is None else \
-            f"{r['pruner_overhead_pct']:.2f} ({r['pruner_overhead_range_pct'][0]:.2f}-{r['pruner_overhead_range_pct'][1]:.2f})"
+        overhead = "-"
+        if r["pruner_overhead_pct"] is not None:
+            low, high = r["pruner_overhead_range_pct"]
+            overhead = f"{r['pruner_overhead_pct']:.2f} ({low:.2f}-{high:.2f})"
         lines.append(f"| {r['method']} | {r['keep']} | {r['ttft_ms']:.1f} ±{pct(r['ttft_spread_pct'])} | "
                      f"{r['prefill_ms']:.1f} | {r['vision_ms']:.1f} | {pruner_ms} | {overhead} | "
                      f"{r['decode_ms_per_token']:.1f} | {mib(r['kv_bytes'])} | {r['kv_ratio']:.3f} | "
                      f"{r['ttft_speedup']:.2f}x ±{pct(r['ttft_speedup_spread_pct'])} | "
-                     f"{r['prefill_speedup']:.2f}x ±{pct(r['prefill_speedup_spread_pct'])} | {r['token_limit']:.2f}x | "
+                     f"{r['prefill_speedup']:.2f}x ±{pct(r['prefill_speedup_spread_pct'])} | "
+                     f"{r['token_limit']:.2f}x | "
                      f"{r['vision_speedup']:.2f}x ±{pct(r['vision_speedup_spread_pct'])} | {r['note'] or 'ok'} |")
     return "\n".join(lines) + "\n"
 

@@ -66,8 +66,8 @@ def sweep_rows(reports: list[dict], baseline: dict, limit_pct: float = NOISE_LIM
             "pruner_overhead_range_pct": [100.0 * share["min"], 100.0 * share["max"]] if share else None,
             "decode_ms_per_token": (lat["decode_per_token"]["median"] or 0.0) * 1e3,
             "kv_bytes": r["memory"]["kv_cache_bytes"], "kv_ratio": r["memory"]["kv_cache_bytes"] / base_kv,
-            **{f"{stage}_speedup{suffix}": value for stage, c in speedup.items()
-               for suffix, value in (("", c["median"]), ("_spread_pct", c["spread_pct"]), ("_range", [c["min"], c["max"]]))},
+            **{f"{stage}_speedup{suffix}": value for stage, c in speedup.items() for suffix, value in
+               (("", c["median"]), ("_spread_pct", c["spread_pct"]), ("_range", [c["min"], c["max"]]))},
             "token_limit": (n + m) / (k + m),
             "noisy": noisy, "note": "reference" if k == n else NOISY if noisy else "",
         })
@@ -115,7 +115,8 @@ def run_sweep(model: str, methods: list[str], keeps: list[int], out: Path, *, ru
     full = next(r for r in rows if r["method"] == "full")
     rows = [r for r in rows if r["method"] != "full"] + [dict(full, method=m) for m in methods]
     meta = {"model": model, "num_image_tokens": n, "text_tokens": baseline["tokens"]["text_tokens"], "runs": runs,
-            "warmup": warmup, "new_tokens": new_tokens, "methods": methods, "keeps": sorted(set(keeps) | {n}, reverse=True),
+            "warmup": warmup, "new_tokens": new_tokens, "methods": methods,
+            "keeps": sorted(set(keeps) | {n}, reverse=True),
             "interleaved": True, "noise_limit_pct": NOISE_LIMIT_PCT, "load_average": baseline["host"]["load_average"]}
     rows.sort(key=lambda r: (r["method"], -r["keep"]))
     result = {"schema": 2, "meta": meta, "rows": rows, "reports": reports}

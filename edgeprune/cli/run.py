@@ -1,7 +1,6 @@
 """Run a bundle on images with the torch-free runtime: stream the answer and print per-stage timing.
 
-Example: edgeprune run bundles/mini-k64 --image examples/fashion-mnist/sneaker.png \
-             --prompt "What item of clothing is this?"
+Example: edgeprune run bundles/mini-k64 --image examples/fashion-mnist/bag.png --prompt "What item of clothing is this?"
 Several --image give a batch (one prompt, one answer per image). When the bundle says what its model
 was trained to recognise (edgeprune-mini: ten Fashion-MNIST garments), that is printed once on stderr.
 """
