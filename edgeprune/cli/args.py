@@ -159,8 +159,9 @@ def add_model_arg(parser, *, required: bool = False, default: str | None = DEFAU
     parser.add_argument("--model", required=required, default=default, help=text)
 
 
-def add_threads_arg(parser: argparse.ArgumentParser, engine: str = "ONNX Runtime intra-op") -> None:
-    parser.add_argument("--threads", type=count, metavar="N", help=f"{engine} threads (default: its own choice)")
+def add_threads_arg(parser, engine: str = "ONNX Runtime intra-op", per: str = "") -> None:
+    """--threads N for `engine` (`per`: e.g. " per instance"); `parser` may be a group."""
+    parser.add_argument("--threads", type=count, metavar="N", help=f"{engine} threads{per} (default: its own choice)")
 
 
 def add_positions_arg(parser: argparse.ArgumentParser, default_note: str = "the method's convention, else the "

@@ -21,6 +21,7 @@ def add_parser(subparsers):
 
 def add_server_args(p, ports: bool = True) -> None:
     """Options shared by `serve` and `bench-serve` (which starts a server the same way)."""
+    from edgeprune.cli.args import add_threads_arg
     from edgeprune.serve.protocol import Limits
 
     group = p.add_argument_group("server")
@@ -35,7 +36,7 @@ def add_server_args(p, ports: bool = True) -> None:
     group.add_argument("--max-queue-delay-us", type=int, default=5000,
                        help="how long a request may wait for others to batch with (default 5000 us)")
     group.add_argument("--instances", type=int, default=1, help="model instances, each its own Pipeline (default 1)")
-    group.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per instance (default: ORT's)")
+    add_threads_arg(group, per=" per instance")
     limits = Limits()
     group.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens,
                        help=f"refuse longer prompts (default {limits.max_prompt_tokens})")
