@@ -76,6 +76,8 @@ def summary(m: dict, path) -> str:
         f"{', '.join(m[Keys.PRUNER_EXTRA_OUTPUTS]) or '-'}",
         f"positions: {m[Keys.POSITIONS_MODE]}",
     ]
+    if m[Keys.MODEL_DOMAIN]:
+        lines.insert(2, f"domain:    trained to recognise {m[Keys.MODEL_DOMAIN]}")
     for name, graph in [("vision", m[Keys.VISION_GRAPH]), ("embed", m[Keys.LLM_EMBED_GRAPH]),
                         ("decoder", m[Keys.LLM_DECODER_GRAPH])]:
         ins = "; ".join(f"{k} {_shape(v)}" for k, v in graph[Graph.INPUTS].items())

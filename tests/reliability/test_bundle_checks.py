@@ -94,6 +94,7 @@ def test_inspect_refuses_a_manifest_the_graphs_contradict(bundle_copy, capsys, c
     ({Keys.POSITIONS_MODE: "diagonal"}, r"position mode 'diagonal'; expected one of original, compact"),
     ({Keys.MODEL_NUM_IMAGE_TOKENS: 500}, r"model.num_image_tokens=500 but model.grid=\[24, 24\] has 576 cells"),
     ({Keys.PRUNER_KEEP: 600}, r"pruner.keep=600 exceeds model.num_image_tokens=576"),
+    ({Keys.MODEL_DOMAIN: ["garments"]}, r'model.domain=\["garments"\]: expected a string or null'),
 ])
 def test_wrong_types_and_values_are_one_line(bundle_copy, capsys, changes, message):
     edit_manifest(bundle_copy, **changes)
@@ -101,6 +102,13 @@ def test_wrong_types_and_values_are_one_line(bundle_copy, capsys, changes, messa
         assert main(command) == 1
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_a_stated_domain_passes_the_checks_and_inspect_shows_it(bundle_copy, capsys):
+    edit_manifest(bundle_copy, **{Keys.MODEL_DOMAIN: "ten test garments"})
+    assert main(["inspect", str(bundle_copy)]) == 0
+    assert "domain:    trained to recognise ten test garments" in capsys.readouterr().out
+    assert load_bundle(bundle_copy).domain == "ten test garments"
 
 
 def test_positions_outside_n_are_caught_at_run_time(tiny_bundle, monkeypatch):
