@@ -19,7 +19,7 @@ from torch import Tensor
 from edgeprune.errors import PrunerConfigError
 from edgeprune.pruners._registry import available, build, register_pruner
 from edgeprune.pruners.base import Pruner, Selection
-from edgeprune.pruners.ops import gather_rows, sort_by_position, topk_indices
+from edgeprune.pruners.ops import gather_rows, index_matrix, sort_by_position, topk_indices
 
 __all__ = ["ADBTS"]
 
@@ -101,29 +101,33 @@ class ADBTS(Pruner):
         return (self.gradient(pixels) < self.tau).float().mean(dim=(1, 2))
 
     # -- the fusion branch ------------------------------------------------------------------------------
-    def fuse(self, tokens: Tensor, attn: Tensor) -> tuple[Tensor, Tensor]:  # [B, N, D], [B, N]
-        """K anchors by attn, each replaced by softmax(a.x_j / sqrt(D))-weighted mean of all tokens."""
+    def fuse(self, tokens: Tensor, attn: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # [B, N, D], [B, N]
+        """K anchors by attn, each replaced by softmax(a.x_j / sqrt(D))-weighted mean of all tokens.
+        Returns (positions [B, K], fused tokens [B, K, D], their weights [B, K, N]) by position."""
         anchors = topk_indices(attn, self.keep)                        # [B, K]
         a = gather_rows(tokens, anchors)                               # [B, K, D]
         logits = a @ tokens.transpose(1, 2) / math.sqrt(tokens.shape[-1])  # [B, K, N], anchor itself included
-        fused = torch.softmax(logits, dim=-1) @ tokens                 # [B, K, D], convex: scale stays a token's
-        return sort_by_position(anchors, fused)
+        weights = torch.softmax(logits, dim=-1)                        # [B, K, N]
+        fused = weights @ tokens                                       # [B, K, D], convex: scale stays a token's
+        return sort_by_position(anchors, fused, weights)
 
     def select(self, tokens: Tensor, attn: Tensor, pixels: Tensor, feats: Tensor | None = None,
                keys: Tensor | None = None, grid: tuple[int, int] | None = None) -> Selection:
         # feats / keys / grid arrive only when the selection method requires them
         s_flat = self.gate(pixels)                                     # [B]
         # fusion branch (structure-sparse rows)
-        f_pos, f_tok = self.fuse(tokens, attn)                         # [B, K], [B, K, D]
+        f_pos, f_tok, f_weights = self.fuse(tokens, attn)              # [B, K], [B, K, D], [B, K, N]
         # selection branch (the configured method, given exactly its own signals)
         given = {"tokens": tokens, "attn": attn, "pixels": pixels, "feats": feats, "keys": keys, "grid": grid}
         sel = self.selector(**{s: given[s] for s in self.selector.requires})
-        s_pos, s_tok = sort_by_position(sel.positions, sel.tokens)     # already ascending; kept for safety
+        s_weights = sel.weights if sel.weights is not None else index_matrix(sel.positions, tokens.shape[1], tokens.dtype)
+        s_pos, s_tok, s_weights = sort_by_position(sel.positions, sel.tokens, s_weights)  # already ascending
         # route per row: both branches are computed, Where picks (no control flow on tensor values)
         fusion = s_flat > self.threshold                               # [B] bool
         tokens_out = torch.where(fusion[:, None, None], f_tok, s_tok)
         positions = torch.where(fusion[:, None], f_pos, s_pos)
-        return Selection(tokens=tokens_out, positions=positions, extras={"gate": s_flat})
+        weights = torch.where(fusion[:, None, None], f_weights, s_weights)
+        return Selection(tokens=tokens_out, positions=positions, extras={"gate": s_flat}, weights=weights)
 
     def identity(self, **signals) -> Selection:
         """keep == N: every token, in order, plus the gate (the route is still logged)."""

@@ -25,11 +25,17 @@ class Selection:
     positions: [B, K] int64, original index (or merge representative) in 0..N-1, unique per row.
     extras:    further named graph outputs, e.g. {"gate": [B]} for adbts; the exporter adds
                every entry as a graph output and the runtime logs them.
+    weights:   [B, K, N] for a method that merges: tokens = weights @ x, x the signal named by the
+               pruner's `space` (a kept token's row is one-hot). None when every output token is an
+               input token: tokens = x gathered at `positions`. Not a graph output: it lets an adapter
+               apply exactly the same gather or merge to other per-token features (`ops.apply_selection`;
+               Qwen3-VL's DeepStack features). tests/pruners/test_contract.py checks it for every method.
     """
 
     tokens: Tensor
     positions: Tensor
     extras: dict[str, Tensor] = field(default_factory=dict)
+    weights: Tensor | None = None
 
 
 @runtime_checkable

@@ -66,10 +66,11 @@ def dpc_density_delta(feats: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return rho, delta, d2
 
 
-def dpc_merge(feats: Tensor, keep: int, k_neighbors: int = 5) -> tuple[Tensor, Tensor]:
+def dpc_merge(feats: Tensor, keep: int, k_neighbors: int = 5) -> tuple[Tensor, Tensor, Tensor]:
     """Cluster the N tokens of each row of `feats` [B, N, C] into `keep` < N clusters.
 
-    Returns (merged [B, K, C] cluster means, centres [B, K] int64 ascending, indices into N).
+    Returns (merged [B, K, C] cluster means, centres [B, K] int64 ascending, indices into N,
+    merge weights [B, K, N]: merged = weights @ feats, Selection.weights).
     """
     b, n, _ = feats.shape
     rho, delta, d2 = dpc_density_delta(feats, knn_k(k_neighbors, keep))  # [B, N], [B, N], [B, N, N]
@@ -83,7 +84,8 @@ def dpc_merge(feats: Tensor, keep: int, k_neighbors: int = 5) -> tuple[Tensor, T
     member = (cluster.unsqueeze(-1) == torch.arange(keep, device=feats.device)).to(feats.dtype)  # [B, N, K]
     # Merged token = cluster mean (every cluster holds at least its centre).
     merged = (member.transpose(1, 2) @ feats) / member.sum(dim=1).unsqueeze(-1)  # [B, K, C]
-    return merged, centres
+    weights = member.transpose(1, 2) / member.sum(dim=1).unsqueeze(-1)    # [B, K, N]
+    return merged, centres, weights
 
 
 @register_pruner("dpc")
@@ -100,8 +102,8 @@ class DPCPruner(Pruner):
         self.k_neighbors = k_neighbors
 
     def select(self, feats: Tensor) -> Selection:  # [B, N, C]
-        merged, centres = dpc_merge(feats, self.keep, self.k_neighbors)   # [B, K, C], [B, K] ascending
-        return Selection(tokens=merged, positions=centres)
+        merged, centres, weights = dpc_merge(feats, self.keep, self.k_neighbors)  # [B, K, C], [B, K] ascending
+        return Selection(tokens=merged, positions=centres, weights=weights)
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}, k_neighbors={self.k_neighbors}"

@@ -13,7 +13,7 @@ from edgeprune.errors import PrunerConfigError
 
 __all__ = [
     "check_keep", "exporting", "topk_indices", "argmax", "gather_rows", "sort_by_position",
-    "cosine_matrix", "one_hot", "NEG_INF", "unchosen_indices",
+    "cosine_matrix", "one_hot", "NEG_INF", "unchosen_indices", "index_matrix", "apply_selection",
 ]
 
 # A large finite negative: -inf would turn into NaN through 0 * -inf in masked arithmetic.
@@ -91,3 +91,20 @@ def unchosen_indices(chosen: Tensor, ranks: Tensor) -> Tensor:
     before = c - torch.arange(c.shape[1], device=c.device).unsqueeze(0)    # [B, J] unchosen tokens before c_j
     count = (before.unsqueeze(1) <= ranks.view(1, -1, 1)).to(torch.float32).sum(dim=-1)  # [B, R]
     return ranks.unsqueeze(0) + count.to(torch.long)
+
+
+def index_matrix(index: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """index [B, K] -> [B, K, n] with row k one-hot at index[b, k] (a gather as a merge-weight matrix)."""
+    return (index.unsqueeze(-1) == torch.arange(n, device=index.device)).to(dtype)
+
+
+def apply_selection(selection, x: Tensor) -> Tensor:
+    """The gather or merge a pruner applied to its `space` signal, applied to other per-token features
+    x [B, N, ...] -> [B, K, ...] (Selection.weights; a plain gather at the positions when it is None)."""
+    b, n = x.shape[:2]
+    flat = x.reshape(b, n, -1)
+    if selection.weights is None:
+        out = gather_rows(flat, selection.positions)
+    else:
+        out = selection.weights.to(flat.dtype) @ flat
+    return out.reshape(b, out.shape[1], *x.shape[2:])

@@ -16,7 +16,7 @@ from edgeprune.errors import PrunerConfigError
 from edgeprune.pruners._registry import register_pruner
 from edgeprune.pruners.base import Pruner, Selection
 from edgeprune.pruners.dpc import dpc_merge
-from edgeprune.pruners.ops import gather_rows, sort_by_position, topk_indices, unchosen_indices
+from edgeprune.pruners.ops import gather_rows, index_matrix, sort_by_position, topk_indices, unchosen_indices
 
 __all__ = ["Polymorphic"]
 
@@ -45,8 +45,8 @@ class Polymorphic(Pruner):
         n = feats.shape[1]
         kk, kc = self.dominant_count, self.cluster_count
         if kk == 0:  # K = 1: nothing dominant, cluster every token
-            merged, centres = dpc_merge(feats, kc, self.k_neighbors)       # [B, 1, C], [B, 1]
-            return Selection(tokens=merged, positions=centres)
+            merged, centres, weights = dpc_merge(feats, kc, self.k_neighbors)  # [B, 1, C], [B, 1], [B, 1, N]
+            return Selection(tokens=merged, positions=centres, weights=weights)
 
         # 1. dominant: top-Kk by attn, kept as they are.
         dominant = topk_indices(attn, kk)                                   # [B, Kk]
@@ -54,14 +54,16 @@ class Polymorphic(Pruner):
         # 2. the other M = N - Kk tokens in position order (M > Kc since K < N), clustered alone.
         ranks = torch.arange(n - kk, device=feats.device)                   # [M]
         others = unchosen_indices(dominant, ranks)                          # [B, M] ascending
-        merged, centres = dpc_merge(gather_rows(feats, others), kc, self.k_neighbors)  # [B, Kc, C], [B, Kc]
+        merged, centres, merge = dpc_merge(gather_rows(feats, others), kc, self.k_neighbors)  # [B, Kc, C], [B, Kc]
         centres = torch.gather(others, 1, centres)                          # [B, Kc] back to 0..N-1
+        merge = merge @ index_matrix(others, n, feats.dtype)                # [B, Kc, M] -> [B, Kc, N]
 
         # 3. output = dominant + merged clusters (position = the centre's), ascending by position.
         positions = torch.cat([dominant, centres], dim=1)                   # [B, K]
         tokens = torch.cat([gather_rows(feats, dominant), merged], dim=1)   # [B, K, C]
-        positions, tokens = sort_by_position(positions, tokens)
-        return Selection(tokens=tokens, positions=positions)
+        weights = torch.cat([index_matrix(dominant, n, feats.dtype), merge], dim=1)  # [B, K, N]
+        positions, tokens, weights = sort_by_position(positions, tokens, weights)
+        return Selection(tokens=tokens, positions=positions, weights=weights)
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}, k_neighbors={self.k_neighbors}"

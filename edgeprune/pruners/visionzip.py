@@ -16,8 +16,8 @@ from torch import Tensor
 from edgeprune.errors import PrunerConfigError
 from edgeprune.pruners._registry import register_pruner
 from edgeprune.pruners.base import Pruner, Selection
-from edgeprune.pruners.ops import (cosine_matrix, gather_rows, one_hot, sort_by_position, topk_indices,
-                                   unchosen_indices)
+from edgeprune.pruners.ops import (cosine_matrix, gather_rows, index_matrix, one_hot, sort_by_position,
+                                   topk_indices, unchosen_indices)
 
 __all__ = ["VisionZip"]
 
@@ -76,13 +76,15 @@ class VisionZip(Pruner):
 
         # 4. contextual token = true mean of target + members; its position is the target's.
         contextual = (member.transpose(1, 2) @ feats) / member.sum(dim=1).unsqueeze(-1)  # [B, Kc, C]
+        merge = member.transpose(1, 2) / member.sum(dim=1).unsqueeze(-1)   # [B, Kc, N] (Selection.weights)
 
         if kd == 0:  # targets already ascend
-            return Selection(tokens=contextual, positions=targets)
+            return Selection(tokens=contextual, positions=targets, weights=merge)
         positions = torch.cat([dominant, targets], dim=1)                   # [B, K]
         tokens = torch.cat([gather_rows(feats, dominant), contextual], dim=1)  # [B, K, C]
-        positions, tokens = sort_by_position(positions, tokens)
-        return Selection(tokens=tokens, positions=positions)
+        weights = torch.cat([index_matrix(dominant, n, feats.dtype), merge], dim=1)  # [B, K, N]
+        positions, tokens, weights = sort_by_position(positions, tokens, weights)
+        return Selection(tokens=tokens, positions=positions, weights=weights)
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}, contextual={self.contextual}"

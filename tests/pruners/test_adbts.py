@@ -95,7 +95,7 @@ def test_flat_row_takes_fusion_textured_row_takes_selection():
     anchors = torch.sort(torch.topk(sig["attn"][0], 5).indices).values
     assert sel.positions[0].tolist() == anchors.tolist()                         # fusion: top-K attn anchors
     assert sel.positions[1].tolist() == uniform_positions(5, (4, 4))             # selection: uniform's lattice
-    fused_pos, fused_tok = pruner.fuse(sig["tokens"], sig["attn"])
+    fused_pos, fused_tok, _ = pruner.fuse(sig["tokens"], sig["attn"])
     torch.testing.assert_close(sel.tokens[0], fused_tok[0])
     torch.testing.assert_close(sel.tokens[1], sig["tokens"][1, uniform_positions(5, (4, 4))])
     assert sel.extras["gate"].tolist() == pytest.approx([1.0, 1 / 56**2])
@@ -110,7 +110,7 @@ def test_threshold_routes_each_row():
     for threshold, route in ((0.4, [True, True, False]), (0.6, [False, True, False])):
         pruner = build("adbts", keep=3, selection="uniform", threshold=threshold, **UNIT)
         sel = pruner(**sig)
-        fusion_pos, _ = pruner.fuse(sig["tokens"], sig["attn"])
+        fusion_pos, _, _ = pruner.fuse(sig["tokens"], sig["attn"])
         pruner_pos = torch.tensor(uniform_positions(3, (4, 4)))
         for b, fused in enumerate(route):
             expected = fusion_pos[b] if fused else pruner_pos
@@ -122,7 +122,7 @@ def test_threshold_routes_each_row():
 def test_fusion_is_the_anchor_when_others_are_orthogonal():
     tokens = 20.0 * torch.eye(6).unsqueeze(0)                  # a.x_j = 0 for j != anchor, 400 for itself
     attn = torch.tensor([[0.1, 0.5, 0.2, 0.9, 0.0, 0.3]])
-    positions, fused = build("adbts", keep=2, selection="attention").fuse(tokens, attn)
+    positions, fused, _ = build("adbts", keep=2, selection="attention").fuse(tokens, attn)
     assert positions.tolist() == [[1, 3]]                      # anchors: top-2 attn, ascending
     torch.testing.assert_close(fused, tokens[:, [1, 3]], atol=1e-6, rtol=0)
 
@@ -131,7 +131,7 @@ def test_fusion_is_the_softmax_convex_combination():
     g = torch.Generator().manual_seed(3)
     tokens = torch.randn(1, 7, 4, generator=g)
     attn = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
-    positions, fused = build("adbts", keep=1, selection="attention").fuse(tokens, attn)
+    positions, fused, _ = build("adbts", keep=1, selection="attention").fuse(tokens, attn)
     a = tokens[0, 4]
     w = [math.exp(float(a @ tokens[0, j]) / 2.0) for j in range(7)]   # sqrt(D) = 2
     expected = sum(wj * tokens[0, j] for j, wj in enumerate(w)) / sum(w)

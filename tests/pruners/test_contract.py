@@ -92,6 +92,22 @@ def test_wrong_rank_and_nan_are_named(name, signals):
         build(name, keep=8)(**dict(signals, **{needed[-1]: poisoned}))
 
 
+@pytest.mark.parametrize("name,cfg", [(m, {}) for m in METHODS] + [("adbts", {"threshold": 0.0})])  # + the fusion branch
+@pytest.mark.parametrize("keep", [1, 7, 64])
+def test_weights_reproduce_the_tokens(name, cfg, keep, signals):
+    """Selection.weights (or the gather at positions when None) applied to the space signal gives the tokens:
+    what lets an adapter carry other per-token features through the same gather or merge (DeepStack)."""
+    from edgeprune.pruners.ops import apply_selection
+
+    sel = build(name, keep=keep, **cfg)(**signals)
+    x = signals[out_signal(name)]
+    if sel.weights is not None:
+        assert sel.weights.shape == (x.shape[0], keep, x.shape[1])
+    torch.testing.assert_close(apply_selection(sel, x), sel.tokens, rtol=1e-5, atol=1e-5)
+    wide = torch.stack([x, 2 * x], dim=2)                                  # [B, N, 2, D]: extra axes are carried
+    torch.testing.assert_close(apply_selection(sel, wide)[:, :, 1], 2 * sel.tokens, rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_method_and_option():
     with pytest.raises(PrunerConfigError, match=r"unknown pruner 'divprun'; available: .*attention"):
         build("divprun", keep=4)

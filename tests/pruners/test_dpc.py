@@ -61,7 +61,7 @@ def test_step3_two_obvious_clusters():
     a = [[0.75, 0.0], [0.0, 0.0], [0.0, 0.25], [-0.5, 0.0]]                # hub (0, 0)
     b = [[8.0, 8.0], [8.0, 8.625], [9.0, 8.0], [7.125, 8.0]]               # hub (8, 8), looser
     feats = plane([a[0], b[0], a[1], b[1], a[2], b[2], a[3], b[3]])     # interleaved positions
-    merged, centres = dpc_merge(feats, keep=2, k_neighbors=2)
+    merged, centres, _ = dpc_merge(feats, keep=2, k_neighbors=2)
     # Densest: A's hub (position 2, tied with its neighbour at 4, lower index wins); B's hub
     # (position 1) is far from every denser token: the two largest rho * delta.
     assert centres.tolist() == [[1, 2]]
@@ -76,7 +76,7 @@ def test_step3_a_centre_joins_its_own_cluster_even_at_distance_zero():
     feats = plane([a, a, a, b])
     # keep = 3: centres 0 (densest), 3 (far) and 1 (score 0, lowest index). Token 1 is as near to
     # centre 0 as to itself; it must stay in its own cluster, else that cluster is empty (0 / 0).
-    merged, centres = dpc_merge(feats, keep=3)
+    merged, centres, _ = dpc_merge(feats, keep=3)
     assert centres.tolist() == [[0, 1, 3]]
     assert torch.equal(merged, plane([a, a, b]))
 

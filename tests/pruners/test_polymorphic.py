@@ -53,7 +53,7 @@ def test_clusters_are_dpc_over_the_other_tokens_only():
     for b in range(2):
         top = top_attn(s["attn"][b], 17)
         others = [i for i in range(40) if i not in set(top)]
-        merged, centres = dpc_merge(s["feats"][b:b + 1, others], keep=3)
+        merged, centres, _ = dpc_merge(s["feats"][b:b + 1, others], keep=3)
         centre_positions = [others[c] for c in centres[0].tolist()]
         positions = sel.positions[b].tolist()
         assert positions == sorted(top + centre_positions)
