@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from edgeprune.errors import ModelError
 from edgeprune.models.base import ALL_SIGNALS, Adapter, Signals
 
-__all__ = ["ClsViTAdapter", "check_need"]
+__all__ = ["ClsViTAdapter", "check_need", "shuffle_groups"]
 
 
 def check_need(need) -> tuple[str, ...]:
@@ -26,13 +26,25 @@ def check_need(need) -> tuple[str, ...]:
     return need
 
 
+def shuffle_groups(x: Tensor, grid: tuple[int, int], scale: int) -> Tensor:
+    """Pixel-shuffle grouping of per-patch values x [B, H*W, X] (row-major grid H x W) into the merged
+    tokens of a scale x scale pixel shuffle: [B, (H/s)*(W/s), s*s, X], merged tokens row-major and the s*s
+    patches of each in (row, column) order, which is the channel order of InternVL's and SmolVLM's
+    pixel_shuffle (flattening the last two axes gives their [B, N, s*s*X] features)."""
+    b, _, c = x.shape
+    h, w = grid
+    x = x.reshape(b, h // scale, scale, w // scale, scale, c).permute(0, 1, 3, 2, 4, 5)  # [B, H/s, W/s, s, s, X]
+    return x.reshape(b, (h // scale) * (w // scale), scale * scale, c)
+
+
 class ClsViTAdapter(Adapter):
     """Adapter base for encoders with a [CLS] token at index 0 and pre-norm layers.
 
     Subclasses implement `_embed(pixels) -> [B, 1+N, C]` (everything before the first layer),
-    `_layers()` (the encoder layers, called as `layer(hidden, None)`), `_attn_parts(layer)` ->
-    (pre-attention norm, q projection, k projection, heads, scale), and set `feature_layer`, the
-    0-based index of the layer whose output (without [CLS]) is `feats`.
+    `_layers()` (the encoder layers, run by `_run_layer`, by default `layer(hidden, None)`),
+    `_attn_parts(layer)` -> (pre-attention norm, q projection, k projection, heads, scale), and set
+    `feature_layer`, the 0-based index of the layer whose output (without [CLS], through
+    `_feature_norm`) is `feats`.
     """
 
     feature_layer: int
@@ -53,16 +65,23 @@ class ClsViTAdapter(Adapter):
     def _attn_parts(self, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, int, float]:
         raise NotImplementedError
 
+    def _run_layer(self, layer: nn.Module, hidden: Tensor) -> Tensor:
+        return layer(hidden, None)
+
+    def _feature_norm(self, feats: Tensor) -> Tensor:
+        """A norm the model applies to `feats` after the feature layer (none for CLIP's layer -2)."""
+        return feats
+
     def encode(self, pixels: Tensor, need: tuple[str, ...] = ALL_SIGNALS) -> Signals:
         need = check_need(need)
         self.check_pixels(pixels)
         layers = self._layers()
         hidden = self._embed(pixels)                                      # [B, 1+N, C]
         for layer in layers[:self.feature_layer]:
-            hidden = layer(hidden, None)
+            hidden = self._run_layer(layer, hidden)
         out = Signals(grid=self.grid, pixels=pixels if "pixels" in need else None)
         if "feats" in need or "tokens" in need:
-            feats = layers[self.feature_layer](hidden, None)[:, 1:]        # [B, N, C], [CLS] dropped
+            feats = self._feature_norm(self._run_layer(layers[self.feature_layer], hidden)[:, 1:])  # [B, N, C] no [CLS]
             out.feats = feats if "feats" in need else None
             out.tokens = self.project(feats) if "tokens" in need else None  # [B, N, D_llm]
         if "keys" in need or "attn" in need:

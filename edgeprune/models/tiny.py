@@ -30,17 +30,17 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def byte_tokenizer():
+def byte_tokenizer(specials: tuple[str, ...] = BYTE_SPECIALS):
     """A `tokenizers.Tokenizer`: byte-level BPE without merges (one token per byte, id = byte value),
-    then the special tokens of BYTE_SPECIALS. Any text round-trips."""
+    then `specials` (ids 256, 257, ...). Any text round-trips."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(BYTE_SPECIALS))
-    assert tok.get_vocab_size() == 256 + len(BYTE_SPECIALS)
+    tok.add_special_tokens(list(specials))
+    assert tok.get_vocab_size() == 256 + len(specials)
     return tok
 
 

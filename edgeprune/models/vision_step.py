@@ -6,8 +6,8 @@
 
 Three callers run exactly this code, so "the torch reference equals the exported graph" holds by
 construction: the exported vision graph (export/vision.py `VisionGraph.forward`), the torch reference
-(reference.py `encode_and_prune`), and the multi-view pruner of LLaVA-NeXT (models/llava_next.py
-`ViewPruner`), which runs `prune_and_project` once per view.
+(reference.py `encode_and_prune`), and the multi-view pruner of the tiled models (models/_tiles.py
+`TilePruner`: LLaVA-NeXT, InternVL, SmolVLM), which runs `prune_and_project` once per view.
 """
 from __future__ import annotations
 

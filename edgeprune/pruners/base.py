@@ -43,9 +43,9 @@ class PrunerLike(Protocol):
     """What the vision step (models/vision_step.py), the exporter and the reference need of a pruner.
 
     Every registered `Pruner` is one. A composite that runs registered pruners on parts of the signals
-    (LLaVA-NeXT's `ViewPruner`: one method per view, K split across views) is one too without being
-    registered: `build()` cannot make it, only the adapter's `build_pruner` can, because it needs the
-    model's layout. Calling it must keep the Selection contract (positions ascending, unique, in 0..N-1).
+    (the tiled models' `TilePruner`, models/_tiles.py: one method per view, K split across views) is one
+    too without being registered: `build()` cannot make it, only the adapter's `build_pruner` can,
+    because it needs the model's layout. Calling it must keep the Selection contract (positions ascending, unique, in 0..N-1).
     """
 
     name: str                           # the method, as recorded in the manifest
