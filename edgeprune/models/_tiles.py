@@ -15,6 +15,9 @@ counts (`split_budget`), and the chosen method runs on each view by itself (its 
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -95,10 +98,11 @@ class TilePruner(nn.Module):
 
 
 class TiledMixin:
-    """Tiling for an Adapter. The adapter sets, in __init__: `view_size` (S, px), `rows`, `cols`, `overview`
-    ("first", "last" or None), `view_grid` (g_h, g_w tokens per view), `packed` (per view, the packed
-    position of each of its tokens, in the view's own order), `fixed_positions` [R] and `fixed_tokens()`
-    -> [R, D_llm]; and implements `encode_views(views [B*V, 3, S, S], need) -> Signals` over single views."""
+    """Tiling for an Adapter. The adapter sets `view_size` (S, px) and `view_grid` (g_h, g_w tokens per view) in
+    __init__, and implements `_set_tiles(rows, cols)`, which sets `rows`, `cols`, `overview` ("first", "last" or
+    None), `packed` (per view, the packed position of each of its tokens, in the view's own order) and
+    `fixed_positions` [R]; `fixed_tokens()` -> [R, D_llm]; and `encode_views(views [B*V, 3, S, S], need) ->
+    Signals` over single views."""
 
     view_size: int
     rows: int
@@ -110,6 +114,22 @@ class TiledMixin:
 
     def fixed_tokens(self) -> Tensor:
         raise NotImplementedError
+
+    def _set_tiles(self, rows: int, cols: int) -> None:
+        raise NotImplementedError
+
+    def with_image_size(self, size: tuple[int, int]):
+        """This adapter (same modules, no copy of the weights) at input size (h, w), multiples of the tile size S:
+        an (h/S) x (w/S) tile grid with its own N (`--image-size`, resolution buckets)."""
+        h, w = int(size[0]), int(size[1])
+        s = self.view_size
+        if h < s or w < s or h % s or w % s:
+            raise ModelError(f"{self.name}: image size {(h, w)} is not a positive multiple of the {s} px tile")
+        other = copy.copy(self)   # shallow: the module dicts (weights) are shared
+        other.preprocess_config = dataclasses.replace(self.preprocess_config, size=(h, w))
+        other._set_tiles(h // s, w // s)
+        other.check_tiling(self.name)
+        return other
 
     def encode_views(self, views: Tensor, need: tuple[str, ...]) -> Signals:
         raise NotImplementedError
@@ -169,9 +189,11 @@ class TiledMixin:
 
         fixed = len(self.fixed_positions)
         check_keep(method, keep, self.num_image_tokens)
-        if keep <= fixed:
-            raise ModelError(f"{method}: keep={keep} for {self.family} at {self.rows}x{self.cols} tiles: the {fixed} "
-                             f"{self.fixed_name} tokens are always kept, expected keep > {fixed}")
+        if keep < fixed + self.num_views:
+            kept = f"the {fixed} {self.fixed_name} tokens are always kept and " if fixed else ""
+            raise ModelError(f"{method}: keep={keep} for {self.family} at {self.rows}x{self.cols} tiles: {kept}each of "
+                             f"the {self.num_views} views keeps at least one token; expected keep >= "
+                             f"{fixed + self.num_views}")
         if method in available() and available()[method].extra_outputs:
             raise ModelError(f"{method}: methods with extra graph outputs are not supported per view "
                              f"({self.family} runs the method once per tile)")

@@ -30,10 +30,13 @@ class Signals:
     keys: Tensor | None = None     # [B, N, Ck] head-mean keys of the layer that feeds `feats`
     attn: Tensor | None = None     # [B, N] [CLS]-to-patch attention (summed over heads) or mean received
     pixels: Tensor | None = None   # [B, 3, h, w] the preprocessed image
+    # not a pruning signal: per-token features that must follow the kept tokens through the pruner's gather
+    # or merge (Adapter.deepstack; Qwen3-VL's DeepStack features [B, N, L, C] before their mergers)
+    carry: Tensor | None = None
 
     def as_kwargs(self) -> dict:
-        """Keyword arguments for `pruner(**signals.as_kwargs())`."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Keyword arguments for `pruner(**signals.as_kwargs())` (the signals, without `carry`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "carry"}
 
 
 class Adapter(nn.Module):
@@ -53,6 +56,9 @@ class Adapter(nn.Module):
     # what the model was trained to recognise, for a model aligned on a narrow domain (edgeprune-mini);
     # the exporter records it as model.domain and `edgeprune run`/`generate` print it once on stderr
     domain: ClassVar[str | None] = None
+    # DeepStack (Qwen3-VL): the number of LLM layers after which per-image-token features are added to the
+    # residual; the vision graph then outputs them (`deepstack`) and the decoder takes them as an input
+    deepstack_layers: int = 0
 
     @property
     def num_image_tokens(self) -> int:
@@ -82,6 +88,11 @@ class Adapter(nn.Module):
     def embed(self, ids: Tensor) -> Tensor:
         """Token ids [B, L] -> input embeddings [B, L, D_llm]."""
         return self.llm.get_input_embeddings()(ids)
+
+    def deepstack(self, signals: Signals, selection, pruner) -> Tensor | None:
+        """DeepStack features of the K image tokens [B, K, L, D_llm]: `signals.carry` through exactly the gather
+        or merge `pruner` applied (Selection.weights), then projected; None for models without DeepStack."""
+        return None
 
     def with_image_size(self, size: tuple[int, int]) -> "Adapter":
         """The same model (shared weights) at another fixed input size (h, w), for resolution buckets:

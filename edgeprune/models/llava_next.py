@@ -49,21 +49,23 @@ class LlavaNextAdapter(TiledMixin, LlavaAdapter):
         h, w = preprocess_config.size
         if h % size or w % size:
             raise ModelError(f"{name}: pinpoint {(h, w)} is not a multiple of the vision tower's {size} px")
-        self.view_size, self.overview = size, "first"
-        self.rows, self.cols = h // size, w // size
+        self.view_size = size
         self.view_grid = self.grid                                              # view grid g x g
         self.newline = model.model.image_newline                              # [D_llm]
+        self._set_tiles(h // size, w // size)
+        self.check_tiling(name)
+
+    def _set_tiles(self, rows: int, cols: int) -> None:
+        self.rows, self.cols, self.overview = rows, cols, "first"               # the base view first
         g = self.grid[0]
         base = g * g
-        line = self.cols * g + 1                                               # packed length of a crop-grid row
+        line = cols * g + 1                                                     # packed length of a crop-grid row
         packed = [list(range(base))]
-        for i in range(self.rows):
-            for j in range(self.cols):
+        for i in range(rows):
+            for j in range(cols):
                 packed.append([base + (i * g + r) * line + j * g + c for r in range(g) for c in range(g)])
         self.packed = packed
-        self.fixed_positions = self.newline_positions = [base + row * line + self.cols * g
-                                                         for row in range(self.rows * g)]
-        self.check_tiling(name)
+        self.fixed_positions = self.newline_positions = [base + row * line + cols * g for row in range(rows * g)]
 
     def fixed_tokens(self) -> Tensor:
         return self.newline.reshape(1, -1).expand(len(self.newline_positions), -1)   # [R, D_llm]

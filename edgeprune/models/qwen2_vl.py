@@ -92,6 +92,8 @@ class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     rope = "mrope"
     default_positions = "original"   # M-RoPE keeps grid ids (runtime.positions); "compact" is refused
+    text_lm = Qwen2VLTextLM          # the LLM wrapper class (Qwen3-VL's takes DeepStack inputs)
+    deepstack_index: tuple[int, ...] = ()   # vision blocks whose outputs become Signals.carry (Qwen3-VL)
 
     def __init__(self, model, tokenizer, preprocess_config: PreprocessConfig, chat_template: ChatTemplate,
                  eos_token_ids: tuple[int, ...], name: str = "qwen2_vl"):
@@ -106,7 +108,7 @@ class Qwen2VLAdapter(Adapter):
         self.name = name
         self.config = cfg
         self.visual = model.model.visual
-        self.llm = Qwen2VLTextLM(cfg.text_config, model.model.language_model, model.lm_head).eval()
+        self.llm = self.text_lm(cfg.text_config, model.model.language_model, model.lm_head).eval()
         self.patch_grid = (h // self.patch, w // self.patch)
         self.grid = (h // unit, w // unit)
         self.tokenizer = tokenizer
@@ -147,10 +149,11 @@ class Qwen2VLAdapter(Adapter):
     def _patch_embed(self, pixels: Tensor) -> Tensor:
         """pixels [B, 3, H, W] -> patch embeddings [B, Np, C] in the merge-block order of Qwen2-VL
         ((row block, column block, row in block, column in block)), so 4 consecutive patches merge."""
-        weight = self.visual.patch_embed.proj.weight                            # [C, 3, T, P, P]
+        proj = self.visual.patch_embed.proj
+        weight = proj.weight                                                    # [C, 3, T, P, P]
         # The processor repeats a still image over the T=2 temporal frames: the Conv3d over two equal
-        # frames is a Conv2d with the temporal taps summed.
-        x = F.conv2d(pixels.to(weight.dtype), weight.sum(dim=2), stride=self.patch)  # [B, C, gh, gw]
+        # frames is a Conv2d with the temporal taps summed (and its bias, Qwen3-VL's, once).
+        x = F.conv2d(pixels.to(weight.dtype), weight.sum(dim=2), proj.bias, stride=self.patch)  # [B, C, gh, gw]
         b, c, gh, gw = x.shape
         m = self.merge
         x = x.reshape(b, c, gh // m, m, gw // m, m).permute(0, 2, 4, 3, 5, 1)  # [B, gh/m, gw/m, m, m, C]
@@ -185,12 +188,17 @@ class Qwen2VLAdapter(Adapter):
         grid = (gh // self.merge, gw // self.merge)
         cos, sin = self.rotary_for((gh, gw))
         x = self._patch_embed(pixels)                                          # [B, Np, C]
+        taps = []
         for i, block in enumerate(self.visual.blocks):
             mask = self._block_mask(i, (gh, gw))
             x, q, k, k_raw = self._block(block, x, cos, sin, mask)             # q/k of the last block survive
+            if i in self.deepstack_index:
+                taps.append(x)
         b, n_patches, c = x.shape
         n, group = n_patches // self.merge ** 2, self.merge ** 2
         out = Signals(grid=grid, pixels=pixels if "pixels" in need else None)
+        if taps:   # DeepStack: the tapped blocks' outputs, merge groups concatenated like `feats`
+            out.carry = torch.stack([t.reshape(b, n, group * c) for t in taps], dim=2)   # [B, N, L, 4C]
         if "feats" in need or "tokens" in need:
             feats = x.reshape(b, n, group * c)                                 # [B, N, 4C] merger input
             out.feats = feats if "feats" in need else None
@@ -251,18 +259,11 @@ TINY_TEMPLATE = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{p
 TINY_IMAGE_SIZE = (168, 224)   # patch grid 12 x 16 -> merged grid 6 x 8, N = 48 (not square: h/w mix-ups show)
 
 
-def qwen_byte_tokenizer():
-    """Byte-level tokenizer (one token per byte, id = byte value) + QWEN_SPECIALS (ids 256...)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def qwen_byte_tokenizer(extra: tuple[str, ...] = ()):
+    """Byte-level tokenizer (one token per byte, id = byte value) + QWEN_SPECIALS (ids 256...) + `extra`."""
+    from edgeprune.models.tiny import byte_tokenizer
 
-    from edgeprune.models.tiny import _bytes_to_unicode
-
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(QWEN_SPECIALS))
-    return tok
+    return byte_tokenizer((*QWEN_SPECIALS, *extra))
 
 
 def tiny_qwen2_vl_model(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -276,8 +277,9 @@ def tiny_qwen2_vl_model(seed: int = 0, dtype: torch.dtype = torch.float32):
     return tiny_model(Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision, seed, dtype)
 
 
-def tiny_model(config_cls, model_cls, vision: dict, seed: int, dtype: torch.dtype):
-    """A Qwen-VL-family model of `model_cls` with the tiny text config and tokenizer shared by the presets."""
+def tiny_model(config_cls, model_cls, vision: dict, seed: int, dtype: torch.dtype, text: dict | None = None):
+    """A Qwen-VL-family model of `model_cls` with the tiny text config (updated by `text`) and tokenizer shared
+    by the presets."""
     tokenizer = qwen_byte_tokenizer()
     ids = {t: tokenizer.token_to_id(t) for t in QWEN_SPECIALS}
     vocab = tokenizer.get_vocab_size()
@@ -285,7 +287,8 @@ def tiny_model(config_cls, model_cls, vision: dict, seed: int, dtype: torch.dtyp
                 num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=2048,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                initializer_range=0.1)  # wider logits: fewer near-ties between torch and ORT
+                initializer_range=0.1,  # wider logits: fewer near-ties between torch and ORT
+                **(text or {}))
     config = config_cls(vision_config=vision, text_config=text, image_token_id=ids[IMAGE_PAD],
                            video_token_id=ids[IMAGE_PAD], vision_start_token_id=ids["<|vision_start|>"],
                            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)

@@ -180,3 +180,28 @@ def test_export_buckets_and_image_size_options(tmp_path, capsys):
     assert main(["export", "--model", "tiny-qwen2-vl", "--method", "dart", "--keep", "16", "--image-size", "224",
                  "--out", str(tmp_path / "bad")]) == 1
     assert "--image-size '224': expected HEIGHTxWIDTH" in capsys.readouterr().err
+
+
+def test_export_model_directory_families(tmp_path, capsys):
+    """`export --model DIR` recognises a new family from config.json (an InternVL directory, at a tile grid chosen
+    with --image-size) and names the supported architectures for one it does not know."""
+    from transformers import PreTrainedTokenizerFast
+
+    from edgeprune.models.internvl import tiny_internvl_model
+
+    model, tokenizer = tiny_internvl_model()
+    model.save_pretrained(tmp_path / "internvl")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(tmp_path / "internvl")
+    out = tmp_path / "bundle"
+    assert main(["export", "--model", str(tmp_path / "internvl"), "--method", "dart", "--keep", "20", "--image-size",
+                 "112x224", "--no-validate", "--out", str(out)]) == 0
+    manifest = json.loads((out / Files.MANIFEST).read_text())
+    assert manifest[Keys.MODEL_FAMILY] == "internvl" and manifest[Keys.MODEL_NUM_IMAGE_TOKENS] == 3 * 16  # 1x2 + thumb
+    (tmp_path / "gemma").mkdir()
+    (tmp_path / "gemma" / "config.json").write_text(json.dumps({"model_type": "gemma3",
+                                                                "architectures": ["Gemma3ForConditionalGeneration"]}))
+    capsys.readouterr()
+    assert main(["export", "--model", str(tmp_path / "gemma"), "--method", "dart", "--out", str(tmp_path / "g")]) == 1
+    line = next(line for line in capsys.readouterr().err.splitlines() if "is not supported" in line)  # one line
+    assert "model_type 'gemma3' (Gemma3ForConditionalGeneration) is not supported; supported architectures:" in line
+    assert "Qwen3VLForConditionalGeneration (qwen3_vl)" in line and "SmolVLMForConditionalGeneration (smolvlm)" in line

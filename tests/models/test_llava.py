@@ -125,6 +125,14 @@ def test_unknown_model_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ModelError, match="model_type 'bert' is not supported"):
         models.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3",
+                                                      "architectures": ["Gemma3ForConditionalGeneration"]}))
+    with pytest.raises(ModelError, match=r"model_type 'gemma3' \(Gemma3ForConditionalGeneration\) is not supported; "
+                                         r"supported architectures: LlavaForConditionalGeneration \(llava\), .*"
+                                         r"Qwen3VLForConditionalGeneration \(qwen3_vl\), InternVLForConditionalGeneration "
+                                         r"\(internvl\), SmolVLMForConditionalGeneration \(smolvlm\), "
+                                         r"Idefics3ForConditionalGeneration \(idefics3\)"):
+        models.load(tmp_path)
     with pytest.raises(ModelError, match="unknown option"):
         models.load("tiny-llava", colour="red")
 

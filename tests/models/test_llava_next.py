@@ -111,7 +111,7 @@ def test_k_equals_n_generation_equals_unpruned(adapter, method):
 
 
 def test_build_pruner_errors(adapter):
-    with pytest.raises(ModelError, match="keep > 16"):
+    with pytest.raises(ModelError, match="keep >= 21"):
         adapter.build_pruner("dart", 16)
     with pytest.raises(ModelError, match="extra graph outputs"):
         adapter.build_pruner("adbts", 100)
