@@ -1,11 +1,13 @@
 """The torch reference pipeline: the exported runtime is compared with this, token for token.
 
 images -> adapter.preprocess -> the vision step (models/vision_step.py, the exported graph's own code:
-encode -> pruner -> project if the pruner works on `feats`) -> [prefix ids, K image tokens, suffix ids] (runtime.prompt.encode_prompt) -> embeddings
+encode -> pruner -> project if the pruner works on `feats`) -> [prefix ids, K image tokens, suffix ids]
+(runtime.prompt.encode_prompt) -> embeddings
 -> position ids (runtime.positions.build_positions, the runtime's own rule: [B, L] for 1-D RoPE,
 [3, B, L] for M-RoPE) -> prefill of the
 HF causal LM (inputs_embeds, explicit position_ids, all-ones attention mask, a DynamicCache passed as
-`cache=`: transformers 5.24 deprecates the `past_key_values` name, removed in 5.40) ->
+`cache=`: transformers 5.24 deprecates the `past_key_values` name, removed in 5.40; for DeepStack models the
+kept tokens' DeepStack features at the image positions, zeros elsewhere, as the runtime feeds them) ->
 greedy or top-p decode with the KV cache (runtime.sampling, the runtime's own code).
 
 Decode step t (0-based) of row b gets position id = last prefill position of row b + 1 + t
@@ -27,13 +29,14 @@ from edgeprune.models.base import Adapter
 from edgeprune.models.vision_step import vision_step
 from edgeprune.runtime.buckets import pick_bucket
 from edgeprune.runtime.checks import check_context
+from edgeprune.runtime.format import DECODER_DEEPSTACK, VISION_DEEPSTACK
 from edgeprune.runtime.positions import (POSITION_MODES, build_positions, build_positions_rows, check_rope_mode,
                                          next_positions)
 from edgeprune.runtime.preprocess import load_image
 from edgeprune.runtime.prompt import encode_prompt
 from edgeprune.runtime.sampling import check_sampling, make_rng, next_tokens
 
-__all__ = ["generate", "GenerationResult", "encode_and_prune"]
+__all__ = ["generate", "GenerationResult", "encode_and_prune", "encode_prune_deepstack"]
 
 
 @dataclass
@@ -50,24 +53,31 @@ class GenerationResult:
 def encode_and_prune(adapter: Adapter, pruner, pixels: Tensor) -> tuple[Tensor, Tensor]:
     """pixels [B, 3, h, w] -> (image embeddings [B, K, D_llm], positions [B, K] int64): the one vision step
     (models/vision_step.py) that the exported graph runs too."""
+    return encode_prune_deepstack(adapter, pruner, pixels)[:2]
+
+
+def encode_prune_deepstack(adapter: Adapter, pruner, pixels: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """encode_and_prune plus the kept tokens' DeepStack features [B, K, L, D_llm] (None without DeepStack)."""
     sel = vision_step(adapter, pruner, pixels)
-    return sel.tokens, sel.positions
+    return sel.tokens, sel.positions, sel.extras.get(VISION_DEEPSTACK)
 
 
-def _encode_buckets(adapter: Adapter, pruner, images, buckets) -> tuple[Tensor, Tensor, list[Adapter]]:
+def _encode_buckets(adapter: Adapter, pruner, images, buckets):
     """Each image through the adapter at its bucket's size (runtime/buckets.py's rule), rows in image
-    order: (embeddings [B, K, D], positions [B, K], the adapter used for each row)."""
+    order: (embeddings [B, K, D], positions [B, K], DeepStack [B, K, L, D] or None, the adapter of each row)."""
     images = list(images) if isinstance(images, (list, tuple)) else [images]
     sizes = [tuple(int(v) for v in s) for s in buckets]
     chosen = [pick_bucket((im.height, im.width), sizes) for im in map(load_image, images)]
     by_size = {j: adapter.with_image_size(sizes[j]) for j in set(chosen)}
-    embeds, kept = [None] * len(images), [None] * len(images)
+    parts = [[None] * len(images) for _ in range(3)]
     for j, sub in by_size.items():
         rows = [i for i, c in enumerate(chosen) if c == j]
-        e, p = encode_and_prune(sub, pruner, sub.preprocess([images[i] for i in rows]))
-        for r, i in enumerate(rows):
-            embeds[i], kept[i] = e[r], p[r]
-    return torch.stack(embeds), torch.stack(kept), [by_size[c] for c in chosen]
+        outputs = encode_prune_deepstack(sub, pruner, sub.preprocess([images[i] for i in rows]))
+        for part, out in zip(parts, outputs):
+            for r, i in enumerate(rows):
+                part[i] = None if out is None else out[r]
+    embeds, kept, deep = (None if part[0] is None else torch.stack(part) for part in parts)
+    return embeds, kept, deep, [by_size[c] for c in chosen]
 
 
 def _llm_dtype(adapter: Adapter) -> torch.dtype:
@@ -106,15 +116,16 @@ def generate(adapter: Adapter, pruner, images, prompt: str, max_new_tokens: int 
 
     # 1. vision: encode, prune, project (images=None: a text-only prompt, no image tokens)
     dtype = _llm_dtype(adapter)
+    deepstack = None                                                     # [B, K, L, D] for DeepStack models
     if images is None:
         d = adapter.llm.get_input_embeddings().weight.shape[1]
         image_embeds, kept = torch.zeros(1, 0, d, dtype=dtype), torch.zeros(1, 0, dtype=torch.long)
         positions = "compact" if rope == "1d" else positions  # nothing to keep the geometry of: text is contiguous
     elif buckets:
-        image_embeds, kept, subs = _encode_buckets(adapter, pruner, images, buckets)
+        image_embeds, kept, deepstack, subs = _encode_buckets(adapter, pruner, images, buckets)
     else:
         pixels = adapter.preprocess(images)                               # [B, 3, h, w]
-        image_embeds, kept = encode_and_prune(adapter, pruner, pixels)   # [B, K, D], [B, K]
+        image_embeds, kept, deepstack = encode_prune_deepstack(adapter, pruner, pixels)   # [B, K, D], [B, K]
     b, k = kept.shape
     n = adapter.num_image_tokens if images is not None else 0
 
@@ -136,9 +147,14 @@ def generate(adapter: Adapter, pruner, images, prompt: str, max_new_tokens: int 
 
     cache = DynamicCache(config=adapter.llm.config)
     length = embeds.shape[1]
+    extra = {}
+    if deepstack is not None:   # the kept tokens' features at their sequence positions, zeros elsewhere
+        dense = torch.zeros(b, length, *deepstack.shape[2:], dtype=dtype)
+        dense[:, len(prefix):len(prefix) + k] = deepstack.to(dtype)
+        extra[DECODER_DEEPSTACK] = dense                                # [B, L, layers, D]
     out = adapter.llm(inputs_embeds=embeds, position_ids=torch.from_numpy(pos),
                       attention_mask=torch.ones(b, length, dtype=torch.long), cache=cache,
-                      use_cache=True, logits_to_keep=1)
+                      use_cache=True, logits_to_keep=1, **extra)
     logits = out.logits[:, -1].float().numpy()                           # [B, V]
 
     # 4. decode: one token per step per row, EOS stops a row

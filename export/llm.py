@@ -2,7 +2,9 @@
 
 decoder.onnx: inputs_embeds [B, L, D], position_ids [B, L] int64 (explicit: pruned sequences have gaps; [3, B, L]
 for an M-RoPE LLM, rope="mrope": the (t, h, w) ids of runtime/positions.py),
-attention_mask [B, past+L] int64 (1 = attend), past_key_values.{i}.key/.value [B, kv_heads, past, head_dim]
+attention_mask [B, past+L] int64 (1 = attend), for a DeepStack LLM (Qwen3-VL) deepstack_embeds [B, L, layers, D]
+(added to the residual stream after decoder layer i, i < layers: the image tokens' DeepStack features, zeros
+elsewhere), past_key_values.{i}.key/.value [B, kv_heads, past, head_dim]
 -> logits [B, V] (float32, last position only), present.{i}.key/.value [B, kv_heads, past+L, head_dim].
 
 Why our own decoder loop over the HF layers instead of calling `llm(...)`: the legacy exporter fails inside
@@ -31,8 +33,8 @@ from torch import nn
 
 from edgeprune.errors import ModelError
 from edgeprune.export.onnx_io import export_onnx, graph_io
-from edgeprune.runtime.format import (DECODER_EMBEDS, DECODER_LOGITS, DECODER_MASK, DECODER_POSITIONS, DIM_BATCH,
-                                      DIM_PAST, DIM_SEQUENCE, DIM_TOTAL, EMBED_INPUT, EMBED_OUTPUT, PASSED, Files,
+from edgeprune.runtime.format import (DECODER_DEEPSTACK, DECODER_EMBEDS, DECODER_LOGITS, DECODER_MASK,
+                                      DECODER_POSITIONS, DIM_BATCH, DIM_PAST, DIM_SEQUENCE, DIM_TOTAL, EMBED_INPUT, EMBED_OUTPUT, PASSED, Files,
                                       Graph, Keys, past_names, present_names)
 
 __all__ = ["export_llm", "DecoderGraph", "EmbedGraph", "validate_llm"]
@@ -46,7 +48,7 @@ TOLERANCE = {"float32": 1e-3, "float16": 5e-2}  # max |logit error| accepted by 
 # Gemma (scaled embeddings, 1+w norms) would need its own replay. The Qwen2-VL / Qwen2.5-VL text models are
 # Qwen2 layers whose rotary module takes [3, B, L] ids and already recombines them by mrope_section into
 # [B, L, head_dim] cos/sin, so the replay below is unchanged for M-RoPE.
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_vl_text", "qwen2_5_vl_text")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 ROPE_KINDS = ("1d", "mrope")
 
 
@@ -111,7 +113,8 @@ def _rotate_half(x):
 
 
 class DecoderGraph(nn.Module):
-    """forward(inputs_embeds, position_ids, attention_mask, *past) -> (logits, *present), past as k0, v0, k1, ..."""
+    """forward(inputs_embeds, position_ids, attention_mask, [deepstack_embeds,] *past) -> (logits, *present), past
+    as k0, v0, k1, ...; deepstack_embeds only for an LLM with `deepstack_layers` > 0 (Qwen3VLTextLM)."""
 
     def __init__(self, llm: nn.Module, attention: str = "fused"):
         super().__init__()
@@ -136,8 +139,10 @@ class DecoderGraph(nn.Module):
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = float(self.layers[0].self_attn.scaling)
+        self.deepstack_layers = int(getattr(llm, "deepstack_layers", 0))
 
-    def forward(self, inputs_embeds, position_ids, attention_mask, *past):
+    def forward(self, inputs_embeds, position_ids, attention_mask, *inputs):
+        deepstack, past = (inputs[0], inputs[1:]) if self.deepstack_layers else (None, inputs)  # [B, L, layers, D]
         b, l, _ = inputs_embeds.shape                                       # [B, L, D]
         x = inputs_embeds
         cos, sin = self.rotary(x, position_ids)                             # [B, L, hd] each, model's rope type
@@ -171,6 +176,8 @@ class DecoderGraph(nn.Module):
                     self.num_heads, self.kv_heads, self.scale)
             x = x + attn.o_proj(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if i < self.deepstack_layers:   # DeepStack hook: image features into the residual after layer i
+                x = x + deepstack[:, :, i]
             presents += [present_k, present_v]
         # only the last position's logits are needed for generation: skip the lm_head on the rest
         logits = self.lm_head(self.norm(x[:, -1])).float()                  # [B, V]
@@ -210,13 +217,15 @@ def export_llm(llm: nn.Module, out_dir: Path, *, dtype: str = "float32", attenti
     cfg = model.config
     n_layers, kv, hd = len(decoder.layers), decoder.kv_heads, decoder.head_dim
     d, vocab = cfg.hidden_size, decoder.lm_head.out_features
+    deep = decoder.deepstack_layers
+    deep_in = {DECODER_DEEPSTACK: [DIM_BATCH, DIM_SEQUENCE, deep, d]} if deep else {}
     past_in, present_out = past_names(n_layers), present_names(n_layers)
     kv_in = [DIM_BATCH, kv, DIM_PAST, hd]
     kv_out = [DIM_BATCH, kv, DIM_TOTAL, hd]
     embed_io = {EMBED_INPUT: [DIM_BATCH, DIM_SEQUENCE]}, {EMBED_OUTPUT: [DIM_BATCH, DIM_SEQUENCE, d]}
     positions = [DIM_BATCH, DIM_SEQUENCE] if rope == "1d" else [3, DIM_BATCH, DIM_SEQUENCE]
     decoder_io = ({DECODER_EMBEDS: [DIM_BATCH, DIM_SEQUENCE, d], DECODER_POSITIONS: positions,
-                   DECODER_MASK: [DIM_BATCH, DIM_TOTAL], **{n: kv_in for n in past_in}},
+                   DECODER_MASK: [DIM_BATCH, DIM_TOTAL], **deep_in, **{n: kv_in for n in past_in}},
                   {DECODER_LOGITS: [DIM_BATCH, vocab], **{n: kv_out for n in present_out}})
 
     def axes(names_dims: dict) -> dict:
@@ -231,13 +240,14 @@ def export_llm(llm: nn.Module, out_dir: Path, *, dtype: str = "float32", attenti
     if rope == "mrope":
         pos = torch.stack([pos, pos + 1, pos + 2])                        # [3, B, L]: distinct axes
     mask = torch.ones(b, p + l, dtype=torch.int64)
+    deepstack = (torch.randn(b, l, deep, d, generator=g).to(DTYPES[dtype]),) if deep else ()
     past = tuple(torch.randn(b, kv, p, hd, generator=g).to(DTYPES[dtype]) for _ in past_in)
     log.info("exporting %s", Files.EMBED)
     export_onnx(EmbedGraph(model).eval(), (ids,), out_dir / Files.EMBED, input_names=list(embed_io[0]),
                 output_names=list(embed_io[1]), dynamic_axes=axes({**embed_io[0], **embed_io[1]}), external_data=True)
     log.info("exporting %s (%d layers, attention=%s, %s)", Files.DECODER, n_layers, attention, dtype)
-    export_onnx(decoder, (embeds, pos, mask, *past), out_dir / Files.DECODER, input_names=list(decoder_io[0]),
-                output_names=list(decoder_io[1]), dynamic_axes=axes({**decoder_io[0], **decoder_io[1]}),
+    export_onnx(decoder, (embeds, pos, mask, *deepstack, *past), out_dir / Files.DECODER,
+                input_names=list(decoder_io[0]), output_names=list(decoder_io[1]), dynamic_axes=axes({**decoder_io[0], **decoder_io[1]}),
                 external_data=True)
     _stamp_io_dims(out_dir / Files.DECODER, {**decoder_io[0], **decoder_io[1]})
     entries = {
@@ -247,6 +257,7 @@ def export_llm(llm: nn.Module, out_dir: Path, *, dtype: str = "float32", attenti
         Keys.LLM_NUM_LAYERS: n_layers, Keys.LLM_NUM_HEADS: decoder.num_heads, Keys.LLM_NUM_KV_HEADS: kv,
         Keys.LLM_HEAD_DIM: hd, Keys.LLM_HIDDEN_SIZE: d, Keys.LLM_INTERMEDIATE_SIZE: int(cfg.intermediate_size),
         Keys.LLM_VOCAB_SIZE: vocab, Keys.LLM_CONTEXT_LENGTH: int(cfg.max_position_embeddings),
+        Keys.LLM_DEEPSTACK_LAYERS: deep,
     }
     if validate:
         entries[Keys.VALIDATION_LLM] = validate_llm(model, out_dir, entries)
@@ -295,8 +306,15 @@ def validate_llm(llm: nn.Module, bundle_dir: Path, entries: dict, *, steps: int 
     ort_embeds = ort_llm.embed(ids.numpy())
     errors = {"embed": float(np.abs(ort_embeds.astype(np.float32) - embeds.float().numpy()).max())}
     mask = torch.ones(ids.shape, dtype=torch.int64)
-    out = llm(inputs_embeds=embeds, position_ids=pos, attention_mask=mask, use_cache=True)
-    logits, present = ort_llm.step(embeds.numpy(), pos.numpy(), mask.numpy(), None)
+    extra, deepstack = {}, None
+    if entries[Keys.LLM_DEEPSTACK_LAYERS]:   # DeepStack features on the two "image" positions, zeros elsewhere
+        deepstack = torch.zeros(2, 8, entries[Keys.LLM_DEEPSTACK_LAYERS], entries[Keys.LLM_HIDDEN_SIZE],
+                                dtype=embeds.dtype)
+        deepstack[:, 4:6] = torch.randn(2, 2, *deepstack.shape[2:], generator=g).to(embeds.dtype)
+        extra = {DECODER_DEEPSTACK: deepstack}
+    out = llm(inputs_embeds=embeds, position_ids=pos, attention_mask=mask, use_cache=True, **extra)
+    logits, present = ort_llm.step(embeds.numpy(), pos.numpy(), mask.numpy(), None,
+                                   deepstack=None if deepstack is None else deepstack.numpy())
     errors["prefill"] = float(np.abs(logits - out.logits[:, -1].float().numpy()).max())
     decode = []
     cache = out.cache       # transformers 5.24's name (`past_key_values` is deprecated, removed in 5.40)

@@ -16,7 +16,7 @@ from edgeprune.export import lint
 from edgeprune.export.vision import VisionGraph
 from edgeprune.models.base import Adapter
 from edgeprune.pruners import Pruner
-from edgeprune.runtime.format import VISION_INPUT, VISION_POSITIONS, VISION_TOKENS
+from edgeprune.runtime.format import VISION_DEEPSTACK, VISION_INPUT, VISION_POSITIONS, VISION_TOKENS
 
 __all__ = ["ParityError", "check_graph", "seeded_images", "validate_vision", "TOLERANCE"]
 
@@ -61,8 +61,8 @@ def validate_vision(adapter: Adapter, pruner: Pruner, path: str | Path, *, batch
     """Run `count` seeded images through torch and through ORT (as one batch of `batch or count`).
 
     Returns {"images", "batch", "positions_equal", "positions_mismatch_rows", "max_abs_diff",
-    "extras_max_abs_diff", "tolerance", "passed"}. Positions must be identical; image tokens within
-    TOLERANCE[dtype].
+    "extras_max_abs_diff", "tolerance", "passed"}. Positions must be identical; image tokens (and DeepStack
+    features) within TOLERANCE[dtype].
     """
     import onnxruntime as ort
 
@@ -81,9 +81,9 @@ def validate_vision(adapter: Adapter, pruner: Pruner, path: str | Path, *, batch
     ref, out = dict(zip(names, expected)), dict(zip(names, got))
     rows_off = [int(i) for i in np.flatnonzero((ref[VISION_POSITIONS] != out[VISION_POSITIONS]).any(axis=1))]
     same_rows = [i for i in range(b) if i not in rows_off]
-    # token differences are only meaningful on rows that kept the same tokens
-    diff = float(np.abs(ref[VISION_TOKENS][same_rows] - out[VISION_TOKENS].astype(np.float32)[same_rows]).max()) \
-        if same_rows else None
+    # token differences are only meaningful on rows that kept the same tokens (DeepStack features count too)
+    diff = max(float(np.abs(ref[name][same_rows] - out[name].astype(np.float32)[same_rows]).max())
+               for name in (VISION_TOKENS, VISION_DEEPSTACK) if name in ref) if same_rows else None
     extras = {name: float(np.abs(np.asarray(ref[name], np.float64) - np.asarray(out[name], np.float64)).max())
               for name in pruner.extra_outputs}
     tol = TOLERANCE[dtype]

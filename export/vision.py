@@ -17,24 +17,26 @@ from edgeprune.export.onnx_io import export_onnx
 from edgeprune.models.base import Adapter
 from edgeprune.models.vision_step import vision_step
 from edgeprune.pruners import PrunerLike
-from edgeprune.runtime.format import VISION_INPUT, VISION_POSITIONS, VISION_TOKENS
+from edgeprune.runtime.format import VISION_DEEPSTACK, VISION_INPUT, VISION_POSITIONS, VISION_TOKENS
 
 __all__ = ["VisionGraph", "export_vision"]
 
 
 class VisionGraph(nn.Module):
-    """forward(pixels [B,3,H,W]) -> (image_tokens [B,K,D_llm], positions [B,K] int64, *extras): the one
-    vision step (models/vision_step.py) that the torch reference runs too."""
+    """forward(pixels [B,3,H,W]) -> (image_tokens [B,K,D_llm], positions [B,K] int64, [deepstack_tokens
+    [B,K,L,D_llm] for DeepStack models], *extras): the one vision step (models/vision_step.py) that the torch
+    reference runs too."""
 
     def __init__(self, adapter: Adapter, pruner: PrunerLike):
         super().__init__()
         self.adapter = adapter
         self.pruner = pruner
-        self.output_names = [VISION_TOKENS, VISION_POSITIONS, *pruner.extra_outputs]
+        deepstack = [VISION_DEEPSTACK] if adapter.deepstack_layers else []
+        self.output_names = [VISION_TOKENS, VISION_POSITIONS, *deepstack, *pruner.extra_outputs]
 
     def forward(self, pixels: torch.Tensor):
         sel = vision_step(self.adapter, self.pruner, pixels)
-        return (sel.tokens, sel.positions, *(sel.extras[name] for name in self.pruner.extra_outputs))
+        return (sel.tokens, sel.positions, *(sel.extras[name] for name in self.output_names[2:]))
 
 
 def example_pixels(adapter: Adapter, batch: int, seed: int = 0) -> torch.Tensor:

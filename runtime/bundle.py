@@ -25,9 +25,9 @@ from pathlib import Path, PurePosixPath
 from edgeprune.errors import BundleError, EdgepruneError
 from edgeprune.fileio import FileLock
 from edgeprune.runtime import format as fmt
-from edgeprune.runtime.format import (DECODER_EMBEDS, DECODER_LOGITS, DECODER_POSITIONS, EMBED_OUTPUT, VISION_INPUT,
-                                      VISION_POSITIONS, VISION_TOKENS, Bucket, Engine, Files, Graph, Keys,
-                                      external_data, past_names)
+from edgeprune.runtime.format import (DECODER_DEEPSTACK, DECODER_EMBEDS, DECODER_LOGITS, DECODER_POSITIONS,
+                                      EMBED_OUTPUT, VISION_DEEPSTACK, VISION_INPUT, VISION_POSITIONS, VISION_TOKENS,
+                                      Bucket, Engine, Files, Graph, Keys, external_data, past_names)
 from edgeprune.runtime.positions import check_rope_mode
 from edgeprune.runtime.preprocess import PreprocessConfig
 from edgeprune.runtime.prompt import ChatTemplate
@@ -234,6 +234,11 @@ class Bundle:
         """What the model was trained to recognise, when its adapter says (Adapter.domain); else None."""
         return self.manifest[Keys.MODEL_DOMAIN]
 
+    @property
+    def deepstack_layers(self) -> int:
+        """L > 0 when the vision graph outputs DeepStack features and the decoder takes them (Qwen3-VL)."""
+        return int(self.manifest[Keys.LLM_DEEPSTACK_LAYERS])
+
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Read and check the bundle at `path` (module docstring); verify=False skips only the hashing."""
@@ -259,10 +264,11 @@ def check_vision_outputs(bundle: Bundle, outputs: dict[str, list], file: str = F
     """`outputs`: the vision graph's output name -> shape (ints or symbolic names), as ORT reports them.
     K and the extra outputs in the manifest must be what the graph produces."""
     where = f"{bundle.path / file}"
-    expected = [VISION_TOKENS, VISION_POSITIONS, *bundle.extra_outputs]
+    per_token = [VISION_TOKENS, VISION_POSITIONS, *([VISION_DEEPSTACK] if bundle.deepstack_layers else [])]
+    expected = [*per_token, *bundle.extra_outputs]
     if sorted(outputs) != sorted(expected):
         raise BundleError(f"{where}: outputs {sorted(outputs)}, the manifest expects {sorted(expected)}")
-    for name in (VISION_TOKENS, VISION_POSITIONS):
+    for name in per_token:
         k = outputs[name][1] if len(outputs[name]) > 1 else None
         if k != bundle.keep:
             raise BundleError(f"{where}: output '{name}' has K={k}, the manifest says "
@@ -317,6 +323,10 @@ def check_llm_graphs(manifest: dict, embed: dict[str, tuple], decoder_inputs: di
                                                                        decoder_inputs[past_names(layers)[0]])):
         if io[1] != dtype:
             raise BundleError(f"{where}: decoder input {name} is {io[1]}, the manifest's {Keys.LLM_DTYPE} is {dtype}")
+    deep = m[Keys.LLM_DEEPSTACK_LAYERS]
+    if (DECODER_DEEPSTACK in decoder_inputs) != bool(deep):
+        raise BundleError(f"{where}: the decoder {'lacks' if deep else 'takes'} input '{DECODER_DEEPSTACK}', the "
+                          f"manifest's {Keys.LLM_DEEPSTACK_LAYERS}={deep}")
     rank = 3 if m[Keys.POSITIONS_ROPE] == "mrope" else 2
     positions = decoder_inputs.get(DECODER_POSITIONS)
     if positions is None or len(positions[0]) != rank:

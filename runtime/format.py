@@ -65,7 +65,8 @@ __all__ = ["SCHEMA_VERSION", "MIN_SCHEMA_VERSION", "FORMAT", "UNKNOWN", "Key", "
            "llm_keys", "bucket_file", "Kind",
            "external_data", "VISION_INPUT", "VISION_TOKENS", "VISION_POSITIONS", "EMBED_INPUT", "EMBED_OUTPUT",
            "DECODER_EMBEDS", "DECODER_POSITIONS", "DECODER_MASK", "DECODER_LOGITS", "KV_KINDS", "past_name",
-           "present_name", "past_names", "present_names", "DIM_BATCH", "DIM_SEQUENCE", "DIM_PAST", "DIM_TOTAL"]
+           "present_name", "past_names", "present_names", "DIM_BATCH", "DIM_SEQUENCE", "DIM_PAST", "DIM_TOTAL",
+           "VISION_DEEPSTACK", "DECODER_DEEPSTACK"]
 
 SCHEMA_VERSION = 2
 MIN_SCHEMA_VERSION = 1
@@ -92,6 +93,11 @@ DIM_BATCH = "batch"
 DIM_SEQUENCE = "sequence"
 DIM_PAST = "past_sequence"
 DIM_TOTAL = "total_sequence"
+# DeepStack (Qwen3-VL): the vision graph's features of the K kept tokens for the first L decoder layers
+# [B, K, L, D], and the decoder input they become [B, sequence, L, D] (zeros at text positions and in decode
+# steps); present when llm.deepstack_layers > 0
+VISION_DEEPSTACK = "deepstack_tokens"
+DECODER_DEEPSTACK = "deepstack_embeds"
 
 
 def past_name(layer: int, kind: str) -> str:
@@ -205,6 +211,7 @@ _SHA256 = frozenset("0123456789abcdef")
 TEXT = Kind("a string", lambda v: isinstance(v, str))
 TEXT_OR_NULL = Kind("a string or null", lambda v: v is None or isinstance(v, str))
 COUNT = Kind("an integer >= 1", _int)
+COUNT0 = Kind("an integer >= 0", lambda v: _int(v, 0))
 COUNT_OR_NULL = Kind("an integer >= 1 or null", lambda v: v is None or _int(v))
 SIZE = Kind("[height, width], integers >= 1", _size)
 TOKEN_IDS = Kind("a list of token ids (integers >= 0)", lambda v: isinstance(v, list) and all(_int(i, 0) for i in v))
@@ -302,6 +309,8 @@ class Keys:
     LLM_INTERMEDIATE_SIZE = Key("llm.intermediate_size", COUNT)     # MLP width
     LLM_VOCAB_SIZE = Key("llm.vocab_size", COUNT)
     LLM_CONTEXT_LENGTH = Key("llm.context_length", COUNT)           # max_position_embeddings: largest position id + 1
+    LLM_DEEPSTACK_LAYERS = Key("llm.deepstack_layers", COUNT0, default=0)  # L > 0: the vision graph outputs
+                                                                    # DeepStack features, the decoder takes them
 
     # files, checks and engines
     FILES_SHA256 = Key("files.sha256", SHA256S)                     # {relative path: sha256 hex}

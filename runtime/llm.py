@@ -1,6 +1,8 @@
 """Run the exported LLM (embed.onnx + decoder.onnx, see export/llm.py) with ONNX Runtime. numpy + onnxruntime only.
 
 Prefill on the whole prompt (past = 0), then one decoder call per new token with the KV cache fed back.
+A DeepStack decoder (Qwen3-VL, llm.deepstack_layers > 0) gets the image tokens' DeepStack features in the
+prefill and zeros in decode steps.
 Decode token t (0-based) gets position id position_ids[:, -1] + 1 + t per row (runtime.positions.next_positions;
 M-RoPE decoders take [3, B, L] ids and get the row's largest id + 1 + t). Rows of equal length get an all-ones
 attention mask. Rows of different lengths (`lengths`, the server's batches of different prompts) are right-padded,
@@ -20,8 +22,8 @@ import numpy as np
 from edgeprune.errors import BundleError, EdgepruneError
 from edgeprune.runtime.bundle import check_llm_graphs
 from edgeprune.runtime.checks import check_context, check_count
-from edgeprune.runtime.format import (DECODER_EMBEDS, DECODER_LOGITS, DECODER_MASK, DECODER_POSITIONS, EMBED_INPUT,
-                                      Graph, Keys, past_names, present_names)
+from edgeprune.runtime.format import (DECODER_DEEPSTACK, DECODER_EMBEDS, DECODER_LOGITS, DECODER_MASK,
+                                      DECODER_POSITIONS, EMBED_INPUT, Graph, Keys, past_names, present_names)
 from edgeprune.runtime.positions import next_positions
 from edgeprune.runtime.providers import PROVIDERS, open_session, provider_names, resolve_providers, session_options
 from edgeprune.runtime.sampling import check_sampling, make_rng, next_tokens
@@ -81,6 +83,7 @@ class OrtLLM:
             self.dtype_name, self.attention = manifest[Keys.LLM_DTYPE], manifest[Keys.LLM_ATTENTION]
             self.dtype = NP_DTYPES[self.dtype_name]
             self.rope = manifest[Keys.POSITIONS_ROPE]   # "mrope": position_ids [3, B, L] (export/llm.py)
+            self.deepstack_layers = manifest[Keys.LLM_DEEPSTACK_LAYERS]   # 0: no DeepStack input
             self.context_length = manifest[Keys.LLM_CONTEXT_LENGTH]   # None: a schema-1 bundle never recorded it
             files = {"embed": bundle_dir / manifest[Keys.LLM_EMBED_GRAPH][Graph.FILE],
                      "decoder": bundle_dir / manifest[Keys.LLM_DECODER_GRAPH][Graph.FILE]}
@@ -109,9 +112,10 @@ class OrtLLM:
         return self.embed_session.run(None, {EMBED_INPUT: np.asarray(ids, dtype=np.int64)})[0]
 
     def step(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-             past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One decoder call. past None = prefill. Returns (logits [B, V] float32, present [k0, v0, k1, ...])."""
-        b = inputs_embeds.shape[0]
+             past: list[np.ndarray] | None, deepstack: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder call. past None = prefill. `deepstack` [B, L, layers, D] for a DeepStack decoder (None:
+        zeros). Returns (logits [B, V] float32, present [k0, v0, k1, ...])."""
+        b, length = inputs_embeds.shape[:2]
         if past is None:
             empty = np.zeros((b, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
             past = [empty] * len(self.past_names)
@@ -119,16 +123,21 @@ class OrtLLM:
                  DECODER_POSITIONS: np.ascontiguousarray(position_ids, dtype=np.int64),
                  DECODER_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
                  **dict(zip(self.past_names, past))}
+        if self.deepstack_layers:
+            if deepstack is None:
+                deepstack = np.zeros((b, length, self.deepstack_layers, self.hidden_size), self.dtype)
+            feeds[DECODER_DEEPSTACK] = np.ascontiguousarray(deepstack, dtype=self.dtype)
         logits, *present = self.decoder.run(self.output_names, feeds)
         return logits, present
 
     def generate(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, *, max_new_tokens: int, eos_token_ids,
                  do_sample: bool = False, top_p: float = 1.0, temperature: float = 1.0, seed: int = 0,
                  on_token: Callable[[int, np.ndarray], None] | None = None,
-                 lengths: np.ndarray | None = None) -> Generation:
+                 lengths: np.ndarray | None = None, deepstack: np.ndarray | None = None) -> Generation:
         """Prefill `inputs_embeds` [B, L, D] at `position_ids` [B, L] ([3, B, L] for an M-RoPE decoder), then
         decode until every row has emitted an EOS or `max_new_tokens` tokens exist. Finished rows keep emitting EOS.
-        `lengths` [B]: row b's prompt is its first lengths[b] tokens (right padding, contents ignored); None: all L."""
+        `lengths` [B]: row b's prompt is its first lengths[b] tokens (right padding, contents ignored); None: all L.
+        `deepstack` [B, L, layers, D]: a DeepStack decoder's prefill features (None: zeros)."""
         inputs_embeds, position_ids = np.asarray(inputs_embeds), np.asarray(position_ids, dtype=np.int64)
         expected = inputs_embeds.shape[:2] if self.rope == "1d" else (3, *inputs_embeds.shape[:2])
         if inputs_embeds.ndim != 3 or position_ids.shape != expected:
@@ -148,10 +157,10 @@ class OrtLLM:
         start = time.perf_counter()
         if (lengths == length).all():
             mask = np.ones((b, length), np.int64)
-            logits, present = self.step(inputs_embeds, position_ids, mask, None)
+            logits, present = self.step(inputs_embeds, position_ids, mask, None, deepstack)
             last_ids = position_ids                                          # next_positions continues from these
         else:
-            logits, present, mask, last_ids = self._prefill_padded(inputs_embeds, position_ids, lengths)
+            logits, present, mask, last_ids = self._prefill_padded(inputs_embeds, position_ids, lengths, deepstack)
         prefill_s = time.perf_counter() - start
         tokens, decode_s = [], []
         done = np.zeros(b, dtype=bool)
@@ -174,17 +183,19 @@ class OrtLLM:
         return Generation(ids=np.stack(tokens, axis=1), prefill_s=prefill_s, decode_s=decode_s,
                           kv_bytes=int(sum(p.nbytes for p in present)), num_prompt_tokens=length)
 
-    def _prefill_padded(self, inputs_embeds, position_ids, lengths):
+    def _prefill_padded(self, inputs_embeds, position_ids, lengths, deepstack=None):
         """Prefill rows of different lengths (right-padded to L): every token but each row's last in one call,
         then the last tokens as one decode step, whose logits are the ones generation needs.
         Returns (logits, present, attention mask so far, per-row ids for next_positions)."""
         b, length = inputs_embeds.shape[:2]
         rows, last = np.arange(b), lengths - 1
         mask = (np.arange(length - 1)[None, :] < last[:, None]).astype(np.int64)        # [B, L-1]
-        _, present = self.step(inputs_embeds[:, :-1], position_ids[..., :-1], mask, None)
+        head = None if deepstack is None else deepstack[:, :-1]
+        _, present = self.step(inputs_embeds[:, :-1], position_ids[..., :-1], mask, None, head)
         mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
         last_pos = position_ids[..., rows, last][..., None]                            # [B, 1] or [3, B, 1]
-        logits, present = self.step(inputs_embeds[rows, last][:, None], last_pos, mask, present)
+        tail = None if deepstack is None else deepstack[rows, last][:, None]          # [B, 1, layers, D]
+        logits, present = self.step(inputs_embeds[rows, last][:, None], last_pos, mask, present, tail)
         if position_ids.ndim == 3:   # M-RoPE continues from the row's largest id over its real tokens
             real = np.arange(length)[None, :] < lengths[:, None]                      # [B, L]
             top = np.where(real[None], position_ids, np.iinfo(np.int64).min).max(axis=(0, 2))

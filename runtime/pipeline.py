@@ -17,7 +17,7 @@ import numpy as np
 from edgeprune.errors import BundleError, ModelError
 from edgeprune.runtime.bundle import Bundle, check_vision_graph, load_bundle
 from edgeprune.runtime.checks import check_context, check_count, check_images, check_prompt, check_seed
-from edgeprune.runtime.format import VISION_POSITIONS, VISION_TOKENS, Bucket, Files
+from edgeprune.runtime.format import VISION_DEEPSTACK, VISION_POSITIONS, VISION_TOKENS, Bucket, Files
 from edgeprune.runtime.buckets import pick_bucket
 from edgeprune.runtime.positions import build_positions, largest_position
 from edgeprune.runtime.sampling import check_sampling
@@ -152,10 +152,12 @@ class Pipeline:
         timings["vision"] = time.perf_counter() - start
         image_tokens, positions = outputs.pop(VISION_TOKENS), outputs.pop(VISION_POSITIONS)  # [B, K, D], [B, K]
         self._check_positions(positions, chosen)
+        image_deepstack = outputs.pop(VISION_DEEPSTACK, None)                           # [B, K, layers, D]
 
         # 3. per row [prefix, K image tokens, suffix] and its position ids (the bundle's mode), right-padded
         start = time.perf_counter()
         embeds, position_ids, lengths = self._llm_inputs(image_tokens, positions, encoded, chosen)
+        deepstack = self._deepstack_inputs(image_deepstack, len(encoded[0][0]), embeds.shape[1])
         timings["embed"] = time.perf_counter() - start
 
         # 4. prefill + decode with the KV cache; stream text per row
@@ -163,7 +165,7 @@ class Pipeline:
         gen = self.llm.generate(embeds, position_ids, max_new_tokens=max_new_tokens,
                                 eos_token_ids=self.bundle.eos_token_ids, do_sample=do_sample, top_p=top_p,
                                 temperature=temperature, seed=seed, lengths=lengths,
-                                on_token=streamer.push if streamer else None)
+                                on_token=streamer.push if streamer else None, deepstack=deepstack)
         timings["prefill"] = gen.prefill_s
         timings["decode"] = float(sum(gen.decode_s))
         ids = _cut_at_eos(gen.ids, self.bundle.eos_token_ids)
@@ -198,6 +200,17 @@ class Pipeline:
             pad = [(0, 0)] * (ids.ndim - 1) + [(0, width - ids.shape[-1])]
             rows.append(np.pad(ids, pad))
         return np.ascontiguousarray(embeds), np.concatenate(rows, axis=-2), lengths
+
+    def _deepstack_inputs(self, image_deepstack: np.ndarray | None, start: int, width: int) -> np.ndarray | None:
+        """A DeepStack decoder's input [B, L, layers, D]: the K image tokens' features `image_deepstack`
+        [B, K, layers, D] at their sequence positions start..start+K-1, zeros at text and padding (None: no
+        DeepStack)."""
+        if image_deepstack is None:
+            return None
+        b, k = image_deepstack.shape[:2]
+        dense = np.zeros((b, width, *image_deepstack.shape[2:]), dtype=self.llm.dtype)
+        dense[:, start:start + k] = image_deepstack
+        return dense
 
     def _embed_rows(self, texts: list[list[int]]) -> np.ndarray:
         """Token ids of text parts -> [len(texts), longest, D] embeddings (zeros past each part's end)."""

@@ -32,7 +32,7 @@ from edgeprune.errors import ModelError
 __all__ = ["PreprocessConfig", "preprocess", "load_image", "MAX_PIXELS", "MAX_ASPECT_RATIO"]
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-             "nearest": Image.Resampling.NEAREST}
+             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
 MAX_PIXELS = 89_478_485          # PIL.Image.MAX_IMAGE_PIXELS' default: above it Pillow warns of a decompression bomb
 MAX_ASPECT_RATIO = 200

@@ -43,7 +43,7 @@ class Qwen3VLTextLM(Qwen2VLTextLM):
         self.deepstack_layers = deepstack_layers
 
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                past_key_values=None, use_cache: bool | None = None, logits_to_keep: int = 0,
+                cache=None, use_cache: bool | None = None, logits_to_keep: int = 0,
                 deepstack_embeds: Tensor | None = None):
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -53,11 +53,11 @@ class Qwen3VLTextLM(Qwen2VLTextLM):
             extra = {"visual_pos_masks": torch.ones(b, s, dtype=torch.bool),
                      "deepstack_visual_embeds": [deepstack_embeds[:, :, i].reshape(b * s, d) for i in range(layers)]}
         out = self.model(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
-                         cache=past_key_values, use_cache=use_cache, **extra)
+                         cache=cache, use_cache=use_cache, **extra)
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(logits=self.lm_head(hidden), past_key_values=out.cache)
+        return CausalLMOutputWithPast(logits=self.lm_head(hidden), cache=out.cache)
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
