@@ -28,7 +28,7 @@ from edgeprune import __version__
 from edgeprune.errors import BundleError, EdgepruneError
 from edgeprune.export.onnx_io import graph_io
 from edgeprune.export.validate import ParityError, check_graph, validate_vision
-from edgeprune.export.vision import export_vision
+from edgeprune.export.vision import export_vision, vision_in_float32
 from edgeprune.models.base import Adapter
 from edgeprune.pruners import available
 from edgeprune.pruners.ops import check_keep
@@ -233,31 +233,32 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
         pruner = adapter.build_pruner(method, keep if keep is not None else n, **cfg)
         config, omitted = _store_config(effective_config(method, adapter, cfg), tmp)
 
-        step(EXPORT_STEPS[1])
-        export_vision(adapter, pruner, tmp / Files.VISION, batch=batch)
-        step(EXPORT_STEPS[2])
-        check_graph(tmp / Files.VISION)
-        step(EXPORT_STEPS[3])
-        vision_check = validate_vision(adapter, pruner, tmp / Files.VISION, batch=batch) if validate else None
-        if validate and not vision_check[PASSED]:
-            raise ParityError(f"vision graph ORT vs torch: {_summary(vision_check)}")
-        bucket_entries = []
-        for i, sub in enumerate(bucket_adapters):
-            file = Files.VISION if i == 0 else bucket_file(sub.preprocess_config.size)
-            if i > 0:
-                export_vision(sub, pruner, tmp / file, batch=batch)
-                check_graph(tmp / file)
-            if not validate:
-                check = None
-            elif i == 0:
-                check = vision_check   # vision.onnx was validated above
-            else:
-                check = validate_vision(sub, pruner, tmp / file, batch=batch)
-            if check is not None and not check[PASSED]:
-                raise ParityError(f"vision graph {file} ORT vs torch: {_summary(check)}")
-            bucket_entries.append({Bucket.SIZE: list(sub.preprocess_config.size), Bucket.GRID: list(sub.grid),
-                                   Bucket.NUM_IMAGE_TOKENS: sub.num_image_tokens, Bucket.FILE: file,
-                                   **({Bucket.VALIDATION: check} if check is not None else {})})
+        with vision_in_float32(adapter):   # the vision graph is float32 even when the adapter was loaded in float16
+            step(EXPORT_STEPS[1])
+            export_vision(adapter, pruner, tmp / Files.VISION, batch=batch)
+            step(EXPORT_STEPS[2])
+            check_graph(tmp / Files.VISION)
+            step(EXPORT_STEPS[3])
+            vision_check = validate_vision(adapter, pruner, tmp / Files.VISION, batch=batch) if validate else None
+            if validate and not vision_check[PASSED]:
+                raise ParityError(f"vision graph ORT vs torch: {_summary(vision_check)}")
+            bucket_entries = []
+            for i, sub in enumerate(bucket_adapters):
+                file = Files.VISION if i == 0 else bucket_file(sub.preprocess_config.size)
+                if i > 0:
+                    export_vision(sub, pruner, tmp / file, batch=batch)
+                    check_graph(tmp / file)
+                if not validate:
+                    check = None
+                elif i == 0:
+                    check = vision_check   # vision.onnx was validated above
+                else:
+                    check = validate_vision(sub, pruner, tmp / file, batch=batch)
+                if check is not None and not check[PASSED]:
+                    raise ParityError(f"vision graph {file} ORT vs torch: {_summary(check)}")
+                bucket_entries.append({Bucket.SIZE: list(sub.preprocess_config.size), Bucket.GRID: list(sub.grid),
+                                       Bucket.NUM_IMAGE_TOKENS: sub.num_image_tokens, Bucket.FILE: file,
+                                       **({Bucket.VALIDATION: check} if check is not None else {})})
 
         step(EXPORT_STEPS[4])
         if reuse_llm_from is not None:

@@ -210,8 +210,9 @@ def export_llm(llm: nn.Module, out_dir: Path, *, dtype: str = "float32", attenti
     if dtype not in DTYPES:
         raise ModelError(f"dtype={dtype!r}; expected one of {', '.join(DTYPES)}")
     out_dir = Path(out_dir)
-    model = llm if DTYPES[dtype] == torch.float32 and next(llm.parameters()).dtype == torch.float32 else \
-        copy.deepcopy(llm).to(DTYPES[dtype])  # never cast the caller's model in place
+    # never cast the caller's model in place; and no copy when it already has the dtype (a large model is loaded in
+    # float16 to be exported in float16: a second copy of its weights would not fit)
+    model = llm if next(llm.parameters()).dtype == DTYPES[dtype] else copy.deepcopy(llm).to(DTYPES[dtype])
     model.eval()
     decoder = DecoderGraph(model, attention=attention).eval()
     cfg = model.config

@@ -8,6 +8,7 @@ runs after the pruner only when the pruner works in `feats` space, and every nam
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from edgeprune.models.vision_step import vision_step
 from edgeprune.pruners import PrunerLike
 from edgeprune.runtime.format import VISION_DEEPSTACK, VISION_INPUT, VISION_POSITIONS, VISION_TOKENS
 
-__all__ = ["VisionGraph", "export_vision"]
+__all__ = ["VisionGraph", "export_vision", "vision_in_float32", "vision_tensors"]
 
 
 class VisionGraph(nn.Module):
@@ -83,7 +84,27 @@ def _pin_output_shapes(path: Path, shapes: list[list[int]], dynamic_batch: bool)
     os.replace(tmp, path)
 
 
+def vision_tensors(adapter: Adapter) -> list[torch.Tensor]:
+    """The adapter's parameters and buffers that are not the LLM's: what the vision graph holds."""
+    llm = {id(t) for t in [*adapter.llm.parameters(), *adapter.llm.buffers()]}
+    return [t for t in [*adapter.parameters(), *adapter.buffers()] if id(t) not in llm]
+
+
+@contextmanager
+def vision_in_float32(adapter: Adapter):
+    """The vision graph is float32 whatever the LLM's dtype: an adapter loaded in float16 (to export a large model
+    within memory) has its vision weights cast to float32 in place for the duration, and back afterwards."""
+    changed = [(t, t.dtype) for t in vision_tensors(adapter) if t.is_floating_point() and t.dtype != torch.float32]
+    for t, _ in changed:
+        t.data = t.data.float()
+    try:
+        yield adapter
+    finally:
+        for t, dtype in changed:
+            t.data = t.data.to(dtype)
+
+
 def _large(adapter: Adapter) -> bool:
-    """Weights above ~1.5 GB must go to external data (protobuf's 2 GB limit)."""
-    size = sum(p.numel() * p.element_size() for p in adapter.parameters())
-    return size > 1_500_000_000
+    """Vision weights above ~1.5 GB (as float32) must go to external data (protobuf's 2 GB limit)."""
+    return sum(t.numel() * 4 for t in vision_tensors(adapter) if t.is_floating_point()) > 1_500_000_000
+

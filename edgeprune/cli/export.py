@@ -17,7 +17,8 @@ def add_parser(subparsers):
     add_positions_arg(p, "the method's convention, e.g. original for dart and autoselect, else the model's")
     p.add_argument("--scorer", metavar="CKPT", help="learned scorer checkpoint, for methods with a `scorer` option "
                    "(autoselect)")
-    p.add_argument("--fp16", action="store_true", help="float16 LLM graphs (the vision graph stays float32 in ONNX; "
+    p.add_argument("--fp16", action="store_true", help="float16 LLM graphs; the model is loaded in float16, which "
+                   "keeps a 2-4B model's export within memory (the vision graph stays float32 in ONNX; "
                    "`build-engine --fp16` makes its TensorRT engine fp16)")
     p.add_argument("--batch", type=count, metavar="N", help="fix the vision graph's batch to N (default: dynamic)")
     p.add_argument("--attention", choices=("fused", "plain"), default="fused",
@@ -62,7 +63,9 @@ def run(args) -> int:
     bar = tqdm(total=1 + len(EXPORT_STEPS), desc="load model", unit="step", file=sys.stderr,
                disable=getattr(args, "quiet", False), bar_format="{desc:<34}{bar:20}| {n_fmt}/{total_fmt} [{elapsed}]")
     try:
-        adapter = load(args.model)
+        # --fp16 loads the model in float16: a large LLM is then exported without a second copy of its weights
+        # (the vision graph stays float32: export_bundle casts the vision weights for its export)
+        adapter = load(args.model, **({"dtype": _float16()} if args.fp16 else {}))
         if image_size is not None:
             adapter = adapter.with_image_size(image_size)   # a clear error for fixed-size families
         bar.update(1)
@@ -85,6 +88,12 @@ def run(args) -> int:
         bar.close()
     print(summary(manifest, args.out))
     return 0
+
+
+def _float16():
+    import torch
+
+    return torch.float16
 
 
 def _size(text: str, option: str) -> tuple[int, int]:

@@ -63,7 +63,7 @@ def test_scorer_maps_to_the_scorer_option(tmp_path, monkeypatch, capsys):
     seen = {}
 
     def fake_export(adapter, out, **kw):
-        seen.update(kw)
+        seen.update(kw, llm_dtype=next(adapter.llm.parameters()).dtype)
         raise SystemExit(0)
 
     monkeypatch.setattr("edgeprune.export.bundle.export_bundle", fake_export)
@@ -72,6 +72,7 @@ def test_scorer_maps_to_the_scorer_option(tmp_path, monkeypatch, capsys):
               "s.safetensors", "--out", str(tmp_path / "y"), "--fp16", "--batch", "2", "-q"])
     assert seen["cfg"] == {"scorer": "s.safetensors"} and seen["method"] == "autoselect"
     assert seen["dtype"] == "float16" and seen["batch"] == 2 and seen["keep"] == 8
+    assert str(seen["llm_dtype"]) == "torch.float16"              # --fp16 loads the model in float16
 
 
 def test_run_streams_text_and_timing(bundle, image, capsys):

@@ -147,3 +147,20 @@ def test_polygraphy_runs_the_graph(graphs):
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "PASSED" in proc.stdout + proc.stderr
+
+
+def test_float16_adapter_exports_a_float32_vision_graph(tmp_path):
+    """A model loaded in float16 (how `export --fp16` keeps a large model within memory) gets a float32 vision graph
+    that matches torch, and its vision weights are float16 again afterwards; no copy of the LLM is made."""
+    from edgeprune.export.bundle import export_bundle
+    from edgeprune.models import load
+    from edgeprune.runtime.format import Keys
+
+    adapter = load("tiny-smolvlm", dtype=torch.float16)
+    llm_weight = adapter.llm.get_input_embeddings().weight
+    m = export_bundle(adapter, tmp_path / "b", method="dart", keep=30, dtype="float16")
+    assert m[Keys.VALIDATION]["vision"]["passed"] and m[Keys.VALIDATION]["llm"]["ok"]
+    assert m[Keys.VISION_GRAPH]["inputs"]["pixels"]["dtype"] == "float32"
+    assert m[Keys.VISION_GRAPH]["outputs"]["image_tokens"]["dtype"] == "float32"
+    assert {p.dtype for p in adapter.parameters()} == {torch.float16}
+    assert adapter.llm.get_input_embeddings().weight is llm_weight
