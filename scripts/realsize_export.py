@@ -28,37 +28,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # Published hyperparameters (config.json of each model; token ids kept as published, the tokenizer is a stand-in).
+SMOLVLM_VISION = {"model_type": "idefics3_vision", "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                  "num_attention_heads": 12, "image_size": 512, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh",
+                  "layer_norm_eps": 1e-6}   # SigLIP base patch 16 at 512 px, shared by the 256M and 500M models
+
+
+def smolvlm(source: str, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> dict:
+    """A SmolVLM-Instruct (Idefics3) entry: the shared vision tower and a SmolLM2 text model."""
+    text = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": 64, "vocab_size": 49280,
+            "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "hidden_act": "silu",
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    return {"source": source, "model_type": "idefics3",
+            "config": {"model_type": "idefics3", "architectures": ["Idefics3ForConditionalGeneration"],
+                       "image_token_id": 49190, "scale_factor": 4, "tie_word_embeddings": False,
+                       "vision_config": SMOLVLM_VISION, "text_config": text},
+            "export": ["--method", "dart", "--keep", "128"]}   # 2 x 2 tiles + global: 5 x 64 tokens + 14 markers
+
+
 MODELS = {
-    "smolvlm-256m": {
-        "source": "HuggingFaceTB/SmolVLM-256M-Instruct", "model_type": "idefics3",
-        "config": {"model_type": "idefics3", "architectures": ["Idefics3ForConditionalGeneration"],
-                   "image_token_id": 49190, "scale_factor": 4, "tie_word_embeddings": False,
-                   "vision_config": {"model_type": "idefics3_vision", "hidden_size": 768, "intermediate_size": 3072,
-                                     "num_hidden_layers": 12, "num_attention_heads": 12, "image_size": 512,
-                                     "patch_size": 16, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6},
-                   "text_config": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
-                                   "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-                                   "head_dim": 64, "vocab_size": 49280, "max_position_embeddings": 8192,
-                                   "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "hidden_act": "silu",
-                                   "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-                                   "pad_token_id": 2}},
-        "export": ["--method", "dart", "--keep", "128"],    # 2 x 2 tiles + global: 5 x 64 tokens + 14 markers
-    },
-    "smolvlm-500m": {
-        "source": "HuggingFaceTB/SmolVLM-500M-Instruct", "model_type": "idefics3",
-        "config": {"model_type": "idefics3", "architectures": ["Idefics3ForConditionalGeneration"],
-                   "image_token_id": 49190, "scale_factor": 4, "tie_word_embeddings": False,
-                   "vision_config": {"model_type": "idefics3_vision", "hidden_size": 768, "intermediate_size": 3072,
-                                     "num_hidden_layers": 12, "num_attention_heads": 12, "image_size": 512,
-                                     "patch_size": 16, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6},
-                   "text_config": {"model_type": "llama", "hidden_size": 960, "intermediate_size": 2560,
-                                   "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5,
-                                   "head_dim": 64, "vocab_size": 49280, "max_position_embeddings": 8192,
-                                   "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "hidden_act": "silu",
-                                   "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-                                   "pad_token_id": 2}},
-        "export": ["--method", "dart", "--keep", "128"],
-    },
+    "smolvlm-256m": smolvlm("HuggingFaceTB/SmolVLM-256M-Instruct", 576, 1536, 30, 9, 3),    # SmolLM2-135M
+    "smolvlm-500m": smolvlm("HuggingFaceTB/SmolVLM-500M-Instruct", 960, 2560, 32, 15, 5),   # SmolLM2-360M
     "qwen2-vl-2b": {
         "source": "Qwen/Qwen2-VL-2B-Instruct", "model_type": "qwen2_vl",
         "config": {"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"],

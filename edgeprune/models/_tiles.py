@@ -163,6 +163,12 @@ class TiledMixin:
             parts.insert(0 if self.overview == "first" else 1, whole)
         return torch.cat(parts, dim=1).reshape(b * self.num_views, 3, s, s)
 
+    def check_pixels(self, pixels: Tensor) -> None:
+        """Views [B*V, 3, S, S] (what `views` returns; the single-view encoders check what they are given)."""
+        s = self.view_size
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s):
+            raise ModelError(f"{self.family}: view pixels of shape {tuple(pixels.shape)}, expected [B*V, 3, {s}, {s}]")
+
     def encode(self, pixels: Tensor, need: tuple[str, ...] = ALL_SIGNALS) -> Signals:
         """Signals of the V views of each image, concatenated view after view: [B, V * g_h*g_w, ...]."""
         need = check_need(need)

@@ -136,11 +136,6 @@ class InternVLAdapter(TiledMixin, ClsViTAdapter):
         return (layer.layernorm_before, nn.Sequential(att.q_proj, att.q_norm), nn.Sequential(att.k_proj, att.k_norm),
                 att.num_heads, att.scale)
 
-    def check_pixels(self, pixels: Tensor) -> None:   # called by ClsViTAdapter.encode on the views
-        s = self.view_size
-        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s):
-            raise ModelError(f"{self.family}: tile pixels of shape {tuple(pixels.shape)}, expected [B*V, 3, {s}, {s}]")
-
     def encode_views(self, views: Tensor, need: tuple[str, ...]) -> Signals:
         """Per-patch signals of the tower, then grouped by the pixel shuffle (module docstring)."""
         inner_need = tuple(n for n in ("feats", "keys", "attn") if n in need or (n == "feats" and "tokens" in need))

@@ -70,11 +70,6 @@ class LlavaNextAdapter(TiledMixin, LlavaAdapter):
     def fixed_tokens(self) -> Tensor:
         return self.newline.reshape(1, -1).expand(len(self.newline_positions), -1)   # [R, D_llm]
 
-    def check_pixels(self, pixels: Tensor) -> None:   # called by ClsViTAdapter.encode on the views
-        s = self.view_size
-        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s):
-            raise ModelError(f"{self.family}: view pixels of shape {tuple(pixels.shape)}, expected [B*V, 3, {s}, {s}]")
-
     def encode_views(self, views: Tensor, need: tuple[str, ...]) -> Signals:
         return ClsViTAdapter.encode(self, views, need)
 

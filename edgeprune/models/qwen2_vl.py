@@ -75,11 +75,15 @@ class Qwen2VLTextLM(nn.Module):
 
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 cache=None, use_cache: bool | None = None, logits_to_keep: int = 0):
+        return self._run(inputs_embeds, position_ids, attention_mask, cache, use_cache, logits_to_keep, {})
+
+    def _run(self, inputs_embeds, position_ids, attention_mask, cache, use_cache, logits_to_keep: int, extra: dict):
+        """The text model (with `extra` model inputs, e.g. Qwen3-VL's DeepStack) and the head on the last positions."""
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         # `cache`: transformers 5.24's name for the KV cache (`past_key_values` is deprecated, gone in 5.40)
         out = self.model(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
-                         cache=cache, use_cache=use_cache)
+                         cache=cache, use_cache=use_cache, **extra)
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

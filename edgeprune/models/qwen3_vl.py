@@ -45,19 +45,12 @@ class Qwen3VLTextLM(Qwen2VLTextLM):
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 cache=None, use_cache: bool | None = None, logits_to_keep: int = 0,
                 deepstack_embeds: Tensor | None = None):
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
         extra = {}
         if deepstack_embeds is not None:
             b, s, layers, d = deepstack_embeds.shape
             extra = {"visual_pos_masks": torch.ones(b, s, dtype=torch.bool),
                      "deepstack_visual_embeds": [deepstack_embeds[:, :, i].reshape(b * s, d) for i in range(layers)]}
-        out = self.model(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
-                         cache=cache, use_cache=use_cache, **extra)
-        hidden = out.last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(logits=self.lm_head(hidden), cache=out.cache)
+        return self._run(inputs_embeds, position_ids, attention_mask, cache, use_cache, logits_to_keep, extra)
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):

@@ -124,11 +124,6 @@ class SmolVLMAdapter(TiledMixin, Adapter):
         with torch.no_grad():
             return self.embed(torch.tensor([self.fixed_ids])).squeeze(0)             # [R, D_llm]
 
-    def check_pixels(self, pixels: Tensor) -> None:
-        s = self.view_size
-        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s):
-            raise ModelError(f"{self.family}: tile pixels of shape {tuple(pixels.shape)}, expected [B*V, 3, {s}, {s}]")
-
     # -- vision (one view) ----------------------------------------------------------------------------
     def encode_views(self, views: Tensor, need: tuple[str, ...]) -> Signals:
         self.check_pixels(views)

@@ -36,16 +36,11 @@ def pixels(adapter):
     return adapter.preprocess(seeded_images((192, 256), 2, seed=3))
 
 
-def _hf_patches(pixels: torch.Tensor, patch: int = 16, merge: int = 2, temporal: int = 2) -> torch.Tensor:
-    """[B, 3, H, W] -> the processor's flat patches [B * Np, 3 * T * P * P] in merge-block order."""
-    out = []
-    for img in pixels:
-        c, h, w = img.shape
-        gh, gw = h // patch, w // patch
-        p = img.reshape(c, gh // merge, merge, patch, gw // merge, merge, patch).permute(1, 4, 2, 5, 0, 3, 6)
-        p = p.unsqueeze(5).expand(*p.shape[:5], temporal, *p.shape[5:])
-        out.append(p.reshape(gh * gw, c * temporal * patch * patch))
-    return torch.cat(out)
+def _hf_patches(pixels: torch.Tensor) -> torch.Tensor:
+    """The processor's flat patches at Qwen3-VL's patch size 16 (test_qwen2_vl's helper)."""
+    from tests.models.test_qwen2_vl import _hf_patches as qwen2_patches
+
+    return qwen2_patches(pixels, patch=16)
 
 
 @pytest.fixture(scope="module")
