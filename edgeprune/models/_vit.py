@@ -52,7 +52,7 @@ class ClsViTAdapter(Adapter):
 
     def vision_facts(self) -> dict:
         layers = self._layers()
-        width = self._attn_parts(layers[0])[1].in_features   # the q projection reads the residual stream
+        width = self._attn_parts(layers[0])[0].weight.shape[0]   # the pre-attention norm: the residual stream
         return {"num_layers": len(layers), "hidden_size": int(width),
                 "tokens_per_view": self.grid[0] * self.grid[1] + 1, "views": int(self.num_views)}  # +1: [CLS]
 

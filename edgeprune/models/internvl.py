@@ -130,6 +130,10 @@ class InternVLAdapter(TiledMixin, ClsViTAdapter):
     def _feature_norm(self, feats: Tensor) -> Tensor:
         return self.post_norm(feats)
 
+    def vision_facts(self) -> dict:
+        # the tower attends over a tile's patches and [CLS], before the pixel shuffle groups them
+        return {**super().vision_facts(), "tokens_per_view": self.patch_grid[0] * self.patch_grid[1] + 1}
+
     def _attn_parts(self, layer):
         att = layer.attention
         # q_norm / k_norm (InternViT-6B) act on the whole projection, before the split into heads

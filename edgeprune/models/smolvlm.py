@@ -125,6 +125,11 @@ class SmolVLMAdapter(TiledMixin, Adapter):
             return self.embed(torch.tensor([self.fixed_ids])).squeeze(0)             # [R, D_llm]
 
     # -- vision (one view) ----------------------------------------------------------------------------
+    def vision_facts(self) -> dict:
+        layers = self.vision.encoder.layers
+        return {"num_layers": len(layers), "hidden_size": int(layers[0].layer_norm1.weight.shape[0]),
+                "tokens_per_view": self.patch_grid[0] * self.patch_grid[1], "views": int(self.num_views)}  # no [CLS]
+
     def encode_views(self, views: Tensor, need: tuple[str, ...]) -> Signals:
         self.check_pixels(views)
         emb = self.vision.embeddings

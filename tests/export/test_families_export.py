@@ -11,7 +11,7 @@ import pytest
 from edgeprune.errors import BundleError, EdgepruneError, ModelError
 from edgeprune.export.validate import seeded_images
 from edgeprune.reference import generate
-from edgeprune.runtime.format import DECODER_DEEPSTACK, VISION_DEEPSTACK, Files, Keys
+from edgeprune.runtime.format import DECODER_DEEPSTACK, PASSED, VISION_DEEPSTACK, Files, Graph, Keys
 from edgeprune.runtime.pipeline import Pipeline
 
 METHODS = ("dart", "visionzip")
@@ -55,14 +55,14 @@ def test_manifest(bundles, preset):
     for _, m in bundles.values():
         assert m[Keys.MODEL_FAMILY] == family and m[Keys.MODEL_NUM_IMAGE_TOKENS] == n and m[Keys.PRUNER_KEEP] == keep
         assert m[Keys.POSITIONS_ROPE] == ("mrope" if mrope else "1d")
-        assert m[Keys.VALIDATION]["vision"]["passed"] and m[Keys.VALIDATION]["llm"]["ok"]
-        spec, outputs = m[Keys.LLM_SPEC], m[Keys.VISION_GRAPH]["outputs"]
-        assert spec["deepstack_layers"] == deep
+        assert m[Keys.VALIDATION_VISION][PASSED] and m[Keys.VALIDATION_LLM][PASSED]
+        outputs, inputs = m[Keys.VISION_GRAPH][Graph.OUTPUTS], m[Keys.LLM_DECODER_GRAPH][Graph.INPUTS]
+        assert m[Keys.LLM_DEEPSTACK_LAYERS] == deep
         if deep:   # the vision graph's DeepStack output feeds the decoder's extra input
-            assert outputs[VISION_DEEPSTACK]["shape"] == ["batch", keep, deep, 64]
-            assert spec["decoder"]["inputs"][DECODER_DEEPSTACK] == ["batch", "sequence", deep, 64]
+            assert outputs[VISION_DEEPSTACK][Graph.SHAPE] == ["batch", keep, deep, 64]
+            assert inputs[DECODER_DEEPSTACK][Graph.SHAPE] == ["batch", "sequence", deep, 64]
         else:
-            assert VISION_DEEPSTACK not in outputs and DECODER_DEEPSTACK not in spec["decoder"]["inputs"]
+            assert VISION_DEEPSTACK not in outputs and DECODER_DEEPSTACK not in inputs
 
 
 @pytest.mark.parametrize("batch", [2, 1])
@@ -105,7 +105,7 @@ def test_deepstack_manifest_must_match_the_graph(bundles, preset, tmp_path):
     path = tmp_path / "bundle"
     shutil.copytree(bundles["dart"][0], path)
     manifest = json.loads((path / Files.MANIFEST).read_text())
-    manifest[Keys.LLM_SPEC]["deepstack_layers"] = 0
+    manifest[Keys.LLM_DEEPSTACK_LAYERS] = 0
     (path / Files.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"outputs \['deepstack_tokens', 'image_tokens', 'positions'\], the manifest "
                                           r"expects \['image_tokens', 'positions'\]"):
