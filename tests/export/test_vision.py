@@ -154,12 +154,12 @@ def test_float16_adapter_exports_a_float32_vision_graph(tmp_path):
     that matches torch, and its vision weights are float16 again afterwards; no copy of the LLM is made."""
     from edgeprune.export.bundle import export_bundle
     from edgeprune.models import load
-    from edgeprune.runtime.format import Keys
+    from edgeprune.runtime.format import PASSED, Keys
 
     adapter = load("tiny-smolvlm", dtype=torch.float16)
     llm_weight = adapter.llm.get_input_embeddings().weight
     m = export_bundle(adapter, tmp_path / "b", method="dart", keep=30, dtype="float16")
-    assert m[Keys.VALIDATION]["vision"]["passed"] and m[Keys.VALIDATION]["llm"]["ok"]
+    assert m[Keys.VALIDATION_VISION][PASSED] and m[Keys.VALIDATION_LLM][PASSED]
     assert m[Keys.VISION_GRAPH]["inputs"]["pixels"]["dtype"] == "float32"
     assert m[Keys.VISION_GRAPH]["outputs"]["image_tokens"]["dtype"] == "float32"
     assert {p.dtype for p in adapter.parameters()} == {torch.float16}
