@@ -33,8 +33,9 @@ from edgeprune.models.base import Adapter
 from edgeprune.pruners import available
 from edgeprune.pruners.ops import check_keep
 from edgeprune.runtime.bundle import bundle_lock, hash_files, load_bundle, unlisted_files
-from edgeprune.runtime.format import (PASSED, SCHEMA_VERSION, Bucket, Files, Graph, Keys, bucket_file, external_data,
+from edgeprune.runtime.format import (PASSED, SCHEMA_VERSION, Bucket, Files, Graph, Keys, bucket_file,
                                       known, llm_keys, optional_keys, recognise, write_manifest)
+from edgeprune.runtime.llm import llm_files
 from edgeprune.runtime.positions import POSITION_MODES, check_rope_mode
 
 __all__ = ["export_bundle", "check_target", "EXPORT_STEPS", "effective_config"]
@@ -353,16 +354,15 @@ def _reuse_llm(src: Path, tmp: Path, adapter: Adapter, source: str, dtype: str, 
     if theirs != ours:
         raise EdgepruneError(f"reuse_llm_from={src}: its LLM graphs are (family, source, dtype, attention) = {theirs}, "
                              f"this export needs {ours}")
-    entries = {key: known(manifest, key) for key in llm_keys()}   # a schema-1 source lacks facts: re-export it
+    # a schema-1 source lacks required facts (known() says to re-export it); optional ones may be null
+    entries = {key: manifest[key] if key.optional else known(manifest, key) for key in llm_keys()}
     entries[Keys.VALIDATION_LLM] = manifest[Keys.VALIDATION_LLM]
-    for graph in (Keys.LLM_EMBED_GRAPH, Keys.LLM_DECODER_GRAPH):
-        file = entries[graph][Graph.FILE]
-        for name in (file, external_data(file)):
-            if (src / name).exists():
-                try:
-                    os.link(src / name, tmp / name)
-                except OSError:  # another file system, or links not allowed
-                    shutil.copy2(src / name, tmp / name)
+    for name in llm_files(entries):
+        if (src / name).exists():
+            try:
+                os.link(src / name, tmp / name)
+            except OSError:  # another file system, or links not allowed
+                shutil.copy2(src / name, tmp / name)
     return entries
 
 

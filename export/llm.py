@@ -1,4 +1,4 @@
-"""The LLM half of a bundle: `embed.onnx` (ids -> embeddings) and `decoder.onnx` (one graph for prefill and decode).
+"""The LLM half of a bundle: `decoder.onnx`, one graph for prefill and decode, and where its embedding table is.
 
 decoder.onnx: inputs_embeds [B, L, D], position_ids [B, L] int64 (explicit: pruned sequences have gaps; [3, B, L]
 for an M-RoPE LLM, rope="mrope": the (t, h, w) ids of runtime/positions.py),
@@ -7,17 +7,24 @@ attention_mask [B, past+L] int64 (1 = attend), for a DeepStack LLM (Qwen3-VL) de
 elsewhere), past_key_values.{i}.key/.value [B, kv_heads, past, head_dim]
 -> logits [B, V] (float32, last position only), present.{i}.key/.value [B, kv_heads, past+L, head_dim].
 
+The token embedding table is not a graph: the runtime looks rows up with numpy (no ORT call per token). A model
+whose LM head is tied to its embeddings (SmolLM2, Qwen2-VL-2B) stores the table once, as the LM head's weight
+inside decoder.onnx.data; the manifest's llm.embed_table says where (file, byte offset, shape, dtype). An untied
+table is written to embed.bin.
+
 Why our own decoder loop over the HF layers instead of calling `llm(...)`: the legacy exporter fails inside
 transformers' vmap mask builder and transformers 5 dropped `DynamicCache.from_legacy_cache` (NOTES.md); walking
 the layers ourselves (their own projections, norms, MLP and rotary module) needs neither, and lets us choose the
-attention kernel. Parity against the HF forward is checked by `validate`.
+kernels (export/decoder_ops.py). Parity against the HF forward is checked by `validate`.
 
 Attention variants:
+- `fused`: ONNX Runtime's contrib kernels: one QKV MatMul, GroupQueryAttention with the rotary embedding inside
+  (explicit position ids, M-RoPE too), SkipSimplifiedLayerNormalization for the residual adds and RMSNorms. About
+  ten kernels per layer and decode step; the KV cache lives in one buffer shared by past and present
+  (llm.kv_cache "shared", runtime/llm.py). ORT-only ops (fine for the LLM, which runs on ORT, never through the TensorRT lint); needs
+  onnxruntime >= MIN_ORT_FUSED. Limits of the op, which the runtime respects: padding may only be on the right
+  (the mask's row sums give the lengths), and a prefill with past > 0 and L > 1 (chunked prefill) needs batch 1.
 - `plain`: pure ONNX (MatMul / Softmax with an additive causal+padding mask built from arange comparisons).
-- `fused`: ONNX Runtime's com.microsoft GroupQueryAttention contrib op (fused, GQA-aware, writes the present KV).
-  It is an ORT-only op: fine for the LLM, which runs on ORT (or TensorRT-LLM), never through the TensorRT lint.
-  Limits of the op, which the runtime respects: padding may only be on the right (the mask's row sums give the
-  lengths), and a prefill with past > 0 and L > 1 (chunked prefill) needs batch 1.
 """
 from __future__ import annotations
 
@@ -32,18 +39,23 @@ import torch
 from torch import nn
 
 from edgeprune.errors import ModelError
+from edgeprune.export.decoder_ops import FusedOps, PlainOps, fused_qkv, lm_head
 from edgeprune.export.onnx_io import export_onnx, graph_io
 from edgeprune.runtime.format import (DECODER_DEEPSTACK, DECODER_EMBEDS, DECODER_LOGITS, DECODER_MASK,
-                                      DECODER_POSITIONS, DIM_BATCH, DIM_PAST, DIM_SEQUENCE, DIM_TOTAL, EMBED_INPUT, EMBED_OUTPUT, PASSED, Files,
-                                      Graph, Keys, past_names, present_names)
+                                      DECODER_POSITIONS, DIM_BATCH, DIM_PAST, DIM_SEQUENCE, DIM_TOTAL, PASSED,
+                                      EmbedTable, Files, Graph, Keys, past_names, present_names)
 
-__all__ = ["export_llm", "DecoderGraph", "EmbedGraph", "validate_llm"]
+__all__ = ["export_llm", "DecoderGraph", "validate_llm", "MIN_ORT_FUSED"]
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 ATTENTION = ("fused", "plain")
 TOLERANCE = {"float32": 1e-3, "float16": 5e-2}  # max |logit error| accepted by validation
+PRECISION_OF_DTYPE = {"float32": "fp32", "float16": "fp16"}   # llm.precision of a float graph
+# GroupQueryAttention's position_ids + query_seqlens inputs (rotary with explicit ids in a batched prompt):
+# verified on 1.32; older versions either lack the inputs or apply only the first id of a prompt
+MIN_ORT_FUSED = "1.32"
 # families whose decoder layer is exactly what DecoderGraph.forward replays (pre-norm, rotary, GQA, gated MLP);
 # Gemma (scaled embeddings, 1+w norms) would need its own replay. The Qwen2-VL / Qwen2.5-VL text models are
 # Qwen2 layers whose rotary module takes [3, B, L] ids and already recombines them by mrope_section into
@@ -52,69 +64,13 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_vl_text", "qwen2_5_vl_t
 ROPE_KINDS = ("1d", "mrope")
 
 
-class _GroupQueryAttention(torch.autograd.Function):
-    """Exports as com.microsoft::GroupQueryAttention; the torch forward is the causal reference (no padding)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total_len, num_heads: int, kv_heads: int, scale: float):
-        b, l, _ = q.shape                                                   # q [B, L, H*hd], k/v [B, L, KV*hd]
-        hd = past_k.shape[-1]
-        present_k = torch.cat([past_k, k.reshape(b, l, kv_heads, hd).transpose(1, 2)], dim=2)  # [B, KV, T, hd]
-        present_v = torch.cat([past_v, v.reshape(b, l, kv_heads, hd).transpose(1, 2)], dim=2)
-        qh = q.reshape(b, l, num_heads, hd).transpose(1, 2)
-        out = _plain_attention(qh, present_k, present_v, None, scale=scale)  # [B, H, L, hd]
-        return out.transpose(1, 2).reshape(b, l, num_heads * hd), present_k, present_v
-
-    @staticmethod
-    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_len, num_heads, kv_heads, scale):
-        out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k,
-                                         total_len, num_heads_i=num_heads, kv_num_heads_i=kv_heads, scale_f=scale,
-                                         outputs=3)
-        out.setType(q.type())
-        present_k.setType(past_k.type())
-        present_v.setType(past_v.type())
-        return out, present_k, present_v
-
-
-def _plain_attention(q, k, v, mask, *, scale: float):
-    """q [B, H, L, hd], k/v [B, KV, T, hd], mask [B, 1, 1, L, T] additive or None (= causal, no padding)."""
-    b, h, l, hd = q.shape
-    kv, t = k.shape[1], k.shape[2]
-    # grouped query heads share a KV head: broadcast MatMul over a group axis instead of repeating K/V
-    qg = q.reshape(b, kv, h // kv, l, hd)                                   # [B, KV, G, L, hd]
-    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale    # [B, KV, G, L, T]
-    if mask is None:
-        mask = _additive_mask(torch.ones(b, t, dtype=torch.int64), l, q.dtype)
-    # softmax in float32 as the HF eager path does; fp16 exp overflows otherwise
-    probs = torch.softmax(scores.float() + mask.float(), dim=-1).to(q.dtype)
-    out = torch.matmul(probs, v.unsqueeze(2))                               # [B, KV, G, L, hd]
-    return out.reshape(b, h, l, hd)
-
-
-def _additive_mask(attention_mask, length: int, dtype):
-    """attention_mask [B, T] (1 = attend) -> [B, 1, 1, L, T]: 0 where the query may look, finfo.min elsewhere.
-
-    The L queries are the last L of the T positions, in sequence order (causality follows the sequence, not the
-    position ids, which may have gaps).
-    """
-    t = attention_mask.shape[1]
-    key_idx = torch.arange(t)                                               # [T]
-    query_idx = torch.arange(length) + (t - length)                         # [L]
-    causal = key_idx.unsqueeze(0) <= query_idx.unsqueeze(1)                 # [L, T]
-    allowed = causal.unsqueeze(0) & (attention_mask.unsqueeze(1) == 1)      # [B, L, T]
-    zero = torch.zeros((), dtype=dtype)
-    neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype)
-    return torch.where(allowed, zero, neg)[:, None, None]                   # [B, 1, 1, L, T]
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class DecoderGraph(nn.Module):
     """forward(inputs_embeds, position_ids, attention_mask, [deepstack_embeds,] *past) -> (logits, *present), past
-    as k0, v0, k1, ...; deepstack_embeds only for an LLM with `deepstack_layers` > 0 (Qwen3VLTextLM)."""
+    as k0, v0, k1, ...; deepstack_embeds only for an LLM with `deepstack_layers` > 0 (Qwen3VLTextLM).
+
+    The residual stream is carried as (x, delta) with hidden = x + delta: each layer's last output (delta) is added
+    by the next norm (SkipSimplifiedLayerNormalization adds and normalises in one kernel). `hidden(x, delta)`
+    materialises it where a stage between layers needs the hidden states."""
 
     def __init__(self, llm: nn.Module, attention: str = "fused"):
         super().__init__()
@@ -138,70 +94,60 @@ class DecoderGraph(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.scale = float(self.layers[0].self_attn.scaling)
+        if attention == "fused" and self.head_dim % 16:
+            raise ModelError(f"head_dim {self.head_dim}: GroupQueryAttention's rotary needs a multiple of 16; "
+                             "export with attention='plain'")
+        heads = (self.num_heads, self.kv_heads, self.head_dim)
+        scale = float(self.layers[0].self_attn.scaling)
+        self.ops = (FusedOps if attention == "fused" else PlainOps)(self.rotary, heads, scale)
+        self.qkv = nn.ModuleList(fused_qkv(layer.self_attn) for layer in self.layers)  # one MatMul per layer
         self.deepstack_layers = int(getattr(llm, "deepstack_layers", 0))
 
     def forward(self, inputs_embeds, position_ids, attention_mask, *inputs):
         deepstack, past = (inputs[0], inputs[1:]) if self.deepstack_layers else (None, inputs)  # [B, L, layers, D]
-        b, l, _ = inputs_embeds.shape                                       # [B, L, D]
-        x = inputs_embeds
-        cos, sin = self.rotary(x, position_ids)                             # [B, L, hd] each, model's rope type
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)                       # [B, L, 1, hd]
-        if self.attention == "plain":
-            mask = _additive_mask(attention_mask, l, x.dtype)               # [B, 1, 1, L, T], shared by all layers
-        else:
-            # GroupQueryAttention reads lengths, not a mask: right padding only (module docstring)
-            seqlens_k = (attention_mask.sum(dim=1) - 1).to(torch.int32)     # [B]
-            total_len = torch.ones_like(attention_mask[0]).sum().to(torch.int32)  # [] = past + L, kept dynamic
+        ctx = self.ops.context(inputs_embeds, position_ids, attention_mask)  # rotary, lengths: once per call
+        x, delta = inputs_embeds, None
         presents = []
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).reshape(b, l, self.num_heads, self.head_dim)  # [B, L, H, hd]
-            k = attn.k_proj(h).reshape(b, l, self.kv_heads, self.head_dim)   # [B, L, KV, hd]
-            v = attn.v_proj(h)                                               # [B, L, KV*hd]
-            if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms come before rotary
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            past_k, past_v = past[2 * i], past[2 * i + 1]                    # [B, KV, P, hd]
-            if self.attention == "plain":
-                present_k = torch.cat([past_k, k.transpose(1, 2)], dim=2)    # [B, KV, T, hd]
-                present_v = torch.cat([past_v, v.reshape(b, l, self.kv_heads, self.head_dim).transpose(1, 2)], dim=2)
-                out = _plain_attention(q.transpose(1, 2), present_k, present_v, mask, scale=self.scale)
-                out = out.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim)
-            else:
-                out, present_k, present_v = _GroupQueryAttention.apply(
-                    q.reshape(b, l, -1), k.reshape(b, l, -1), v, past_k, past_v, seqlens_k, total_len,
-                    self.num_heads, self.kv_heads, self.scale)
-            x = x + attn.o_proj(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        for i in range(len(self.layers)):
+            x, delta, present = self.layer(i, x, delta, ctx, past[2 * i], past[2 * i + 1])
+            presents += present                                             # layer i's K/V: present.{i}.*
+            # between layer i and i + 1: a stage that needs the hidden states works on hidden(x, delta) here
             if i < self.deepstack_layers:   # DeepStack hook: image features into the residual after layer i
-                x = x + deepstack[:, :, i]
-            presents += [present_k, present_v]
-        # only the last position's logits are needed for generation: skip the lm_head on the rest
-        logits = self.lm_head(self.norm(x[:, -1])).float()                  # [B, V]
-        return (logits, *presents)
+                delta = delta + deepstack[:, :, i]
+        return (self.logits(x, delta), *presents)
+
+    def layer(self, i: int, x, delta, ctx, past_k, past_v):
+        """Decoder layer i on the stream (x, delta) -> (x, delta, (present_k, present_v))."""
+        layer = self.layers[i]
+        h, x = self._add_norm(delta, x, layer.input_layernorm)
+        out, present_k, present_v = self.ops.attention(self.qkv[i](h), layer.self_attn, ctx, past_k, past_v)
+        h, x = self.ops.add_norm(layer.self_attn.o_proj(out), x, layer.post_attention_layernorm)
+        return x, layer.mlp(h), (present_k, present_v)
+
+    def logits(self, x, delta):
+        """Final norm and LM head on the last position only (generation needs no other logits) -> [B, V] float32."""
+        h, _ = self._add_norm(None if delta is None else delta[:, -1:], x[:, -1:], self.norm)
+        return lm_head(h[:, 0], self.lm_head).float()
+
+    def _add_norm(self, delta, x, module):
+        return (self.ops.norm(x, module), x) if delta is None else self.ops.add_norm(delta, x, module)
 
 
-class EmbedGraph(nn.Module):
-    def __init__(self, llm: nn.Module):
-        super().__init__()
-        self.embed = llm.get_input_embeddings()
-
-    def forward(self, input_ids):                                           # [B, L] int64
-        return self.embed(input_ids)                                        # [B, L, D]
+def hidden(x, delta):
+    """The hidden states of the residual stream (x, delta)."""
+    return x if delta is None else x + delta
 
 
 def export_llm(llm: nn.Module, out_dir: Path, *, dtype: str = "float32", attention: str = "fused",
                validate: bool = True, rope: str = "1d") -> dict:
-    """Write `embed.onnx` and `decoder.onnx` (+ external weight files) to `out_dir`; return their manifest
-    entries (runtime/format.py: the `llm.*` keys and positions.rope; with `validate`, also validation.llm,
-    the ORT-vs-torch max absolute errors and the PASSED flag).
+    """Write `decoder.onnx` (+ decoder.onnx.data, + embed.bin for an untied embedding table) to `out_dir`; return
+    their manifest entries (runtime/format.py: the `llm.*` keys and positions.rope; with `validate`, also
+    validation.llm, the ORT-vs-torch max absolute errors and the PASSED flag).
 
-    Graph records name every input/output with its dims (ints, or the DIM_* names for the dynamic batch,
-    sequence and past axes) and dtype. rope: "1d" (position_ids [B, L]) or "mrope" ([3, B, L], the
-    adapter's `rope`; the LLM's rotary module must then have an mrope_section).
+    The graph record names every input/output with its dims (ints, or the DIM_* names for the dynamic batch,
+    sequence and past axes) and dtype; llm.embed_table says where the embedding table is. rope: "1d"
+    (position_ids [B, L]) or "mrope" ([3, B, L], the adapter's `rope`; the LLM's rotary module must then have an
+    mrope_section).
     """
     if rope not in ROPE_KINDS:
         raise ModelError(f"rope={rope!r}; expected one of {', '.join(ROPE_KINDS)}")
@@ -223,7 +169,6 @@ def export_llm(llm: nn.Module, out_dir: Path, *, dtype: str = "float32", attenti
     past_in, present_out = past_names(n_layers), present_names(n_layers)
     kv_in = [DIM_BATCH, kv, DIM_PAST, hd]
     kv_out = [DIM_BATCH, kv, DIM_TOTAL, hd]
-    embed_io = {EMBED_INPUT: [DIM_BATCH, DIM_SEQUENCE]}, {EMBED_OUTPUT: [DIM_BATCH, DIM_SEQUENCE, d]}
     positions = [DIM_BATCH, DIM_SEQUENCE] if rope == "1d" else [3, DIM_BATCH, DIM_SEQUENCE]
     decoder_io = ({DECODER_EMBEDS: [DIM_BATCH, DIM_SEQUENCE, d], DECODER_POSITIONS: positions,
                    DECODER_MASK: [DIM_BATCH, DIM_TOTAL], **deep_in, **{n: kv_in for n in past_in}},
@@ -235,7 +180,6 @@ def export_llm(llm: nn.Module, out_dir: Path, *, dtype: str = "float32", attenti
     # trace with past > 0 and L > 1 so no shape is specialised to 0 or 1 (batch 1 for the fused op's rule)
     b, l, p = 1, 3, 2
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (b, l), generator=g)
     embeds = torch.randn(b, l, d, generator=g).to(DTYPES[dtype])
     pos = torch.arange(p, p + l).unsqueeze(0)
     if rope == "mrope":
@@ -243,26 +187,75 @@ def export_llm(llm: nn.Module, out_dir: Path, *, dtype: str = "float32", attenti
     mask = torch.ones(b, p + l, dtype=torch.int64)
     deepstack = (torch.randn(b, l, deep, d, generator=g).to(DTYPES[dtype]),) if deep else ()
     past = tuple(torch.randn(b, kv, p, hd, generator=g).to(DTYPES[dtype]) for _ in past_in)
-    log.info("exporting %s", Files.EMBED)
-    export_onnx(EmbedGraph(model).eval(), (ids,), out_dir / Files.EMBED, input_names=list(embed_io[0]),
-                output_names=list(embed_io[1]), dynamic_axes=axes({**embed_io[0], **embed_io[1]}), external_data=True)
     log.info("exporting %s (%d layers, attention=%s, %s)", Files.DECODER, n_layers, attention, dtype)
     export_onnx(decoder, (embeds, pos, mask, *deepstack, *past), out_dir / Files.DECODER,
-                input_names=list(decoder_io[0]), output_names=list(decoder_io[1]), dynamic_axes=axes({**decoder_io[0], **decoder_io[1]}),
-                external_data=True)
+                input_names=list(decoder_io[0]), output_names=list(decoder_io[1]),
+                dynamic_axes=axes({**decoder_io[0], **decoder_io[1]}), external_data=True)
     _stamp_io_dims(out_dir / Files.DECODER, {**decoder_io[0], **decoder_io[1]})
     entries = {
-        Keys.LLM_EMBED_GRAPH: {Graph.FILE: Files.EMBED, **graph_io(out_dir / Files.EMBED)},
+        Keys.LLM_EMBED_GRAPH: None, Keys.LLM_EMBED_TABLE: embed_table(model, out_dir, Files.DECODER),
         Keys.LLM_DECODER_GRAPH: {Graph.FILE: Files.DECODER, **graph_io(out_dir / Files.DECODER)},
         Keys.LLM_DTYPE: dtype, Keys.LLM_ATTENTION: attention, Keys.POSITIONS_ROPE: rope,
         Keys.LLM_NUM_LAYERS: n_layers, Keys.LLM_NUM_HEADS: decoder.num_heads, Keys.LLM_NUM_KV_HEADS: kv,
         Keys.LLM_HEAD_DIM: hd, Keys.LLM_HIDDEN_SIZE: d, Keys.LLM_INTERMEDIATE_SIZE: int(cfg.intermediate_size),
         Keys.LLM_VOCAB_SIZE: vocab, Keys.LLM_CONTEXT_LENGTH: int(cfg.max_position_embeddings),
         Keys.LLM_DEEPSTACK_LAYERS: deep,
+        Keys.LLM_PRECISION: PRECISION_OF_DTYPE[dtype], Keys.LLM_QUANTIZATION: None,
+        Keys.LLM_KV_CACHE: "shared" if attention == "fused" else "separate",
+        Keys.LLM_MIN_ONNXRUNTIME: MIN_ORT_FUSED if attention == "fused" else None,
+        Keys.LLM_NUM_PARAMETERS: sum(p.numel() for p in llm.parameters()),
     }
     if validate:
         entries[Keys.VALIDATION_LLM] = validate_llm(model, out_dir, entries)
     return entries
+
+
+def _tied(llm: nn.Module) -> bool:
+    out, inp = llm.get_output_embeddings(), llm.get_input_embeddings()
+    return out is not None and out.weight.shape == inp.weight.shape and out.weight.data_ptr() == inp.weight.data_ptr()
+
+
+def embed_table(llm: nn.Module, out_dir: Path, decoder_file: str) -> dict:
+    """The llm.embed_table record (runtime/embedding.py). A table tied to the LM head is that head's weight in
+    the decoder's external data (stored once); an untied one is written to embed.bin."""
+    weight = llm.get_input_embeddings().weight.detach()
+    vocab, d = weight.shape
+    dtype = str(weight.dtype).removeprefix("torch.")
+    if not _tied(llm):
+        (out_dir / Files.EMBED_TABLE).write_bytes(weight.contiguous().numpy().tobytes())
+        return {EmbedTable.FILE: Files.EMBED_TABLE, EmbedTable.SHAPE: [vocab, d], EmbedTable.DTYPE: dtype,
+                EmbedTable.TENSORS: {EmbedTable.WEIGHT: {EmbedTable.OFFSET: 0, EmbedTable.SHAPE: [vocab, d],
+                                                         EmbedTable.DTYPE: dtype}}}
+    model = onnx.load(str(out_dir / decoder_file), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    heads = []
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gemm" and node.input[1] in inits and list(inits[node.input[1]].dims) == [vocab, d]:
+            heads.append(({EmbedTable.WEIGHT: inits[node.input[1]]}, {}))
+        elif node.op_type == "MatMulNBits" and (attrs.get("N"), attrs.get("K")) == (vocab, d):
+            names = dict(zip((EmbedTable.DATA, EmbedTable.SCALES, EmbedTable.ZERO_POINTS), node.input[1:4]))
+            heads.append(({key: inits[name] for key, name in names.items() if name},
+                          {EmbedTable.BITS: attrs["bits"], EmbedTable.BLOCK_SIZE: attrs["block_size"]}))
+    if len(heads) != 1:
+        raise ModelError(f"{decoder_file}: expected one LM head over a [{vocab}, {d}] weight, found {len(heads)}")
+    tensors, extra = heads[0]
+    records, files = {}, set()
+    for name, t in tensors.items():
+        where = _external(t)
+        files.add(where["location"])
+        records[name] = {EmbedTable.OFFSET: int(where.get("offset", 0)), EmbedTable.SHAPE: [int(v) for v in t.dims],
+                         EmbedTable.DTYPE: onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name}
+    if len(files) != 1:
+        raise ModelError(f"{decoder_file}: the LM head's tensors lie in {len(files)} files, expected one")
+    return {EmbedTable.FILE: files.pop(), EmbedTable.SHAPE: [vocab, d], EmbedTable.DTYPE: dtype, **extra,
+            EmbedTable.TENSORS: records}
+
+
+def _external(tensor) -> dict:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        raise ModelError(f"initializer {tensor.name!r} is stored inside the graph, not in its external data")
+    return {entry.key: entry.value for entry in tensor.external_data}
 
 
 def _stamp_io_dims(path: Path, dims_by_name: dict) -> None:
@@ -288,14 +281,17 @@ def _stamp_io_dims(path: Path, dims_by_name: dict) -> None:
 
 @torch.no_grad()
 def validate_llm(llm: nn.Module, bundle_dir: Path, entries: dict, *, steps: int = 4, seed: int = 0) -> dict:
-    """ORT vs the HF torch forward: embed, prefill logits, then `steps` decode steps fed the same tokens.
+    """ORT vs the HF torch forward: embed, prefill logits, then `steps` decode steps fed the same tokens, through
+    the runtime's own path (OrtLLM.forward with its KV cache and embedding table).
 
     `entries`: export_llm's manifest entries. Positions have a gap (as after pruning) and the batch has 2 rows.
     Returns max absolute errors, the tolerance and PASSED.
     """
+    from edgeprune.runtime.format import optional_keys
     from edgeprune.runtime.llm import OrtLLM  # runtime is torch-free; importing it here is the allowed direction
     from edgeprune.runtime.providers import resolve_providers
 
+    entries = {**{key: key.default for key in optional_keys()}, **entries}   # as format.read fills them
     ort_llm = OrtLLM(bundle_dir, entries, providers=resolve_providers(["cpu"]))
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, entries[Keys.LLM_VOCAB_SIZE], (2, 8), generator=g)
@@ -314,8 +310,9 @@ def validate_llm(llm: nn.Module, bundle_dir: Path, entries: dict, *, steps: int 
         deepstack[:, 4:6] = torch.randn(2, 2, *deepstack.shape[2:], generator=g).to(embeds.dtype)
         extra = {DECODER_DEEPSTACK: deepstack}
     out = llm(inputs_embeds=embeds, position_ids=pos, attention_mask=mask, use_cache=True, **extra)
-    logits, present = ort_llm.step(embeds.numpy(), pos.numpy(), mask.numpy(), None,
-                                   deepstack=None if deepstack is None else deepstack.numpy())
+    kv = ort_llm.new_cache(ids.shape[0], ids.shape[1] + steps)
+    logits = ort_llm.forward(embeds.numpy(), pos.numpy(), kv,
+                             deepstack=None if deepstack is None else deepstack.numpy())
     errors["prefill"] = float(np.abs(logits - out.logits[:, -1].float().numpy()).max())
     decode = []
     cache = out.cache       # transformers 5.24's name (`past_key_values` is deprecated, removed in 5.40)
@@ -329,7 +326,7 @@ def validate_llm(llm: nn.Module, bundle_dir: Path, entries: dict, *, steps: int 
         mask = torch.ones(ids.shape[0], mask.shape[1] + 1, dtype=torch.int64)
         out = llm(inputs_embeds=step_embeds, position_ids=step_pos, attention_mask=mask, cache=cache, use_cache=True)
         cache = out.cache
-        logits, present = ort_llm.step(step_embeds.numpy(), step_pos.numpy(), mask.numpy(), present)
+        logits = ort_llm.forward(ort_llm.embed(nxt.numpy()), step_pos.numpy(), kv)   # the runtime's own rows
         decode.append(float(np.abs(logits - out.logits[:, -1].float().numpy()).max()))
     errors["decode"] = max(decode) if decode else 0.0
     errors["tolerance"] = TOLERANCE[entries[Keys.LLM_DTYPE]]

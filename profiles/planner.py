@@ -61,9 +61,12 @@ def facts_from_bundle(bundle_dir: Path) -> ModelFacts:
         model = onnx.load(str(bundle.file(m[key][Graph.FILE])), load_external_data=False)
         return sum(int(np.prod(i.dims)) for i in model.graph.initializer)
 
+    # the torch model's count where recorded (a quantized decoder's initializers are packed blocks; a tied
+    # table is the LM head's weight), else the graphs' (bundles that predate llm.num_parameters)
+    llm_params = m[Keys.LLM_NUM_PARAMETERS] or count(Keys.LLM_DECODER_GRAPH) + (
+        count(Keys.LLM_EMBED_GRAPH) if m[Keys.LLM_EMBED_GRAPH] is not None else 0)
     return ModelFacts(name=str(bundle_dir), num_image_tokens=bundle.num_image_tokens,
-                      vision_params=count(Keys.VISION_GRAPH),
-                      llm_params=count(Keys.LLM_DECODER_GRAPH) + count(Keys.LLM_EMBED_GRAPH),
+                      vision_params=count(Keys.VISION_GRAPH), llm_params=llm_params,
                       num_layers=m[Keys.LLM_NUM_LAYERS], num_heads=bundle.known(Keys.LLM_NUM_HEADS),
                       num_kv_heads=m[Keys.LLM_NUM_KV_HEADS], head_dim=m[Keys.LLM_HEAD_DIM],
                       hidden_size=m[Keys.LLM_HIDDEN_SIZE], intermediate_size=bundle.known(Keys.LLM_INTERMEDIATE_SIZE),

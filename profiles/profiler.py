@@ -55,16 +55,14 @@ def kv_bytes_expected(manifest: dict, batch: int, tokens: int) -> int:
 
 
 def weights_bytes(bundle_dir: Path, manifest: dict) -> dict:
-    """Bytes on disk of each graph with its external data ('vision', 'embed', 'decoder')."""
-    graphs = {"vision": manifest[Keys.VISION_GRAPH][Graph.FILE],
-              "embed": manifest[Keys.LLM_EMBED_GRAPH][Graph.FILE],
-              "decoder": manifest[Keys.LLM_DECODER_GRAPH][Graph.FILE]}
-    out = {}
-    for name, rel in graphs.items():
-        path = bundle_dir / rel
-        data = path.with_name(external_data(path.name))
-        out[name] = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-    return out
+    """Bytes on disk of the vision graph and of the LLM ('vision', 'llm': the decoder, its data and the embedding
+    table or graph, each file counted once)."""
+    from edgeprune.runtime.llm import llm_files
+
+    vision = manifest[Keys.VISION_GRAPH][Graph.FILE]
+    groups = {"vision": [vision, external_data(vision)], "llm": llm_files(manifest)}
+    return {name: sum((bundle_dir / rel).stat().st_size for rel in rels if (bundle_dir / rel).is_file())
+            for name, rels in groups.items()}
 
 
 @dataclass
@@ -89,8 +87,9 @@ def _device_memory(device: DeviceProfile | None) -> dict:
 
 def _llm_key(manifest: dict) -> str:
     """The LLM graphs' manifest entries and file hashes: bundles with the same key can share one loaded LLM."""
-    files = {manifest[key][Graph.FILE] for key in (Keys.LLM_EMBED_GRAPH, Keys.LLM_DECODER_GRAPH)}
-    files |= {external_data(f) for f in files}
+    from edgeprune.runtime.llm import llm_files
+
+    files = set(llm_files(manifest))   # the decoder, its data and the embedding table (or embed graph)
     return json.dumps([{key: manifest[key] for key in llm_keys()},
                        {k: v for k, v in manifest[Keys.FILES_SHA256].items() if k in files}], sort_keys=True)
 

@@ -27,7 +27,7 @@ from edgeprune.fileio import FileLock
 from edgeprune.runtime import format as fmt
 from edgeprune.runtime.format import (DECODER_DEEPSTACK, DECODER_EMBEDS, DECODER_LOGITS, DECODER_POSITIONS,
                                       EMBED_OUTPUT, VISION_DEEPSTACK, VISION_INPUT, VISION_POSITIONS, VISION_TOKENS,
-                                      Bucket, Engine, Files, Graph, Keys, external_data, past_names)
+                                      Bucket, EmbedTable, Engine, Files, Graph, Keys, external_data, past_names)
 from edgeprune.runtime.positions import check_rope_mode
 from edgeprune.runtime.preprocess import PreprocessConfig
 from edgeprune.runtime.prompt import ChatTemplate
@@ -101,10 +101,11 @@ def _inside(root: Path, rel: str, where: str) -> Path:
 
 def runtime_files(manifest: dict, root: Path) -> list[str]:
     """Every file the runtime opens (manifest.json aside), as the manifest names them: the vision graph(s),
-    the LLM graphs and their external data (format.external_data, where present), tokenizer, preprocessing
-    and the TensorRT engine when one is recorded."""
-    graphs = [manifest[Keys.VISION_GRAPH][Graph.FILE], Files.VISION, manifest[Keys.LLM_EMBED_GRAPH][Graph.FILE],
-              manifest[Keys.LLM_DECODER_GRAPH][Graph.FILE]]
+    the LLM graphs and their external data (format.external_data, where present), the embedding table,
+    tokenizer, preprocessing and the TensorRT engine when one is recorded."""
+    graphs = [manifest[Keys.VISION_GRAPH][Graph.FILE], Files.VISION, manifest[Keys.LLM_DECODER_GRAPH][Graph.FILE]]
+    if manifest[Keys.LLM_EMBED_GRAPH] is not None:                 # bundles written before llm.embed_table
+        graphs.append(manifest[Keys.LLM_EMBED_GRAPH][Graph.FILE])
     graphs += [bucket[Bucket.FILE] for bucket in manifest[Keys.VISION_BUCKETS] or []]
     files = [Files.TOKENIZER, Files.PREPROCESS]
     for graph in dict.fromkeys(graphs):
@@ -112,9 +113,11 @@ def runtime_files(manifest: dict, root: Path) -> list[str]:
         data = external_data(graph)
         if data in manifest[Keys.FILES_SHA256] or os.path.lexists(root / data):
             files.append(data)
+    if manifest[Keys.LLM_EMBED_TABLE] is not None:                 # a tied table lies in decoder.onnx.data
+        files.append(manifest[Keys.LLM_EMBED_TABLE][EmbedTable.FILE])
     if manifest[Keys.ENGINE_VISION]:
         files.append(manifest[Keys.ENGINE_VISION][Engine.FILE])
-    return files
+    return list(dict.fromkeys(files))
 
 
 def unlisted_files(root: Path, manifest: dict) -> list[str]:
@@ -157,6 +160,9 @@ def _check_facts(root: Path, m: dict) -> None:
     for key, allowed in choices.items():
         if m[key] not in allowed:
             raise BundleError(f"{where}: {key}={m[key]!r}, expected one of {', '.join(allowed)}")
+    if m[Keys.LLM_KV_CACHE] == "shared" and m[Keys.LLM_ATTENTION] != "fused":
+        raise BundleError(f"{where}: {Keys.LLM_KV_CACHE}='shared' needs {Keys.LLM_ATTENTION}='fused' (the shared "
+                          f"buffer is GroupQueryAttention's), not {m[Keys.LLM_ATTENTION]!r}")
     nums = [m[Keys.MODEL_NUM_IMAGE_TOKENS]] + [b[Bucket.NUM_IMAGE_TOKENS] for b in m[Keys.VISION_BUCKETS] or []]
     if m[Keys.PRUNER_KEEP] > min(nums):
         raise BundleError(f"{where}: {Keys.PRUNER_KEEP}={m[Keys.PRUNER_KEEP]} exceeds {Keys.MODEL_NUM_IMAGE_TOKENS}="

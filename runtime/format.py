@@ -10,8 +10,10 @@ A bundle is a folder:
     manifest.json        flat JSON object; its keys are the dotted `Keys` below
     vision.onnx          pixels -> image_tokens [B,K,D], positions [B,K] (+ pruner extras)
     vision_<h>x<w>.onnx  the same for each further resolution bucket (optional, vision.buckets)
-    embed.onnx           input_ids -> inputs_embeds       (+ embed.onnx.data when large)
     decoder.onnx         one graph for prefill and decode  (+ decoder.onnx.data)
+    embed.bin            the token embedding table of an LLM whose LM head is not tied to it (a tied table is
+                         stored once, inside decoder.onnx.data; llm.embed_table says where)
+    embed.onnx           input_ids -> inputs_embeds: bundles written before llm.embed_table existed
     tokenizer.json       tokenizers.Tokenizer
     preprocess.json      runtime.preprocess.PreprocessConfig
     pruner/<option>.npy  array-valued pruner options (pruner.config refers to them)
@@ -34,7 +36,7 @@ the key and says to re-export.
 Adding a key (rule for this development release: schema 2 stays 2 until the release ships, later
 issues add keys to it without a bump). It is ONE line here, plus the code that writes and reads it:
 
-    LLM_QUANTIZATION = Key("llm.quantization", TEXT, default="none")   # weight quantization
+    VISION_EXAMPLE = Key("vision.example", TEXT, default="none")   # what it records
 
 - The Kind (TEXT, COUNT, GRAPH, ... below) is what JSON value the key holds; `read` checks every key's
   value against it, nested records included, and a mismatch is a BundleError naming the key and what
@@ -61,7 +63,7 @@ from typing import Callable
 from edgeprune.errors import BundleError
 
 __all__ = ["SCHEMA_VERSION", "MIN_SCHEMA_VERSION", "FORMAT", "UNKNOWN", "Key", "Keys", "Files", "Graph", "Engine",
-           "Bucket", "PASSED", "read", "recognise", "write_manifest", "known", "required_keys", "optional_keys",
+           "Bucket", "EmbedTable", "Quantization", "PRECISIONS", "KV_CACHES", "llm_precision", "PASSED", "read", "recognise", "write_manifest", "known", "required_keys", "optional_keys",
            "llm_keys", "bucket_file", "Kind",
            "external_data", "VISION_INPUT", "VISION_TOKENS", "VISION_POSITIONS", "EMBED_INPUT", "EMBED_OUTPUT",
            "DECODER_EMBEDS", "DECODER_POSITIONS", "DECODER_MASK", "DECODER_LOGITS", "KV_KINDS", "past_name",
@@ -121,7 +123,8 @@ def present_names(num_layers: int) -> list[str]:
 class Files:
     MANIFEST = "manifest.json"
     VISION = "vision.onnx"
-    EMBED = "embed.onnx"
+    EMBED = "embed.onnx"                     # older bundles only (now: llm.embed_table)
+    EMBED_TABLE = "embed.bin"                # an untied embedding table (a tied one lives in decoder.onnx.data)
     DECODER = "decoder.onnx"
     TOKENIZER = "tokenizer.json"
     PREPROCESS = "preprocess.json"
@@ -158,6 +161,26 @@ class Engine:       # a TensorRT engine written by build-engine; BATCH = {"min",
     BATCH, BUILT = "batch", "built"
     PRECISIONS = ("fp32", "fp16", "int8")
 
+
+class EmbedTable:   # llm.embed_table (runtime/embedding.py): logical [V, D] rows of `dtype`, stored as `tensors`
+    # {name: {"offset", "shape", "dtype"}} inside `file`; block-quantized (MatMulNBits layout) when `bits` is set
+
+    FILE, SHAPE, DTYPE, TENSORS, OFFSET = "file", "shape", "dtype", "tensors", "offset"
+    BITS, BLOCK_SIZE = "bits", "block_size"
+    WEIGHT = "weight"                                           # float [V, D]
+    DATA, SCALES, ZERO_POINTS = "data", "scales", "zero_points"  # MatMulNBits layout
+
+
+class Quantization:  # llm.quantization: how the decoder's MatMuls were quantized (export/quantize.py)
+    METHOD, BITS, BLOCK_SIZE, SYMMETRIC = "method", "bits", "block_size", "symmetric"
+    ALGORITHM, ACCURACY_LEVEL, LM_HEAD = "algorithm", "accuracy_level", "lm_head"
+
+
+# LLM weight precisions (--llm-precision): float graphs, or weight-only int8/int4 MatMuls on float32 activations
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# how the runtime keeps the KV cache (llm.kv_cache): "shared" = one preallocated buffer bound as past and present
+# of every layer (the fused decoder's GroupQueryAttention writes in place); "separate" = past in, present out
+KV_CACHES = ("shared", "separate")
 
 PASSED = "passed"   # the one flag of every validation report
 
@@ -227,6 +250,26 @@ BUCKETS = Kind("null or a non-empty list of bucket records {size: [h, w], grid: 
                "file: str}", lambda v: v is None or (isinstance(v, list) and bool(v) and all(map(_bucket, v))))
 SHA256S = Kind("a non-empty object {relative path: sha256 as 64 lowercase hex digits}",
                lambda v: bool(v) and _str_map(v, lambda h: isinstance(h, str) and len(h) == 64 and set(h) <= _SHA256))
+GRAPH_OR_NULL = Kind("null or " + GRAPH.expected, lambda v: v is None or GRAPH(v))
+PRECISION = Kind(f"one of {', '.join(PRECISIONS)} or null", lambda v: v is None or v in PRECISIONS)
+KV_CACHE = Kind(f"one of {', '.join(KV_CACHES)}", lambda v: v in KV_CACHES)
+
+
+def _tensor_record(v) -> bool:
+    return (isinstance(v, dict) and _int(v.get(EmbedTable.OFFSET), 0) and isinstance(v.get(EmbedTable.DTYPE), str)
+            and isinstance(v.get(EmbedTable.SHAPE), list) and all(_int(d) for d in v[EmbedTable.SHAPE]))
+
+
+EMBED_TABLE = Kind("null or an embedding table record {file: str, shape: [V, D], dtype: str, tensors: {name: "
+                   "{offset, shape, dtype}}}", lambda v: v is None or (
+    isinstance(v, dict) and isinstance(v.get(EmbedTable.FILE), str) and isinstance(v.get(EmbedTable.DTYPE), str)
+    and isinstance(v.get(EmbedTable.SHAPE), list) and len(v[EmbedTable.SHAPE]) == 2
+    and all(_int(d) for d in v[EmbedTable.SHAPE]) and bool(v.get(EmbedTable.TENSORS))
+    and _str_map(v[EmbedTable.TENSORS], _tensor_record)
+    and all(v.get(f) is None or _int(v[f]) for f in (EmbedTable.BITS, EmbedTable.BLOCK_SIZE))))
+QUANTIZATION = Kind("null or a quantization record {method: str, bits: 4|8, block_size: int, ...}", lambda v: v is None or (
+    isinstance(v, dict) and isinstance(v.get(Quantization.METHOD), str) and v.get(Quantization.BITS) in (4, 8)
+    and _int(v.get(Quantization.BLOCK_SIZE))))
 REPORT = Kind("null or a report object with a boolean 'passed'", lambda v: v is None or _report(v))
 ENGINE = Kind("null or an engine record {file: str, ...}", lambda v: v is None or (
     isinstance(v, dict) and isinstance(v.get(Engine.FILE), str)
@@ -297,7 +340,8 @@ class Keys:
     VISION_VIEWS = Key("vision.views", COUNT)                       # encoder passes per image (LLaVA-NeXT: 1 + crops)
 
     # LLM graphs and facts
-    LLM_EMBED_GRAPH = Key("llm.embed_graph", GRAPH)
+    LLM_EMBED_GRAPH = Key("llm.embed_graph", GRAPH_OR_NULL, default=None)  # embed.onnx: bundles before embed_table
+    LLM_EMBED_TABLE = Key("llm.embed_table", EMBED_TABLE, default=None)    # EmbedTable record (null: embed graph)
     LLM_DECODER_GRAPH = Key("llm.decoder_graph", GRAPH)
     LLM_DTYPE = Key("llm.dtype", DTYPE)                             # weights and KV cache
     LLM_ATTENTION = Key("llm.attention", TEXT)                      # "fused" (GroupQueryAttention) | "plain"
@@ -311,6 +355,11 @@ class Keys:
     LLM_CONTEXT_LENGTH = Key("llm.context_length", COUNT)           # max_position_embeddings: largest position id + 1
     LLM_DEEPSTACK_LAYERS = Key("llm.deepstack_layers", COUNT0, default=0)  # L > 0: the vision graph outputs
                                                                     # DeepStack features, the decoder takes them
+    LLM_PRECISION = Key("llm.precision", PRECISION, default=None)   # PRECISIONS; null: llm.dtype's float precision
+    LLM_QUANTIZATION = Key("llm.quantization", QUANTIZATION, default=None)  # Quantization record; null: float weights
+    LLM_KV_CACHE = Key("llm.kv_cache", KV_CACHE, default="separate")  # KV_CACHES (the decoder's kind for the runtime)
+    LLM_MIN_ONNXRUNTIME = Key("llm.min_onnxruntime", TEXT_OR_NULL, default=None)  # "X.Y": oldest ORT for its ops
+    LLM_NUM_PARAMETERS = Key("llm.num_parameters", COUNT_OR_NULL, default=None)   # the torch model's, pre-quantization
 
     # files, checks and engines
     FILES_SHA256 = Key("files.sha256", SHA256S)                     # {relative path: sha256 hex}
@@ -319,6 +368,11 @@ class Keys:
     ENGINE_VISION = Key("engines.vision", ENGINE, default=None)     # Engine record of engines/vision.plan
 
 
+
+
+def llm_precision(manifest: dict) -> str:
+    """The LLM's weight precision (PRECISIONS): llm.precision, or llm.dtype's for bundles that predate it."""
+    return manifest[Keys.LLM_PRECISION] or {"float32": "fp32", "float16": "fp16"}[manifest[Keys.LLM_DTYPE]]
 
 
 def _all_keys() -> list[Key]:

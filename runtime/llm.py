@@ -1,16 +1,26 @@
-"""Run the exported LLM (embed.onnx + decoder.onnx, see export/llm.py) with ONNX Runtime. numpy + onnxruntime only.
+"""Run the exported LLM (decoder.onnx + its embedding table, see export/llm.py) with ONNX Runtime. numpy +
+onnxruntime only.
 
-Prefill on the whole prompt (past = 0), then one decoder call per new token with the KV cache fed back.
-A DeepStack decoder (Qwen3-VL, llm.deepstack_layers > 0) gets the image tokens' DeepStack features in the
-prefill and zeros in decode steps.
+Prefill on the whole prompt, then one decoder call per new token. A DeepStack decoder (Qwen3-VL,
+llm.deepstack_layers > 0) gets the image tokens' DeepStack features in the prefill and zeros in decode steps.
 Decode token t (0-based) gets position id position_ids[:, -1] + 1 + t per row (runtime.positions.next_positions;
 M-RoPE decoders take [3, B, L] ids and get the row's largest id + 1 + t). Rows of equal length get an all-ones
 attention mask. Rows of different lengths (`lengths`, the server's batches of different prompts) are right-padded,
 the only padding the fused graph supports; since the decoder returns the last position's logits only, each row's
 last prompt token is then fed in a second call, as a decode step over the padded cache (`_prefill_padded`).
+
+The KV cache (`KVCache`) is what the manifest's llm.kv_cache says:
+- "shared" (the fused decoder, GroupQueryAttention): ONE preallocated buffer whose per-layer slices are bound with
+  IO binding as both past and present (the op writes the new tokens in place at the row's length, read from
+  `attention_mask`'s row sums). Nothing is copied between steps; only the new token's embedding, position and
+  mask go in, and the logits come out into a preallocated array.
+- "separate": past fed and present returned as numpy arrays (plain graphs concatenate; older fused bundles).
+Token embeddings are numpy rows of the stored table (`EmbeddingTable`, no second ORT session per token); bundles
+written before llm.embed_table run their embed.onnx.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,21 +28,27 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnxruntime as ort
 
 from edgeprune.errors import BundleError, EdgepruneError
 from edgeprune.runtime.bundle import check_llm_graphs
 from edgeprune.runtime.checks import check_context, check_count
+from edgeprune.runtime.embedding import EmbeddingTable
 from edgeprune.runtime.format import (DECODER_DEEPSTACK, DECODER_EMBEDS, DECODER_LOGITS, DECODER_MASK,
-                                      DECODER_POSITIONS, EMBED_INPUT, Graph, Keys, past_names, present_names)
+                                      DECODER_POSITIONS, EMBED_INPUT, EMBED_OUTPUT, EmbedTable, Files, Graph, Keys,
+                                      external_data, llm_precision, optional_keys, past_names, present_names)
 from edgeprune.runtime.positions import next_positions
 from edgeprune.runtime.providers import PROVIDERS, open_session, provider_names, resolve_providers, session_options
 from edgeprune.runtime.sampling import check_sampling, make_rng, next_tokens
 
-__all__ = ["OrtLLM", "Generation", "check_gpu_precision", "warn_cpu_fallback"]
+__all__ = ["OrtLLM", "Generation", "KVCache", "check_gpu_precision", "warn_cpu_fallback", "llm_files", "llm_manifest",
+           "LLM_ENTRIES"]
 
 log = logging.getLogger(__name__)
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+LLM_ENTRIES = "llm.json"   # export_llm's entries beside an LLM exported on its own (not a bundle)
+ORT_DEVICES = {"CUDAExecutionProvider": "cuda"}   # where a shared KV buffer lives when the decoder runs there
 
 
 @dataclass
@@ -40,7 +56,7 @@ class Generation:
     ids: np.ndarray                                   # [B, T] int64, T <= max_new_tokens
     prefill_s: float
     decode_s: list[float] = field(default_factory=list)  # one entry per decoder call after the prefill
-    kv_bytes: int = 0                                 # bytes of the present KV cache at the end
+    kv_bytes: int = 0                                 # bytes of the KV cache's filled part at the end
     num_prompt_tokens: int = 0
 
 
@@ -61,6 +77,37 @@ def check_gpu_precision(providers: list, attention: str, dtype: str) -> None:
                              "--fp16` (or `--attention plain` to keep float32), or run with --provider cpu")
 
 
+def llm_files(manifest: dict) -> list[str]:
+    """The bundle files of the LLM: the decoder, its external data and the embedding table (or, in bundles
+    written before the table, the embed graph and its data), relative to the bundle folder."""
+    graphs = [manifest[Keys.LLM_DECODER_GRAPH][Graph.FILE]]
+    if manifest[Keys.LLM_EMBED_GRAPH] is not None:
+        graphs.append(manifest[Keys.LLM_EMBED_GRAPH][Graph.FILE])
+    files = [f for graph in graphs for f in (graph, external_data(graph))]
+    if manifest[Keys.LLM_EMBED_TABLE] is not None:
+        files.append(manifest[Keys.LLM_EMBED_TABLE][EmbedTable.FILE])
+    return list(dict.fromkeys(files))
+
+
+def llm_manifest(folder: str | Path) -> dict:
+    """The LLM entries of a bundle (its manifest, verified) or of a folder export_llm wrote with its entries saved
+    as LLM_ENTRIES (benchmarks and experiments), with format.read's defaults filled in."""
+    folder = Path(folder)
+    if (folder / Files.MANIFEST).is_file():
+        from edgeprune.runtime.bundle import load_bundle
+
+        return load_bundle(folder).manifest
+    path = folder / LLM_ENTRIES
+    if not path.is_file():
+        raise BundleError(f"{folder}: neither a bundle ({Files.MANIFEST}) nor an exported LLM ({LLM_ENTRIES})")
+    entries = json.loads(path.read_text())
+    return {**{key: key.default for key in optional_keys()}, **entries}
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
+
+
 def warn_cpu_fallback(providers: list, session_providers: list) -> None:
     """A warning when a GPU provider was resolved but the session runs on the CPU only (e.g. onnxruntime-gpu
     without the CUDA libraries it needs: ONNX Runtime then falls back to the CPU by itself)."""
@@ -71,7 +118,8 @@ def warn_cpu_fallback(providers: list, session_providers: list) -> None:
 
 
 class OrtLLM:
-    """embed.onnx + decoder.onnx from `bundle_dir`, described by `manifest` (the bundle's, or export_llm's entries)."""
+    """decoder.onnx and the embedding table from `bundle_dir`, described by `manifest` (the bundle's, or export_llm's
+    entries read through format.read's defaults)."""
 
     def __init__(self, bundle_dir: Path, manifest: dict, providers: list | None = None, threads: int | None = None):
         """`providers`: resolve_providers' list (the pipeline resolves once for every graph); short names are
@@ -85,50 +133,93 @@ class OrtLLM:
             self.rope = manifest[Keys.POSITIONS_ROPE]   # "mrope": position_ids [3, B, L] (export/llm.py)
             self.deepstack_layers = manifest[Keys.LLM_DEEPSTACK_LAYERS]   # 0: no DeepStack input
             self.context_length = manifest[Keys.LLM_CONTEXT_LENGTH]   # None: a schema-1 bundle never recorded it
-            files = {"embed": bundle_dir / manifest[Keys.LLM_EMBED_GRAPH][Graph.FILE],
-                     "decoder": bundle_dir / manifest[Keys.LLM_DECODER_GRAPH][Graph.FILE]}
+            self.kv_cache, self.vocab_size = manifest[Keys.LLM_KV_CACHE], manifest[Keys.LLM_VOCAB_SIZE]
+            self.precision, self.quantization = llm_precision(manifest), manifest[Keys.LLM_QUANTIZATION]
+            decoder = bundle_dir / manifest[Keys.LLM_DECODER_GRAPH][Graph.FILE]
+            table, embed_graph = manifest[Keys.LLM_EMBED_TABLE], manifest[Keys.LLM_EMBED_GRAPH]
+            needed = manifest[Keys.LLM_MIN_ONNXRUNTIME]
         except KeyError as err:
             raise BundleError(f"LLM entries: missing or unsupported value {err}; expected export_llm's manifest "
                               "entries") from None
-        for part, path in files.items():
-            if not path.is_file():
-                raise BundleError(f"{path}: {part} graph not found")
+        if not decoder.is_file():
+            raise BundleError(f"{decoder}: decoder graph not found")
+        if table is None and embed_graph is None:
+            raise BundleError(f"{decoder}: the manifest has neither {Keys.LLM_EMBED_TABLE} nor {Keys.LLM_EMBED_GRAPH}")
+        if needed and _version(ort.__version__) < _version(needed):
+            raise BundleError(f"{decoder}: needs onnxruntime >= {needed} (GroupQueryAttention with explicit "
+                              f"position ids), this is {ort.__version__}; upgrade onnxruntime or re-export with "
+                              "--attention plain")
         self.providers = resolve_providers(providers)
         check_gpu_precision(self.providers, self.attention, self.dtype_name)
         opts = session_options(threads)
-        self.embed_session = open_session(files["embed"], opts, self.providers)
-        self.decoder = open_session(files["decoder"], opts, self.providers)
-        check_llm_graphs(manifest, _signature(self.embed_session.get_outputs()), _signature(self.decoder.get_inputs()),
-                         _signature(self.decoder.get_outputs()), files["decoder"])
+        self.decoder = open_session(decoder, opts, self.providers)
+        if table is not None:
+            self._embed = EmbeddingTable(bundle_dir, table)
+            embed_out = {EMBED_OUTPUT: ([None, None, self._embed.dim], self._embed.dtype.name)}
+        else:                                                   # bundles written before llm.embed_table
+            path = bundle_dir / embed_graph[Graph.FILE]
+            if not path.is_file():
+                raise BundleError(f"{path}: embed graph not found")
+            session = open_session(path, opts, self.providers)
+            self._embed = lambda ids: session.run(None, {EMBED_INPUT: ids})[0]
+            embed_out = _signature(session.get_outputs())
+        check_llm_graphs(manifest, embed_out, _signature(self.decoder.get_inputs()),
+                         _signature(self.decoder.get_outputs()), decoder)
+        if table is not None and self._embed.vocab != self.vocab_size:
+            raise BundleError(f"{bundle_dir / table[EmbedTable.FILE]}: the embedding table has {self._embed.vocab} "
+                              f"rows, the manifest's {Keys.LLM_VOCAB_SIZE} is {self.vocab_size}")
         self.device = self.decoder.get_providers()[0]
+        self._kv_device = ORT_DEVICES.get(self.device, "cpu")
         warn_cpu_fallback(self.providers, self.decoder.get_providers())
-        log.info("LLM on %s (threads=%s, attention=%s, %s)", self.decoder.get_providers(), threads, self.attention,
-                 self.dtype_name)
+        log.info("LLM on %s (threads=%s, attention=%s, %s, KV cache %s)", self.decoder.get_providers(), threads,
+                 self.attention, self.precision, self.kv_cache)
         self.past_names = past_names(self.num_layers)
-        self.output_names = [DECODER_LOGITS, *present_names(self.num_layers)]
+        self.present_names = present_names(self.num_layers)
+        self.output_names = [DECODER_LOGITS, *self.present_names]
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """ids [B, L] int64 -> inputs_embeds [B, L, D] in the graph's dtype."""
-        return self.embed_session.run(None, {EMBED_INPUT: np.asarray(ids, dtype=np.int64)})[0]
+        return self._embed(np.asarray(ids, dtype=np.int64))
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `capacity` tokens, of the kind the manifest names."""
+        if self.kv_cache == "shared":
+            return SharedKVCache(self, batch, capacity)
+        return SeparateKVCache(self, batch)
+
+    def forward(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, cache: KVCache,
+                attention_mask: np.ndarray | None = None, deepstack: np.ndarray | None = None) -> np.ndarray:
+        """Run the decoder on the next L tokens of every row, appending them to `cache`; `attention_mask` [B, T]
+        covers the cache and the new tokens (None: all ones); `deepstack` as in `step`. -> logits [B, V] of the last
+        one (a copy: a shared cache reuses its output buffer)."""
+        b, length = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = np.ones((b, cache.length + length), np.int64)
+        return cache.run(self._feeds(inputs_embeds, position_ids, attention_mask, deepstack)).copy()
 
     def step(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
              past: list[np.ndarray] | None, deepstack: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One decoder call. past None = prefill. `deepstack` [B, L, layers, D] for a DeepStack decoder (None:
-        zeros). Returns (logits [B, V] float32, present [k0, v0, k1, ...])."""
-        b, length = inputs_embeds.shape[:2]
+        """One stateless decoder call (numpy past in, present out; past None = prefill). `deepstack` [B, L, layers,
+        D] for a DeepStack decoder (None: zeros). Returns (logits [B, V] float32, present [k0, v0, k1, ...]).
+        `generate` uses `forward` with a KVCache instead."""
         if past is None:
-            empty = np.zeros((b, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
+            empty = np.zeros((inputs_embeds.shape[0], self.kv_heads, 0, self.head_dim), dtype=self.dtype)
             past = [empty] * len(self.past_names)
-        feeds = {DECODER_EMBEDS: np.ascontiguousarray(inputs_embeds, dtype=self.dtype),
-                 DECODER_POSITIONS: np.ascontiguousarray(position_ids, dtype=np.int64),
-                 DECODER_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
+        feeds = {**self._feeds(inputs_embeds, position_ids, attention_mask, deepstack),
                  **dict(zip(self.past_names, past))}
-        if self.deepstack_layers:
-            if deepstack is None:
-                deepstack = np.zeros((b, length, self.deepstack_layers, self.hidden_size), self.dtype)
-            feeds[DECODER_DEEPSTACK] = np.ascontiguousarray(deepstack, dtype=self.dtype)
         logits, *present = self.decoder.run(self.output_names, feeds)
         return logits, present
+
+    def _feeds(self, inputs_embeds, position_ids, attention_mask, deepstack) -> dict:
+        feeds = {DECODER_EMBEDS: np.ascontiguousarray(inputs_embeds, dtype=self.dtype),
+                 DECODER_POSITIONS: np.ascontiguousarray(position_ids, dtype=np.int64),
+                 DECODER_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64)}
+        if self.deepstack_layers:
+            if deepstack is None:
+                b, length = inputs_embeds.shape[:2]
+                deepstack = np.zeros((b, length, self.deepstack_layers, self.hidden_size), self.dtype)
+            feeds[DECODER_DEEPSTACK] = np.ascontiguousarray(deepstack, dtype=self.dtype)
+        return feeds
 
     def generate(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, *, max_new_tokens: int, eos_token_ids,
                  do_sample: bool = False, top_p: float = 1.0, temperature: float = 1.0, seed: int = 0,
@@ -154,13 +245,14 @@ class OrtLLM:
         b, length = inputs_embeds.shape[:2]
         lengths = _check_lengths(lengths, b, length)
 
+        cache = self.new_cache(b, length + max_new_tokens)
         start = time.perf_counter()
         if (lengths == length).all():
             mask = np.ones((b, length), np.int64)
-            logits, present = self.step(inputs_embeds, position_ids, mask, None, deepstack)
+            logits = self.forward(inputs_embeds, position_ids, cache, mask, deepstack)
             last_ids = position_ids                                          # next_positions continues from these
         else:
-            logits, present, mask, last_ids = self._prefill_padded(inputs_embeds, position_ids, lengths, deepstack)
+            logits, mask, last_ids = self._prefill_padded(inputs_embeds, position_ids, lengths, cache, deepstack)
         prefill_s = time.perf_counter() - start
         tokens, decode_s = [], []
         done = np.zeros(b, dtype=bool)
@@ -178,29 +270,29 @@ class OrtLLM:
                 break
             start = time.perf_counter()
             mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
-            logits, present = self.step(self.embed(nxt[:, None]), next_positions(last_ids, t), mask, present)
+            logits = self.forward(self.embed(nxt[:, None]), next_positions(last_ids, t), cache, mask)
             decode_s.append(time.perf_counter() - start)
         return Generation(ids=np.stack(tokens, axis=1), prefill_s=prefill_s, decode_s=decode_s,
-                          kv_bytes=int(sum(p.nbytes for p in present)), num_prompt_tokens=length)
+                          kv_bytes=cache.filled_bytes, num_prompt_tokens=length)
 
-    def _prefill_padded(self, inputs_embeds, position_ids, lengths, deepstack=None):
+    def _prefill_padded(self, inputs_embeds, position_ids, lengths, cache, deepstack=None):
         """Prefill rows of different lengths (right-padded to L): every token but each row's last in one call,
         then the last tokens as one decode step, whose logits are the ones generation needs.
-        Returns (logits, present, attention mask so far, per-row ids for next_positions)."""
+        Returns (logits, attention mask so far, per-row ids for next_positions)."""
         b, length = inputs_embeds.shape[:2]
         rows, last = np.arange(b), lengths - 1
         mask = (np.arange(length - 1)[None, :] < last[:, None]).astype(np.int64)        # [B, L-1]
         head = None if deepstack is None else deepstack[:, :-1]
-        _, present = self.step(inputs_embeds[:, :-1], position_ids[..., :-1], mask, None, head)
+        self.forward(inputs_embeds[:, :-1], position_ids[..., :-1], cache, mask, head)
         mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
         last_pos = position_ids[..., rows, last][..., None]                            # [B, 1] or [3, B, 1]
         tail = None if deepstack is None else deepstack[rows, last][:, None]          # [B, 1, layers, D]
-        logits, present = self.step(inputs_embeds[rows, last][:, None], last_pos, mask, present, tail)
+        logits = self.forward(inputs_embeds[rows, last][:, None], last_pos, cache, mask, tail)
         if position_ids.ndim == 3:   # M-RoPE continues from the row's largest id over its real tokens
             real = np.arange(length)[None, :] < lengths[:, None]                      # [B, L]
             top = np.where(real[None], position_ids, np.iinfo(np.int64).min).max(axis=(0, 2))
-            return logits, present, mask, np.broadcast_to(top[None, :, None], (3, b, 1))
-        return logits, present, mask, last_pos
+            return logits, mask, np.broadcast_to(top[None, :, None], (3, b, 1))
+        return logits, mask, last_pos
 
 
 def _check_lengths(lengths, batch: int, length: int) -> np.ndarray:
@@ -212,6 +304,72 @@ def _check_lengths(lengths, batch: int, length: int) -> np.ndarray:
         raise EdgepruneError(f"lengths {lengths.tolist()}: expected {batch} prompt lengths, the longest = the padded "
                              f"length {length}, each >= 2 when rows differ")
     return lengths
+
+class KVCache:
+    """The KV cache of one generation: `length` = the attention mask's width so far; `run` makes one decoder call
+    that appends the call's tokens."""
+
+    def __init__(self, llm: OrtLLM, batch: int):
+        self.llm, self.batch, self.length = llm, batch, 0
+        self._token_bytes = llm.num_layers * 2 * llm.kv_heads * llm.head_dim * np.dtype(llm.dtype).itemsize * batch
+
+    @property
+    def filled_bytes(self) -> int:
+        return self.length * self._token_bytes
+
+    def run(self, feeds: dict) -> np.ndarray:
+        raise NotImplementedError
+
+
+class SeparateKVCache(KVCache):
+    """Past fed and present returned as numpy arrays (llm.kv_cache "separate")."""
+
+    def __init__(self, llm: OrtLLM, batch: int):
+        super().__init__(llm, batch)
+        self.present = None
+
+    def run(self, feeds: dict) -> np.ndarray:
+        llm = self.llm
+        if self.present is None:
+            empty = np.zeros((self.batch, llm.kv_heads, 0, llm.head_dim), dtype=llm.dtype)
+            self.present = [empty] * len(llm.past_names)
+        logits, *self.present = llm.decoder.run(llm.output_names, {**feeds, **dict(zip(llm.past_names, self.present))})
+        self.length = feeds[DECODER_MASK].shape[1]
+        return logits
+
+
+class SharedKVCache(KVCache):
+    """One preallocated buffer bound as past AND present of every layer (GroupQueryAttention writes in place)."""
+
+    def __init__(self, llm: OrtLLM, batch: int, capacity: int):
+        super().__init__(llm, batch)
+        self.capacity = capacity
+        shape = (batch, llm.kv_heads, capacity, llm.head_dim)
+        n = len(llm.past_names)
+        if llm._kv_device == "cpu":   # one allocation; OrtValues are views of its per-layer slices
+            self.buffer = np.zeros((n, *shape), dtype=llm.dtype)
+            self.values = [ort.OrtValue.ortvalue_from_numpy(self.buffer[i]) for i in range(n)]
+        else:
+            self.buffer = None
+            self.values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, llm.dtype, llm._kv_device, 0)
+                           for _ in range(n)]
+        self.logits = np.zeros((batch, llm.vocab_size), np.float32)
+        self.binding = llm.decoder.io_binding()
+        for past, present, value in zip(llm.past_names, llm.present_names, self.values):
+            self.binding.bind_ortvalue_input(past, value)
+            self.binding.bind_ortvalue_output(present, value)
+        self.binding.bind_ortvalue_output(DECODER_LOGITS, ort.OrtValue.ortvalue_from_numpy(self.logits))
+
+    def run(self, feeds: dict) -> np.ndarray:
+        total = feeds[DECODER_MASK].shape[1]
+        if total > self.capacity:
+            raise EdgepruneError(f"KV cache full: {total} tokens > capacity {self.capacity}")
+        for name, value in feeds.items():
+            self.binding.bind_cpu_input(name, value)
+        self.llm.decoder.run_with_iobinding(self.binding)
+        self.length = total
+        return self.logits
+
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32", "tensor(bfloat16)": "bfloat16"}

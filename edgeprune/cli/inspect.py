@@ -64,7 +64,7 @@ def _open_like_run(bundle) -> None:
 
 
 def summary(m: dict, path) -> str:
-    from edgeprune.runtime.format import Engine, Keys
+    from edgeprune.runtime.format import EmbedTable, Engine, Files, Keys
 
     cfg = ", ".join(f"{k}={v}" for k, v in m[Keys.PRUNER_CONFIG].items()) or "-"
     lines = [
@@ -78,8 +78,8 @@ def summary(m: dict, path) -> str:
     ]
     if m[Keys.MODEL_DOMAIN]:
         lines.insert(2, f"domain:    trained to recognise {m[Keys.MODEL_DOMAIN]}")
-    for name, graph in [("vision", m[Keys.VISION_GRAPH]), ("embed", m[Keys.LLM_EMBED_GRAPH]),
-                        ("decoder", m[Keys.LLM_DECODER_GRAPH])]:
+    graphs = [("vision", m[Keys.VISION_GRAPH]), ("embed", m[Keys.LLM_EMBED_GRAPH]), ("decoder", m[Keys.LLM_DECODER_GRAPH])]
+    for name, graph in [(name, graph) for name, graph in graphs if graph is not None]:   # embed: older bundles
         ins = "; ".join(f"{k} {_shape(v)}" for k, v in graph[Graph.INPUTS].items())
         outs = "; ".join(f"{k} {_shape(v)}" for k, v in graph[Graph.OUTPUTS].items())
         if name == "decoder":  # dozens of past/present tensors: list the first of each kind
@@ -88,7 +88,12 @@ def summary(m: dict, path) -> str:
         lines.append(f"{name + ':':<10} {graph[Graph.FILE]}: {ins} -> {outs}")
     lines.append(f"llm:       {m[Keys.LLM_NUM_LAYERS]} layers, hidden {m[Keys.LLM_HIDDEN_SIZE]}, vocab "
                  f"{m[Keys.LLM_VOCAB_SIZE]}, context {m[Keys.LLM_CONTEXT_LENGTH] or '?'}, {m[Keys.LLM_DTYPE]}, attention "
-                 f"{m[Keys.LLM_ATTENTION]}")
+                 f"{m[Keys.LLM_ATTENTION]}, KV cache {m[Keys.LLM_KV_CACHE]}")
+    table = m[Keys.LLM_EMBED_TABLE]
+    if table is not None:
+        lines.append(f"embedding: {table[EmbedTable.FILE]}: [{', '.join(map(str, table[EmbedTable.SHAPE]))}] "
+                     f"{table[EmbedTable.DTYPE]}" + (" (the LM head's weight, stored once)"
+                                                     if table[EmbedTable.FILE] != Files.EMBED_TABLE else ""))
     engine = m[Keys.ENGINE_VISION]
     if engine:
         lines.append(f"engine:    vision: {engine[Engine.FILE]} (TensorRT {engine.get(Engine.TENSORRT_VERSION, '?')}, "

@@ -15,6 +15,7 @@ from edgeprune.export.bundle import _store_config, effective_config, export_bund
 from edgeprune.runtime.bundle import hash_files, load_bundle, read_manifest, sha256_file
 from edgeprune.runtime.format import (PASSED, SCHEMA_VERSION, Files, Graph, Keys, llm_keys, required_keys,
                                       write_manifest)
+from edgeprune.runtime.llm import llm_files
 
 METHOD = "dart"
 
@@ -66,7 +67,8 @@ def test_manifest_contents(exported, adapter):
     # every file but the manifest is hashed, and the hashes are right
     on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert sorted(m[Keys.FILES_SHA256]) == [f for f in on_disk if f != Files.MANIFEST]
-    assert {Files.VISION, Files.EMBED, Files.DECODER, Files.TOKENIZER, Files.PREPROCESS} <= set(m[Keys.FILES_SHA256])
+    assert {Files.VISION, Files.DECODER, Files.TOKENIZER, Files.PREPROCESS} <= set(m[Keys.FILES_SHA256])
+    assert set(llm_files(m)) <= set(m[Keys.FILES_SHA256])   # decoder, its data, the embedding table
     assert all(sha256_file(out / f) == h for f, h in m[Keys.FILES_SHA256].items())
     # validation stored: vision parity and the LLM's own report
     v = m[Keys.VALIDATION_VISION]

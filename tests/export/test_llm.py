@@ -1,4 +1,4 @@
-"""export/llm.py: embed.onnx + decoder.onnx of a tiny seeded Llama, ORT vs the HF torch forward."""
+"""export/llm.py: decoder.onnx and its embedding table of a tiny seeded Llama, ORT vs the HF torch forward."""
 from __future__ import annotations
 
 import subprocess
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from edgeprune.errors import ModelError
+from edgeprune.errors import BundleError, EdgepruneError, ModelError
 from edgeprune.export.llm import export_llm, validate_llm
 from edgeprune.runtime.llm import OrtLLM
 from edgeprune.runtime.format import PASSED, Graph, Keys
@@ -51,7 +51,8 @@ def test_entries_match_graph_io(exported, llm):
     assert (spec[Keys.LLM_HIDDEN_SIZE], spec[Keys.LLM_VOCAB_SIZE], spec[Keys.LLM_DTYPE]) == (64, 256, "float32")
     # the facts the planner needs, from the model's config (not guessed from the hidden size)
     assert (spec[Keys.LLM_NUM_HEADS], spec[Keys.LLM_INTERMEDIATE_SIZE], spec[Keys.LLM_CONTEXT_LENGTH]) == (4, 128, 256)
-    for key in (Keys.LLM_EMBED_GRAPH, Keys.LLM_DECODER_GRAPH):
+    assert spec[Keys.LLM_EMBED_GRAPH] is None and spec[Keys.LLM_EMBED_TABLE]["shape"] == [256, 64]
+    for key in (Keys.LLM_DECODER_GRAPH,):
         model = onnx.load(str(out / spec[key][Graph.FILE]), load_external_data=False)
         for values, want in ((model.graph.input, spec[key][Graph.INPUTS]), (model.graph.output, spec[key][Graph.OUTPUTS])):
             got = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
@@ -68,9 +69,11 @@ def test_weights_are_external_data(exported):
     out, spec = exported
     model = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
     external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    assert len(external) >= 2 * 7  # every layer's 7 projection matrices at least
+    assert len(external) >= 2 * 5 + 1  # per layer qkv (one MatMul), o, gate, up, down; the LM head
     assert (out / "decoder.onnx.data").stat().st_size > 2 * 7 * 64 * 64 * 4 > (out / "decoder.onnx").stat().st_size
-    assert (out / "embed.onnx.data").stat().st_size == 256 * 64 * 4
+    # this Llama's LM head is not tied to its embeddings: the table is a file of its own, raw [V, D] float32
+    assert spec[Keys.LLM_EMBED_TABLE]["file"] == "embed.bin" and (out / "embed.bin").stat().st_size == 256 * 64 * 4
+    assert not (out / "embed.onnx").exists()
 
 
 def test_attention_variant_ops(exported):
@@ -173,3 +176,93 @@ def test_polygraphy_run_onnxrt(exported):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "PASSED" in result.stdout + result.stderr
+
+
+def test_fused_decode_step_runs_ten_kernels_per_layer(tmp_path):
+    """After ORT's optimiser, a layer is SkipSimplifiedLayerNorm, QKV MatMul, GroupQueryAttention (rotary inside),
+    o MatMul, SkipSimplifiedLayerNorm, gate/up/down MatMuls, SiLU (QuickGelu), Mul: no rotary, reshape or shape
+    kernels per layer (1,228 kernels for SmolLM2's 30 layers before the fusion, 344 after)."""
+    from edgeprune.profiles.decode_kernels import decode_kernels
+
+    counts = {}
+    for layers in (2, 3):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        spec = export_llm(LlamaForCausalLM(cfg).eval(), tmp_path / str(layers), validate=False)
+        counts[layers] = decode_kernels(tmp_path / str(layers), spec, past=12, steps=2)
+    per_layer = {op: counts[3]["ops"].get(op, 0) - counts[2]["ops"].get(op, 0) for op in counts[3]["ops"]}
+    assert {op: n for op, n in per_layer.items() if n} == {
+        "SkipSimplifiedLayerNormalization": 2, "MatMul": 5, "GroupQueryAttention": 1, "QuickGelu": 1, "Mul": 1}
+    # plus a fixed part per step, whatever the depth (44: the call's rotary table, lengths, final norm and head)
+    assert counts[2]["kernels"] - 2 * 10 == counts[3]["kernels"] - 3 * 10 <= 48
+
+
+@pytest.mark.parametrize("attention", ["fused", "plain"])
+def test_tied_embedding_table_is_stored_once_and_read_from_the_decoder(attention, tmp_path):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    tied = LlamaForCausalLM(cfg).eval()
+    spec = export_llm(tied, tmp_path, attention=attention)
+    assert spec[Keys.VALIDATION_LLM][PASSED] and spec[Keys.VALIDATION_LLM]["embed"] == 0.0
+    table = spec[Keys.LLM_EMBED_TABLE]
+    assert table["file"] == "decoder.onnx.data" and table["shape"] == [256, 64]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
+    model = onnx.load(str(tmp_path / "decoder.onnx"), load_external_data=False)
+    assert sum(list(t.dims) in ([256, 64], [64, 256]) for t in model.graph.initializer) == 1   # the table, once
+    ids = np.array([[0, 5, 255], [17, 17, 3]])
+    np.testing.assert_array_equal(OrtLLM(tmp_path, spec).embed(ids), tied.get_input_embeddings()(torch.from_numpy(ids))
+                                  .detach().numpy())
+    with pytest.raises(EdgepruneError, match="token id 256 is outside the vocabulary 0..255"):
+        OrtLLM(tmp_path, spec).embed(np.array([[1, 256]]))
+    bad = {**spec, Keys.LLM_EMBED_TABLE: dict(table, tensors={"weight": dict(table["tensors"]["weight"], offset=1 << 40)})}
+    with pytest.raises(BundleError, match="lies outside the file"):
+        OrtLLM(tmp_path, bad)
+
+
+def test_shared_kv_buffer_is_written_in_place(exported, llm):
+    """The fused graph's KV cache is one preallocated buffer bound as past and present: after a prefill and a
+    decode step its slices hold what the stateless call returns as present."""
+    out, spec = exported
+    if spec[Keys.LLM_ATTENTION] != "fused":
+        pytest.skip("the plain graph concatenates its past")
+    ort_llm = OrtLLM(out, spec)
+    ids, pos = inputs()
+    embeds = ort_llm.embed(ids.numpy())
+    cache = ort_llm.new_cache(2, 16)
+    assert cache.buffer.shape == (2 * 2, 2, 2, 16, 16)                       # [layers x (k, v), B, KV, capacity, hd]
+    first = ort_llm.forward(embeds, pos.numpy(), cache)
+    logits, present = ort_llm.step(embeds, pos.numpy(), np.ones((2, 12), np.int64), None)
+    np.testing.assert_allclose(first, logits, atol=1e-6, rtol=0)
+    step = ort_llm.embed(first.argmax(-1)[:, None])
+    second = ort_llm.forward(step, pos.numpy()[:, -1:] + 1, cache)
+    logits, present = ort_llm.step(step, pos.numpy()[:, -1:] + 1, np.ones((2, 13), np.int64), present)
+    np.testing.assert_allclose(second, logits, atol=1e-6, rtol=0)
+    assert cache.length == 13
+    for i, value in enumerate(present):
+        np.testing.assert_allclose(cache.buffer[i][:, :, :13], value, atol=1e-6, rtol=0)
+    assert not cache.buffer[:, :, :, 13:].any()                              # nothing written past the length
+    with pytest.raises(EdgepruneError, match="KV cache full"):
+        ort_llm.forward(np.zeros((2, 4, 64), np.float32), np.zeros((2, 4), np.int64), cache)
+
+
+def test_old_onnxruntime_is_refused_with_the_version_needed(exported):
+    out, spec = exported
+    with pytest.raises(BundleError, match="needs onnxruntime >= 99.0"):
+        OrtLLM(out, {**spec, Keys.LLM_MIN_ONNXRUNTIME: "99.0"})
+
+
+@pytest.mark.parametrize("attention", ["fused", "plain"])
+def test_qwen3_per_head_norms(attention, tmp_path):
+    """Qwen3's q/k norms sit between the QKV projection and the rotary embedding: parity against its HF forward."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    spec = export_llm(Qwen3ForCausalLM(cfg).eval(), tmp_path, attention=attention)
+    v = spec[Keys.VALIDATION_LLM]
+    assert v[PASSED], v
+    assert v["prefill"] < 1e-4 and v["decode"] < 1e-4

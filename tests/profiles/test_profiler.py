@@ -45,7 +45,7 @@ def test_profile_report_is_consistent(bundles, name, keep):
     m = json.loads((bundles[name] / Files.MANIFEST).read_text())
     assert mem["kv_cache_bytes"] == mem["kv_cache_bytes_expected"] == (
         m[Keys.LLM_NUM_LAYERS] * 2 * m[Keys.LLM_NUM_KV_HEADS] * m[Keys.LLM_HEAD_DIM] * mem["kv_cache_tokens"] * 4)
-    assert set(mem["weights_bytes"]) == {"vision", "embed", "decoder"}
+    assert set(mem["weights_bytes"]) == {"vision", "llm"}
     assert mem["peak_rss_bytes"] > 0
     for probe in mem["device"].values():      # this machine has neither NVML nor tegrastats: reported, not raised
         assert probe["available"] or probe["reason"]

@@ -25,8 +25,7 @@ def _unlist(bundle, rel: str) -> None:
 
 
 # -- 5. unverified files --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("rel", [Files.EMBED, external_data(Files.EMBED), external_data(Files.DECODER),
-                                 Files.TOKENIZER])
+@pytest.mark.parametrize("rel", [Files.EMBED_TABLE, Files.DECODER, external_data(Files.DECODER), Files.TOKENIZER])
 def test_a_file_the_runtime_opens_must_be_listed(bundle_copy, rel, capsys):
     _unlist(bundle_copy, rel)
     with pytest.raises(BundleError, match=f"{rel}: the runtime loads it but files.sha256 does not list it"):

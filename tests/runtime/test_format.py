@@ -11,13 +11,18 @@ import pytest
 
 from edgeprune.errors import BundleError
 from edgeprune.runtime import format as fmt
-from edgeprune.runtime.format import PASSED, SCHEMA_VERSION, Files, Graph, Key, Keys
+from edgeprune.runtime.bundle import hash_files
+from edgeprune.runtime.format import PASSED, SCHEMA_VERSION, EmbedTable, Files, Graph, Key, Keys
 
 ROOT = Path(__file__).resolve().parents[2]
 V1_MANIFEST = ROOT / "tests" / "data" / "manifest_v1_tiny_llava.json"   # written by edgeprune at schema 1:
 # tiny-llava, method attention, K=16, validated, exported with the same call as `fresh` below
 PACKAGE = ("edgeprune", "export", "runtime", "profiles")
 READERS = ("runtime", "profiles", "edgeprune/cli", "export/engine.py")   # code that reads bundles
+# what a schema-1 export wrote differently: embed.onnx, no embedding table, separate past/present arrays, no
+# precision, quantization, oldest onnxruntime or parameter count
+SCHEMA1_LLM = {Keys.LLM_EMBED_GRAPH, Keys.LLM_EMBED_TABLE, Keys.LLM_KV_CACHE, Keys.LLM_PRECISION,
+               Keys.LLM_QUANTIZATION, Keys.LLM_MIN_ONNXRUNTIME, Keys.LLM_NUM_PARAMETERS}
 SCHEMA1_UNKNOWN = {Keys.LLM_NUM_HEADS, Keys.LLM_INTERMEDIATE_SIZE, Keys.LLM_CONTEXT_LENGTH, Keys.VISION_NUM_LAYERS,
                    Keys.VISION_HIDDEN_SIZE, Keys.VISION_TOKENS_PER_VIEW, Keys.VISION_VIEWS}
 
@@ -138,11 +143,15 @@ def test_schema1_manifest_migrates_to_what_export_writes_now(fresh):
     read = fmt.read(old)
     assert set(read) == set(written)
     assert read[Keys.SCHEMA_VERSION] == 1 and all(read[k] is fmt.UNKNOWN for k in SCHEMA1_UNKNOWN)
-    stable = set(written) - SCHEMA1_UNKNOWN - {Keys.CREATED, Keys.SCHEMA_VERSION, Keys.EDGEPRUNE_VERSION,
-                                               Keys.FILES_SHA256, Keys.VALIDATION_VISION, Keys.VALIDATION_LLM}
+    stable = set(written) - SCHEMA1_UNKNOWN - SCHEMA1_LLM - {Keys.CREATED, Keys.SCHEMA_VERSION,
+                                                             Keys.EDGEPRUNE_VERSION, Keys.FILES_SHA256,
+                                                             Keys.VALIDATION_VISION, Keys.VALIDATION_LLM}
     assert {k: read[k] for k in stable} == {k: written[k] for k in stable}
     # graph records of the LLM: schema 1 had shapes only, the dtypes come from the names
     assert read[Keys.LLM_DECODER_GRAPH][Graph.INPUTS] == written[Keys.LLM_DECODER_GRAPH][Graph.INPUTS]
+    # schema 1's LLM: an embed graph, past and present as separate arrays, the dtype's precision
+    assert read[Keys.LLM_EMBED_GRAPH][Graph.FILE] == Files.EMBED and read[Keys.LLM_EMBED_TABLE] is None
+    assert (read[Keys.LLM_KV_CACHE], fmt.llm_precision(read)) == ("separate", "fp32")
     assert read[Keys.VALIDATION_LLM][PASSED] is True and "ok" not in read[Keys.VALIDATION_LLM]
     assert read[Keys.VALIDATION_VISION][PASSED] is True
     # older schema-1 bundles: no positions.rope (1-D), an engine without device facts, no validation
@@ -168,8 +177,11 @@ def test_schema1_bundle_runs_and_says_what_it_lacks(fresh, tmp_path):
     src, written = fresh
     old = tmp_path / "v1"
     shutil.copytree(src, old)
+    _legacy_embed_graph(old, written)                          # schema 1 looked tokens up with embed.onnx
     manifest = json.loads(V1_MANIFEST.read_text())
-    manifest[Keys.FILES_SHA256] = written[Keys.FILES_SHA256]   # the same graphs; hashes of this machine's export
+    manifest[Keys.FILES_SHA256] = hash_files(old, [rel for rel in written[Keys.FILES_SHA256] if rel != Files.EMBED_TABLE]
+                                             + [Files.EMBED])   # the same graphs; hashes of this machine's export
+    (old / Files.EMBED_TABLE).unlink()
     (old / Files.MANIFEST).write_text(json.dumps(manifest))
     image = Image.fromarray(seeded_images((336, 336), 1, seed=3)[0])
     want = Pipeline(src, threads=1)(image, "What is it?", max_new_tokens=4).ids
@@ -178,3 +190,20 @@ def test_schema1_bundle_runs_and_says_what_it_lacks(fresh, tmp_path):
         facts_from_bundle(old)
     assert facts_from_bundle(src).intermediate_size == 128 and facts_from_bundle(src).vision_layers == 3
     assert main(["inspect", str(old)]) == 0
+
+
+def _legacy_embed_graph(folder, manifest: dict) -> None:
+    """embed.onnx as schema-1 exports wrote it (input_ids -> inputs_embeds, a Gather over the table), built from the
+    fresh bundle's untied table (embed.bin)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = manifest[Keys.LLM_EMBED_TABLE]
+    weight = np.fromfile(folder / table[EmbedTable.FILE], dtype=table[EmbedTable.DTYPE]).reshape(table[EmbedTable.SHAPE])
+    graph = helper.make_graph([helper.make_node("Gather", ["weight", "input_ids"], ["inputs_embeds"])], "embed",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+                              [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT,
+                                                             ["batch", "sequence", weight.shape[1]])],
+                              [numpy_helper.from_array(weight, "weight")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(folder / Files.EMBED))
