@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -90,6 +91,7 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 an error (one line on stderr), 2 a usage error (argparse), 130 Ctrl-C,
+    141 the reader of stdout went away (`edgeprune inspect B | head`: quiet, as for any Unix tool),
     143 SIGTERM. Ctrl-C and SIGTERM are caught from the start (parser included), so neither prints a
     traceback; log lines are written through the progress bars while the command runs."""
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -103,10 +105,16 @@ def main(argv: list[str] | None = None) -> int:
 
         setup_logging(args)
         with _logs_through_progress_bars():
-            return int(args._run(args) or 0)
+            code = int(args._run(args) or 0)
+        sys.stdout.flush()   # a closed pipe fails here, inside the handlers, not at interpreter exit
+        return code
     except EdgepruneError as err:
         print(f"edgeprune {command}: error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # Python's recipe: point stdout at devnull so the flush at interpreter exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as err:   # the machine's, not the input's: a full or read-only disk, a permission
         print(f"edgeprune {command}: error: {err}", file=sys.stderr)
         return 1

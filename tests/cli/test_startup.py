@@ -4,6 +4,7 @@ method table matches the registry, and logging follows -v / -q through tqdm."""
 from __future__ import annotations
 
 import json
+import os
 import logging
 import subprocess
 import sys
@@ -88,3 +89,16 @@ def test_log_level_and_lines_go_through_tqdm(monkeypatch, capsys, flags, shown, 
         assert line in err
     for word in hidden:
         assert f": {word}" not in err
+
+
+def test_a_closed_stdout_pipe_ends_quietly():
+    """`edgeprune methods | head -0`: the reader is gone before the first line; exit 141 like a Unix
+    tool killed by SIGPIPE, with nothing on stderr (no 'error: Broken pipe', no 'Exception ignored')."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edgeprune.cli", "methods"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=240)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")
