@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgeprune.runtime.format import Keys   # torch-free: the bundle format's key names
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Published hyperparameters (config.json of each model; token ids kept as published, the tokenizer is a stand-in).
@@ -102,11 +104,11 @@ import numpy as np
 from PIL import Image
 from edgeprune.runtime.pipeline import Pipeline
 from edgeprune.runtime.format import Keys
-bundle, image = sys.argv[1], Image.open(sys.argv[2])
+bundle, image, repeats, tokens = sys.argv[1], Image.open(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 start = time.perf_counter()
 pipe = Pipeline(bundle, threads=2)
 load_s = time.perf_counter() - start
-runs = [pipe(image, "Describe the image.", max_new_tokens=8) for _ in range(3)]   # first run warms up
+runs = [pipe(image, "Describe the image.", max_new_tokens=tokens) for _ in range(1 + repeats)]   # first: warm-up
 first = [sum(r.timings[s] for s in ("preprocess", "vision", "embed", "prefill")) for r in runs[1:]]
 r = runs[-1]
 m = pipe.bundle.manifest
@@ -150,7 +152,7 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_model(name: str, work: Path, check_free: float) -> dict:
+def run_model(name: str, work: Path, check_free: float, repeats: int, tokens: int) -> dict:
     spec = MODELS[name]
     model_dir, bundle = work / name, work / f"{name}-bundle"
     if not model_dir.is_dir():
@@ -167,11 +169,13 @@ def run_model(name: str, work: Path, check_free: float) -> dict:
                        "--force"], f"{name}-export", work)
     manifest = json.loads((bundle / "manifest.json").read_text())
     image = ROOT / "profiles" / "chelsea.png"
-    run = measured([sys.executable, "-c", RUN, str(bundle), str(image)], f"{name}-run", work)
+    print(f"[{name}] exported in {export['wall_s']:.0f} s, peak RSS {export['peak_rss'] / 2**30:.2f} GiB; run "
+          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    run = measured([sys.executable, "-c", RUN, str(bundle), str(image), str(repeats), str(tokens)], f"{name}-run", work)
     timing = json.loads(run["stdout"].strip().splitlines()[-1])
     params, vision = info["params"], info["vision_params"]
     fp16_bytes = 2 * params
-    validation = manifest["validation"]
+    vision_check, llm_check = manifest[Keys.VALIDATION_VISION], manifest[Keys.VALIDATION_LLM]
     row = {
         "model": name, "source": info["source"], "params": params, "vision_params": vision,
         "fp16_weight_bytes": fp16_bytes, "bundle_bytes": folder_bytes(bundle),
@@ -179,9 +183,9 @@ def run_model(name: str, work: Path, check_free: float) -> dict:
         # (embed.onnx and, tied or not, the decoder's lm_head) unless untied (then it is two different matrices)
         "export_peak_rss": export["peak_rss"], "export_s": export["wall_s"],
         "rss_ratio": export["peak_rss"] / fp16_bytes, "runtime_peak_rss": run["peak_rss"],
-        "vision_parity": validation["vision"]["max_abs_diff"], "llm_parity": max(validation["llm"]["prefill"],
-                                                                                 validation["llm"]["decode"]),
-        "n": manifest["model.num_image_tokens"], **timing,
+        "vision_parity": vision_check["max_abs_diff"], "llm_parity": max(llm_check["prefill"], llm_check["decode"]),
+        "n": manifest[Keys.MODEL_NUM_IMAGE_TOKENS], "runs": repeats, "new_tokens": tokens,
+        "load": f"{os.getloadavg()[0]:.1f}", **timing,
     }
     print(json.dumps(row), flush=True)
     return row
@@ -191,8 +195,8 @@ def table(rows: list[dict], load: str) -> str:
     gib = 2**30
     lines = [
         "| model (published config) | params (vision) | N -> K | bundle | export peak RSS | RSS / fp16 weights | "
-        "export time | first token | decode | runtime peak RSS | parity vision / LLM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "export time | first token | decode | runtime peak RSS | parity vision / LLM | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -200,7 +204,7 @@ def table(rows: list[dict], load: str) -> str:
             f"{r['n']} -> {r['keep']} | {r['bundle_bytes'] / gib:.2f} GiB | {r['export_peak_rss'] / gib:.2f} GiB | "
             f"{r['rss_ratio']:.2f} | {r['export_s'] / 60:.1f} min | {r['first_token_s']:.2f} s | "
             f"{r['decode_ms_per_token']:.0f} ms/token | {r['runtime_peak_rss'] / gib:.2f} GiB | "
-            f"{r['vision_parity']:.1e} / {r['llm_parity']:.1e} |")
+            f"{r['vision_parity']:.1e} / {r['llm_parity']:.1e} | {r.get('load', '?')} |")
     return "\n".join(lines) + f"\n\nMachine: {load}\n"
 
 
@@ -211,18 +215,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="write the table (Markdown) here, e.g. docs/realsize.md")
     p.add_argument("--check-free-gib", type=float, default=0.0,
                    help="refuse to start an export with less available memory than this")
+    p.add_argument("--repeats", type=int, default=2, help="timed runtime requests after the warm-up (default 2)")
+    p.add_argument("--tokens", type=int, default=8, help="new tokens per runtime request (default 8)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         p.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = [run_model(name, args.work, args.check_free_gib) for name in names]
-    load = (f"{os.cpu_count()} cores, {available_gib():.0f} GiB available at the end, load average "
-            f"{os.getloadavg()[0]:.1f} (shared with other processes), {time.strftime('%Y-%m-%d')}")
+    rows = [run_model(name, args.work, args.check_free_gib, args.repeats, args.tokens) for name in names]
+    saved = args.work / "realsize.json"   # rows of models measured earlier (other runs) are kept
+    earlier = [r for r in (json.loads(saved.read_text()) if saved.is_file() else []) if r["model"] not in names]
+    rows = earlier + rows
+    load = (f"{os.cpu_count()} cores, {available_gib():.0f} GiB available at the end; load = the 1-minute load "
+            f"average when the row's runtime step ended (shared with other processes), {time.strftime('%Y-%m-%d')}")
     text = table(rows, load)
     print(text)
-    (args.work / "realsize.json").write_text(json.dumps(rows, indent=2))
+    saved.write_text(json.dumps(rows, indent=2))
     if args.out:
         from edgeprune.fileio import atomic_write
 
