@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from onnx import numpy_helper
+from onnx import external_data_helper, numpy_helper
 
 from edgeprune.errors import EdgepruneError
 
@@ -44,7 +44,10 @@ class Violation:
 def _constants(graph: onnx.GraphProto, outer: dict) -> dict:
     consts = dict(outer)
     for init in graph.initializer:
-        consts[init.name] = numpy_helper.to_array(init)
+        # weights in external data (a large graph, export/onnx_io.py) are never a rule's constant (a TopK k, a Loop
+        # trip count): skip them rather than read gigabytes, which `to_array` cannot do without the file's folder
+        if not external_data_helper.uses_external_data(init):
+            consts[init.name] = numpy_helper.to_array(init)
     for node in graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:

@@ -66,3 +66,16 @@ def test_without_external_data_everything_is_inline(tmp_path):
     assert not (tmp_path / "m.onnx.data").exists()
     model = onnx.load(str(path))
     assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def test_a_graph_with_external_data_passes_the_lint_from_any_folder(tmp_path, monkeypatch):
+    """The TensorRT lint (check_graph) reads small constants only: a graph whose weights live in external data is
+    linted without opening the data file (it failed so for Qwen2-VL-2B's 2.7 GB vision graph, run elsewhere)."""
+    from edgeprune.export.validate import check_graph
+
+    path = export_onnx(Tied().eval(), (torch.tensor([[1, 2]]),), tmp_path / "m.onnx", input_names=["ids"],
+                       output_names=["logits"], external_data=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    check_graph(path)
