@@ -29,7 +29,7 @@ from edgeprune.models.vision_step import prune_and_project
 from edgeprune.pruners.base import Selection
 from edgeprune.pruners.ops import check_keep, sort_by_position
 
-__all__ = ["split_budget", "TilePruner", "TiledMixin"]
+__all__ = ["split_budget", "TilePruner", "TiledMixin", "tile_grid", "check_tiles"]
 
 
 def split_budget(keep: int, sizes: list[int]) -> list[int]:
@@ -209,6 +209,14 @@ class TiledMixin:
                           self.fixed_tokens(), self.project)
 
     fixed_name = "fixed"   # what the fixed tokens are, for messages ("newline", "marker")
+
+
+def tile_grid(name: str, image_size: tuple[int, int], tile: int) -> tuple[int, int]:
+    """(rows, cols) of S x S tiles that an image of `image_size` (h, w) px is cut into; both sides multiples of S."""
+    h, w = image_size
+    if h % tile or w % tile:
+        raise ModelError(f"{name}: image size {(h, w)} is not a multiple of the {tile} px tile on both sides")
+    return h // tile, w // tile
 
 
 def check_tiles(name: str, tiles) -> tuple[int, int]:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from edgeprune.errors import ModelError
-from edgeprune.models._tiles import TiledMixin, check_tiles
+from edgeprune.models._tiles import TiledMixin, check_tiles, tile_grid
 from edgeprune.models._vit import ClsViTAdapter, shuffle_groups
 from edgeprune.models.base import Signals, load_hf_dir
 from edgeprune.models.llava import causal_lm_from_parts, split_template
@@ -75,9 +75,7 @@ class InternVLAdapter(TiledMixin, ClsViTAdapter):
         side = size // patch
         if side % self.scale:
             raise ModelError(f"{name}: {side} patches per side are not divisible by the pixel shuffle {self.scale}")
-        h, w = preprocess_config.size
-        if h % size or w % size:
-            raise ModelError(f"{name}: image size {(h, w)} is not a multiple of the {size} px tile on both sides")
+        rows, cols = tile_grid(name, preprocess_config.size, size)
         num_layers = vcfg.num_hidden_layers
         layer = cfg.vision_feature_layer
         hidden_index = layer if layer >= 0 else num_layers + 1 + layer   # into hidden_states (0 = embeddings)
@@ -94,7 +92,7 @@ class InternVLAdapter(TiledMixin, ClsViTAdapter):
         self.patch_grid = (side, side)
         self.view_size, self.view_grid = size, (side // self.scale, side // self.scale)
         self.grid = self.view_grid
-        self._set_tiles(h // size, w // size)
+        self._set_tiles(rows, cols)
         self.check_tiling(name)
         self.tokenizer = tokenizer
         self.preprocess_config = preprocess_config

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from edgeprune.errors import ModelError
-from edgeprune.models._tiles import TiledMixin, check_tiles
+from edgeprune.models._tiles import TiledMixin, check_tiles, tile_grid
 from edgeprune.models._vit import shuffle_groups
 from edgeprune.models.base import Adapter, Signals, load_hf_dir
 from edgeprune.models.llava import causal_lm_from_parts, split_template
@@ -83,9 +83,7 @@ class SmolVLMAdapter(TiledMixin, Adapter):
         side = size // patch
         if side * patch != size or side % scale:
             raise ModelError(f"{name}: image_size {size} / patch {patch} / scale_factor {scale} do not tile evenly")
-        h, w = preprocess_config.size
-        if h % size or w % size:
-            raise ModelError(f"{name}: image size {(h, w)} is not a multiple of the {size} px tile on both sides")
+        rows, cols = tile_grid(name, preprocess_config.size, size)
         self.name = name
         self.config = cfg
         self.vision = model.model.vision_model
@@ -96,7 +94,7 @@ class SmolVLMAdapter(TiledMixin, Adapter):
         self.grid = self.view_grid
         self.register_buffer("patch_ids", _patch_position_ids(side), persistent=False)
         self.tokenizer = tokenizer
-        self._set_tiles(h // size, w // size)
+        self._set_tiles(rows, cols)
         self.check_tiling(name)
         self.preprocess_config = preprocess_config
         self.chat_template = chat_template
