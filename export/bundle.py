@@ -298,6 +298,8 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
             Keys.PRUNER_CONFIG_OMITTED: omitted,
             Keys.PRUNER_SPACE: pruner.space,
             Keys.PRUNER_EXTRA_OUTPUTS: list(pruner.extra_outputs),
+            # a learned-scorer method's record (file, sha256, recipe, trained); null for the others
+            Keys.PRUNER_SCORER: _jsonable(pruner.scorer_record()) if hasattr(pruner, "scorer_record") else None,
             Keys.POSITIONS_MODE: positions,
             Keys.POSITIONS_ROPE: adapter.rope,
             Keys.VISION_GRAPH: {Graph.FILE: Files.VISION, **graph_io(tmp / Files.VISION)},

@@ -5,6 +5,11 @@ torch and in ORT (the exported pruner graph, CPU execution provider), next to th
 ViT-L/14-336-shaped vision encoder (random weights, torch, the same thread count) measured in the same
 run, and the ratio in %. Methods above 1% of the encoder time are flagged.
 
+Methods with a learned scorer (autoselect) have no trained weights at these shapes: they are timed with
+their seeded random scorer (`scorer="random"`), whose architecture is the default one (the narrow
+scorer, autoselect.DEFAULT_WIDTH / DEFAULT_DEPTH), so the time is the trained scorer's; the row
+"autoselect-wide" is METHODS.md's original scorer (2 blocks at the encoder width), for comparison.
+
 Shapes: tokens D = 1024, feats C = 1024, keys Ck = 64, batch 1. N = 576 is one 336 px view (grid 24x24,
 pixels 336x336). N = 2880 is LLaVA-NeXT's 5 x 576 tokens: the encoder runs 5 views of 336 px (batch
 5); the pruner sees one row of 2880 tokens on a nominal 48x60 grid with 672x840 pixels (LLaVA-NeXT's
@@ -30,6 +35,8 @@ log = logging.getLogger("bench_pruners")
 DIM, FEAT_DIM, KEY_DIM, PATCH = 1024, 1024, 64, 14
 SHAPES = {576: {"grid": (24, 24), "views": 1}, 2880: {"grid": (48, 60), "views": 5}}
 FLAG_PERCENT = 1.0
+# extra rows: name -> (registered method, options); autoselect at METHODS.md's original width and depth
+VARIANTS = {"autoselect-wide": ("autoselect", {"width": None, "depth": 2})}
 
 
 @dataclass
@@ -93,8 +100,13 @@ def time_pruner(name: str, n: int, keep: int, threads: int, runs: int, warmup: i
 
     from edgeprune.pruners import build
 
+    from edgeprune.pruners import available
+
     signals = make_signals(n)
-    pruner = build(name, keep=keep)
+    method, options = VARIANTS.get(name, (name, {}))
+    if "scorer" in available()[method].defaults:      # no trained weights at these shapes: see the docstring
+        options = {"scorer": "random", **options}
+    pruner = build(method, keep=keep, **options)
     args = {k: v for k, v in signals.items() if k in pruner.requires}
     notes, torch_ms, ort_ms = [], None, None
     with torch.no_grad():
@@ -172,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     from edgeprune.pruners import available
 
     torch.set_num_threads(args.threads)
-    methods = args.methods or list(available())
-    unknown = sorted(set(methods) - set(available()))
+    methods = args.methods or [*available(), *VARIANTS]
+    unknown = sorted(set(methods) - set(available()) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(available())}")
 

@@ -24,6 +24,7 @@ from edgeprune import __version__
 from edgeprune.profiles import memory
 from edgeprune.profiles.device import DeviceProfile
 from edgeprune.profiles.interleave import paired_ratio, run_interleaved, spread_pct
+from edgeprune.runtime.bundle import pruner_label
 from edgeprune.runtime.format import Graph, Keys, external_data, llm_keys
 
 __all__ = ["profile_bundle", "profile_bundles", "soak", "summarize", "kv_bytes_expected", "weights_bytes",
@@ -174,6 +175,7 @@ def _report(bundle_dir: Path, pipeline, runs_done: list[_Run], nodes: list[dict]
         "edgeprune_version": __version__,
         "bundle": str(bundle_dir),
         "method": manifest[Keys.PRUNER_METHOD],
+        "label": pruner_label(manifest),         # "autoselect (untrained)" for the random-scorer baseline
         "keep": int(manifest[Keys.PRUNER_KEEP]),
         "num_image_tokens": int(manifest[Keys.MODEL_NUM_IMAGE_TOKENS]),
         "positions": manifest[Keys.POSITIONS_MODE],

@@ -41,7 +41,7 @@ def profile_markdown(report: dict, reference: dict | None = None, comparison: di
     runs = report["settings"]["runs"]
     others = report["settings"].get("interleaved_with", 0)
     how = f"{runs} runs" + (f", interleaved round-robin with {others} other bundle(s)" if others else "")
-    lines = [f"### {report['method']} K={report['keep']} of N={report['num_image_tokens']} ({report['bundle']})", "",
+    lines = [f"### {report.get('label', report['method'])} K={report['keep']} of N={report['num_image_tokens']} ({report['bundle']})", "",
              f"{how}; load average {_load(report)}", "",
              "| stage | median ms | p90 ms | min-max ms | spread |", "|---|---:|---:|---:|---:|"]
     for name, s in rows:

@@ -25,12 +25,16 @@ __all__ = ["run_sweep", "sweep_rows", "bundle_name"]
 log = logging.getLogger(__name__)
 
 
-def bundle_name(method: str | None, keep: int) -> str:
-    return f"full-k{keep}" if method is None else f"{method}-k{keep}"
+def bundle_name(method: str | None, keep: int, cfg: dict | None = None) -> str:
+    """Folder name of a point; options given with --cfg are part of it (e.g. autoselect-scorer-random-k64)."""
+    if method is None:
+        return f"full-k{keep}"
+    options = "".join(f"-{k}-{v}" for k, v in sorted((cfg or {}).items()))
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{method}{options}-k{keep}")
 
 
-def _matches(bundle: Path, model: str, method: str | None, keep: int) -> bool:
-    """An existing bundle of this model, method (any method for the unpruned one) and K."""
+def _matches(bundle: Path, model: str, method: str | None, keep: int, cfg: dict | None = None) -> bool:
+    """An existing bundle of this model, method (any method for the unpruned one), K and --cfg options."""
     from edgeprune.errors import BundleError
     from edgeprune.runtime.bundle import read_manifest
 
@@ -38,8 +42,10 @@ def _matches(bundle: Path, model: str, method: str | None, keep: int) -> bool:
         manifest = read_manifest(bundle)
     except BundleError:
         return False
+    config = manifest[Keys.PRUNER_CONFIG]
     return (manifest[Keys.MODEL_SOURCE] == model and manifest[Keys.PRUNER_KEEP] == keep
-            and method in (None, manifest[Keys.PRUNER_METHOD]))
+            and method in (None, manifest[Keys.PRUNER_METHOD])
+            and (method is None or all(config.get(k) == v for k, v in (cfg or {}).items())))
 
 
 def sweep_rows(reports: list[dict], baseline: dict, limit_pct: float = NOISE_LIMIT_PCT) -> list[dict]:
@@ -76,12 +82,14 @@ def sweep_rows(reports: list[dict], baseline: dict, limit_pct: float = NOISE_LIM
 
 def run_sweep(model: str, methods: list[str], keeps: list[int], out: Path, *, runs: int = 3, warmup: int = 1,
               new_tokens: int = 8, image=None, prompt: str | None = None, threads: int | None = None,
-              positions: str | None = None, progress=None) -> dict:
+              positions: str | None = None, progress=None, cfg: dict | None = None) -> dict:
     """Export/reuse bundles under out/bundles, profile them interleaved, write sweep.json, sweep.md and the plots.
 
-    progress(label, total) is called after each bundle is ready and after each timed run."""
+    progress(label, total) is called after each bundle is ready and after each timed run. `cfg`: pruner
+    options, each given to the methods that accept it (e.g. scorer=random)."""
     from edgeprune.export.bundle import export_bundle
     from edgeprune.models import load
+    from edgeprune.pruners import options_by_method
 
     adapter = load(model)
     n = adapter.num_image_tokens
@@ -89,15 +97,17 @@ def run_sweep(model: str, methods: list[str], keeps: list[int], out: Path, *, ru
     if bad:
         raise EdgepruneError(f"--keep {bad}: expected 1 <= K <= N={n}")
     bundles = out / "bundles"
+    options = options_by_method(methods, cfg or {})
     points = [(None, n)] + [(m, k) for m in methods for k in sorted(set(keeps), reverse=True) if k < n]
     total = len(points) + runs * len(points)
     paths = []
     for method, k in points:
-        path = bundles / bundle_name(method, k)
-        if not _matches(path, model, method, k):
+        opts = options[method or methods[0]]
+        path = bundles / bundle_name(method, k, opts)
+        if not _matches(path, model, method, k, opts):
             # K = N: every method returns its input, so any method exports the unpruned graph
-            export_bundle(adapter, path, method=method or methods[0], keep=k, positions=positions, force=True,
-                          source=model, validate=False, reuse_llm_from=paths[0] if paths else None)
+            export_bundle(adapter, path, method=method or methods[0], keep=k, cfg=opts, positions=positions,
+                          force=True, source=model, validate=False, reuse_llm_from=paths[0] if paths else None)
         paths.append(path)
         if progress:
             progress(f"exported {method or 'full'} K={k}", total)
@@ -107,15 +117,18 @@ def run_sweep(model: str, methods: list[str], keeps: list[int], out: Path, *, ru
     if prompt:
         kw["prompt"] = prompt
     reports = profile_bundles(paths, **kw)
+    labels: dict = {}   # method -> the name reports show, e.g. "autoselect (untrained)"
     for report, (method, _) in zip(reports, points):
-        report["sweep_method"] = method or "full"
+        report["sweep_method"] = report["label"] if method else "full"
+        labels[method] = report["sweep_method"]
     baseline = reports[0]
     rows = sweep_rows(reports, baseline)
     # K = N is the same graph for every method: show it once per method so each curve reaches N.
     full = next(r for r in rows if r["method"] == "full")
-    rows = [r for r in rows if r["method"] != "full"] + [dict(full, method=m) for m in methods]
+    rows = [r for r in rows if r["method"] != "full"] + [dict(full, method=labels.get(m, m)) for m in methods]
     meta = {"model": model, "num_image_tokens": n, "text_tokens": baseline["tokens"]["text_tokens"], "runs": runs,
-            "warmup": warmup, "new_tokens": new_tokens, "methods": methods,
+            "warmup": warmup, "new_tokens": new_tokens, "methods": [labels.get(m, m) for m in methods],
+            "cfg": cfg or {},
             "keeps": sorted(set(keeps) | {n}, reverse=True),
             "interleaved": True, "noise_limit_pct": NOISE_LIMIT_PCT, "load_average": baseline["host"]["load_average"]}
     rows.sort(key=lambda r: (r["method"], -r["keep"]))

@@ -27,13 +27,14 @@ from edgeprune.fileio import FileLock
 from edgeprune.runtime import format as fmt
 from edgeprune.runtime.format import (DECODER_DEEPSTACK, DECODER_EMBEDS, DECODER_LOGITS, DECODER_POSITIONS,
                                       EMBED_OUTPUT, VISION_DEEPSTACK, VISION_INPUT, VISION_POSITIONS, VISION_TOKENS,
-                                      Bucket, EmbedTable, Engine, Files, Graph, Keys, external_data, past_names)
+                                      Bucket, EmbedTable, Engine, Files, Graph, Keys, ScorerRecord,
+                                      external_data, past_names)
 from edgeprune.runtime.positions import check_rope_mode
 from edgeprune.runtime.preprocess import PreprocessConfig
 from edgeprune.runtime.prompt import ChatTemplate
 
 __all__ = ["Bundle", "load_bundle", "read_manifest", "sha256_file", "hash_files", "runtime_files", "unlisted_files",
-           "bundle_lock",
+           "bundle_lock", "method_label", "pruner_label",
            "check_vision_outputs", "check_vision_graph", "check_llm_graphs"]
 
 _CHUNK = 1 << 20
@@ -66,6 +67,17 @@ def bundle_lock(out: Path) -> FileLock:
                  "for it to finish")
     except OSError as err:
         raise BundleError(f"{out}: cannot write there ({err})") from err
+
+
+def method_label(method: str, scorer: dict | None = None) -> str:
+    """The name every report shows for a method: "<method> (untrained)" when its scorer record (the
+    manifest's pruner.scorer, or `scorer_record()` of the pruner) says the scorer is untrained."""
+    return f"{method} (untrained)" if scorer and not scorer[ScorerRecord.TRAINED] else method
+
+
+def pruner_label(manifest: dict) -> str:
+    """`method_label` of a bundle's pruner (`manifest` as read_manifest returns it)."""
+    return method_label(manifest[Keys.PRUNER_METHOD], manifest[Keys.PRUNER_SCORER])
 
 
 def read_manifest(path: str | Path) -> dict:

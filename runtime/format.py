@@ -63,7 +63,7 @@ from typing import Callable
 from edgeprune.errors import BundleError
 
 __all__ = ["SCHEMA_VERSION", "MIN_SCHEMA_VERSION", "FORMAT", "UNKNOWN", "Key", "Keys", "Files", "Graph", "Engine",
-           "Bucket", "EmbedTable", "Quantization", "PRECISIONS", "KV_CACHES", "llm_precision", "PASSED", "read", "recognise", "write_manifest", "known", "required_keys", "optional_keys",
+           "Bucket", "EmbedTable", "ScorerRecord", "Quantization", "PRECISIONS", "KV_CACHES", "llm_precision", "PASSED", "read", "recognise", "write_manifest", "known", "required_keys", "optional_keys",
            "llm_keys", "bucket_file", "Kind",
            "external_data", "VISION_INPUT", "VISION_TOKENS", "VISION_POSITIONS", "EMBED_INPUT", "EMBED_OUTPUT",
            "DECODER_EMBEDS", "DECODER_POSITIONS", "DECODER_MASK", "DECODER_LOGITS", "KV_KINDS", "past_name",
@@ -182,6 +182,10 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 # of every layer (the fused decoder's GroupQueryAttention writes in place); "separate" = past in, present out
 KV_CACHES = ("shared", "separate")
 
+class ScorerRecord:  # the scorer a learned-scorer pruner ran; TRAINED false = the untrained baseline (+ SEED)
+    FILE, SHA256, RECIPE, TRAINED, SEED = "file", "sha256", "recipe", "trained", "seed"
+
+
 PASSED = "passed"   # the one flag of every validation report
 
 
@@ -270,6 +274,13 @@ EMBED_TABLE = Kind("null or an embedding table record {file: str, shape: [V, D],
 QUANTIZATION = Kind("null or a quantization record {method: str, bits: 4|8, block_size: int, ...}", lambda v: v is None or (
     isinstance(v, dict) and isinstance(v.get(Quantization.METHOD), str) and v.get(Quantization.BITS) in (4, 8)
     and _int(v.get(Quantization.BLOCK_SIZE))))
+
+SCORER = Kind("null or a scorer record {trained: bool, file: str|null, sha256: str|null, recipe: str|null, "
+               "seed: int|null}", lambda v: v is None or (
+    isinstance(v, dict) and isinstance(v.get(ScorerRecord.TRAINED), bool)
+    and all(v.get(f) is None or isinstance(v[f], str)
+            for f in (ScorerRecord.FILE, ScorerRecord.SHA256, ScorerRecord.RECIPE))
+    and (v.get(ScorerRecord.SEED) is None or _int(v[ScorerRecord.SEED], 0))))
 REPORT = Kind("null or a report object with a boolean 'passed'", lambda v: v is None or _report(v))
 ENGINE = Kind("null or an engine record {file: str, ...}", lambda v: v is None or (
     isinstance(v, dict) and isinstance(v.get(Engine.FILE), str)
@@ -323,6 +334,8 @@ class Keys:
     PRUNER_CONFIG_OMITTED = Key("pruner.config_omitted", OBJECT, default={})  # {option: why not in pruner.config}
     PRUNER_SPACE = Key("pruner.space", TEXT, default="tokens")      # "tokens" or "feats"
     PRUNER_EXTRA_OUTPUTS = Key("pruner.extra_outputs", NAMES)       # extra vision graph outputs
+    PRUNER_SCORER = Key("pruner.scorer", SCORER, default=None)      # ScorerRecord of a learned scorer (autoselect);
+                                                                    # null = the method has none
 
     # positions
     POSITIONS_MODE = Key("positions.mode", TEXT)                    # runtime.positions.POSITION_MODES

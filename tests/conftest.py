@@ -26,6 +26,14 @@ def make_signals(batch: int = 2, grid: tuple[int, int] = (24, 24), dim: int = 32
     }
 
 
+def baseline_options(method: str) -> dict:
+    """Options that let any registered method run without trained weights: the untrained scorer
+    ("random") for methods with a learned scorer (autoselect refuses to pick one silently)."""
+    from edgeprune.pruners import available
+
+    return {"scorer": "random"} if "scorer" in available()[method].defaults else {}
+
+
 def row(signals: dict, b: int) -> dict:
     """Batch row b of `signals`, keeping the batch dimension."""
     return {k: (v if k == "grid" else v[b:b + 1]) for k, v in signals.items()}

@@ -28,6 +28,9 @@ def add_parser(subparsers):
     p.add_argument("--sweep", action="store_true", help="every --methods x --keeps; writes a table and a plot")
     p.add_argument("--probe", action="store_true", help="LLM-free evaluation (linear probe on re-run [CLS])")
     p.add_argument("--methods", default=ALL, help="comma-separated methods for --sweep (default: all)")
+    p.add_argument("--cfg", action="append", metavar="KEY=VALUE",
+                   help="method option, repeatable, given to the methods that take it (e.g. scorer=random: the "
+                        "untrained autoselect baseline, reported as 'autoselect (untrained)')")
     p.add_argument("--keeps", default="576,192,128,64,32,16,8", help="comma-separated K for --sweep")
     p.add_argument("-n", "--num-images", type=count, default=50, help="held-out test images (default: 50)")
     p.add_argument("--seed", type=count0, default=0, help="picks the test subset and seeds random methods (default: 0)")
@@ -35,6 +38,9 @@ def add_parser(subparsers):
     p.add_argument("--batch", type=count, default=16, help="images per forward (default: 16)")
     add_threads_arg(p, "torch")
     p.add_argument("--out", type=Path, default=None, help="folder for results.json, table.md, plot.png")
+    p.add_argument("--reference", type=Path, metavar="RESULTS_JSON",
+                   help="VLM mode: take the unpruned answers from an earlier results.json of the same model, n and "
+                        "seed instead of recomputing them (the unpruned pass is the costliest point)")
     return p
 
 
@@ -142,21 +148,28 @@ def run(args) -> int:
         methods, keeps = [args.method], [args.keep if args.keep is not None else n_img]
         _methods(args.method)
         _keeps(str(keeps[0]), n_img)
+    from edgeprune.cli.args import parse_key_values
+    from edgeprune.pruners import options_by_method
+
+    options = options_by_method(methods, parse_key_values(args.cfg))
     info = {"model": args.model, "n": len(labels), "seed": args.seed, "image_tokens": n_img,
-            "test_indices": [int(i) for i in idx]}
+            "test_indices": [int(i) for i in idx], "cfg": {m: {k: str(v) for k, v in o.items()} for m, o in options.items() if o}}
     if args.probe:
-        unpruned, rows, value = _run_probe(adapter, cached, labels, methods, keeps, args)
+        unpruned, rows, value = _run_probe(adapter, cached, labels, methods, keeps, args, options)
         info["probe_train_images"] = args.probe_train
         title = f"LLM-free: probe top-1 vs K (n={len(labels)})"
     else:
         from edgeprune.eval.vlm import evaluate, sweep
 
+        full = _reference(args.reference, info, n_img) if args.reference else None
         if args.sweep:
-            full, results = sweep(adapter, cached, labels, methods, keeps, seed=args.seed, batch=args.batch)
+            full, results = sweep(adapter, cached, labels, methods, keeps, seed=args.seed, batch=args.batch,
+                                  options=options, full=full)
         else:
-            full = evaluate(adapter, cached, labels, "none", None, seed=args.seed, batch=args.batch)
+            full = full or evaluate(adapter, cached, labels, "none", None, seed=args.seed, batch=args.batch)
             results = [] if keeps[0] == n_img else [evaluate(adapter, cached, labels, methods[0], keeps[0],
-                                                             reference=full.answers, seed=args.seed, batch=args.batch)]
+                                                             reference=full.answers, seed=args.seed, batch=args.batch,
+                                                             **options[methods[0]])]
         unpruned, rows, value = full.accuracy, [r.row() for r in results], "accuracy"
         info["unpruned_answers"] = full.answers
         title = f"edgeprune-mini answer accuracy vs K (n={len(labels)})"
@@ -164,7 +177,7 @@ def run(args) -> int:
     for r in rows:
         extra = f"  agreement {r['agreement']:.3f}" if r.get("agreement") is not None else ""
         status = f"error: {r['error']}" if r.get("error") else f"{value} {r[value]:.3f}{extra}"
-        print(f"{r['method']:>12} K={r['keep']:<4} {status}")
+        print(f"{r['method']:>22} K={r['keep']:<4} {status}")
     if args.out:
         from edgeprune.fileio import atomic_write
 
@@ -178,7 +191,24 @@ def run(args) -> int:
     return 0
 
 
-def _run_probe(adapter, cached, labels, methods, keeps, args):
+def _reference(path: Path, info: dict, n_img: int):
+    """The unpruned EvalResult of an earlier `edgeprune eval` results.json on the same images."""
+    from edgeprune.errors import EdgepruneError
+    from edgeprune.eval.vlm import EvalResult
+
+    try:
+        ref = json.loads(Path(path).read_text())
+        same = {k: ref[k] for k in ("model", "n", "seed", "test_indices")}
+        unpruned, answers = float(ref["unpruned"]), list(ref["unpruned_answers"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise EdgepruneError(f"--reference {path}: not a VLM results.json of `edgeprune eval` ({err})") from None
+    if same != {k: info[k] for k in same}:
+        raise EdgepruneError(f"--reference {path}: another model, n, seed or image set than this run "
+                             f"({same['model']}, n={same['n']}, seed={same['seed']})")
+    return EvalResult("none", n_img, info["n"], unpruned, None, 0.0, answers=answers)
+
+
+def _run_probe(adapter, cached, labels, methods, keeps, args, options):
     from edgeprune.eval.data import load_split
     from edgeprune.eval.features import cached_signals
     from edgeprune.eval.probe import probe_sweep, train_probe
@@ -186,5 +216,6 @@ def _run_probe(adapter, cached, labels, methods, keeps, args):
     _, train_labels = load_split("train", args.data)
     train = cached_signals(adapter, "train", range(args.probe_train), kind="train", data_dir=args.data)
     probe = train_probe(train["cls"], train_labels[:args.probe_train], seed=args.seed)
-    unpruned, rows = probe_sweep(adapter, cached, labels, probe, methods, keeps, seed=args.seed, batch=args.batch)
+    unpruned, rows = probe_sweep(adapter, cached, labels, probe, methods, keeps, seed=args.seed, batch=args.batch,
+                                 options=options)
     return unpruned, rows, "top1"

@@ -15,8 +15,9 @@ def add_parser(subparsers):
     add_model_arg(p)
     add_pruner_args(p)
     add_positions_arg(p, "the method's convention, e.g. original for dart and autoselect, else the model's")
-    p.add_argument("--scorer", metavar="CKPT", help="learned scorer checkpoint, for methods with a `scorer` option "
-                   "(autoselect)")
+    p.add_argument("--scorer", metavar="CKPT", help="learned scorer checkpoint (`edgeprune train`), for methods with "
+                   "a `scorer` option (autoselect); default: the model's shipped one, where it ships one; "
+                   "--cfg scorer=random is the untrained baseline")
     p.add_argument("--fp16", action="store_true", help="float16 LLM graphs; the model is loaded in float16, which "
                    "keeps a 2-4B model's export within memory (the vision graph stays float32 in ONNX; "
                    "`build-engine --fp16` makes its TensorRT engine fp16)")

@@ -6,7 +6,7 @@ dtype), lists files the manifest does not list, and exits 1 on the first problem
 """
 from __future__ import annotations
 
-from edgeprune.runtime.format import Graph
+from edgeprune.runtime.format import Graph, ScorerRecord
 
 
 def add_parser(subparsers):
@@ -76,6 +76,9 @@ def summary(m: dict, path) -> str:
         f"{', '.join(m[Keys.PRUNER_EXTRA_OUTPUTS]) or '-'}",
         f"positions: {m[Keys.POSITIONS_MODE]}",
     ]
+    scorer = m[Keys.PRUNER_SCORER]
+    if scorer:
+        lines.insert(3, f"scorer:    {_scorer(scorer)}")
     if m[Keys.MODEL_DOMAIN]:
         lines.insert(2, f"domain:    trained to recognise {m[Keys.MODEL_DOMAIN]}")
     graphs = [("vision", m[Keys.VISION_GRAPH]), ("embed", m[Keys.LLM_EMBED_GRAPH]), ("decoder", m[Keys.LLM_DECODER_GRAPH])]
@@ -99,6 +102,13 @@ def summary(m: dict, path) -> str:
         lines.append(f"engine:    vision: {engine[Engine.FILE]} (TensorRT {engine.get(Engine.TENSORRT_VERSION, '?')}, "
                      f"{engine.get(Engine.PRECISION, '?')}, {engine.get(Engine.GPU_NAME, 'GPU not recorded')})")
     return "\n".join(lines)
+
+
+def _scorer(record: dict) -> str:
+    if not record[ScorerRecord.TRAINED]:
+        return f"random, untrained (seed {record[ScorerRecord.SEED]}): the baseline, not a trained scorer"
+    return (f"{record[ScorerRecord.FILE] or 'in-memory module'}, sha256 {record[ScorerRecord.SHA256] or '?'}, "
+            f"recipe {record[ScorerRecord.RECIPE] or '?'}")
 
 
 def _shape(v) -> str:

@@ -35,12 +35,16 @@ def add_parser(subparsers):
     add_positions_arg(p)
     p.add_argument("--image", type=Path, help="image to run (default: a shipped photo)")
     add_threads_arg(p)
+    p.add_argument("--cfg", action="append", metavar="KEY=VALUE",
+                   help="method option, repeatable, for the methods that take it (e.g. scorer=random: the "
+                        "untrained autoselect baseline, reported as 'autoselect (untrained)')")
     return p
 
 
 def run(args) -> int:
     from tqdm import tqdm
 
+    from edgeprune.cli.args import parse_key_values
     from edgeprune.errors import EdgepruneError
     from edgeprune.profiles.sweep import run_sweep
     from edgeprune.pruners import available
@@ -60,7 +64,7 @@ def run(args) -> int:
 
         result = run_sweep(args.model, methods, keeps, args.out, runs=args.runs, warmup=args.warmup,
                            new_tokens=args.new_tokens, image=args.image, threads=args.threads,
-                           positions=args.positions, progress=progress)
+                           positions=args.positions, progress=progress, cfg=parse_key_values(args.cfg))
     print(result["markdown"])
     print(f"written: {args.out / 'sweep.json'}, {args.out / 'sweep.md'}, " + ", ".join(result["plots"]))
     return 0

@@ -75,9 +75,10 @@ def probe_accuracy(probe: LinearProbe, cls: Tensor, labels) -> float:
 
 @torch.no_grad()
 def probe_sweep(adapter, cached, labels, probe: LinearProbe, methods, keeps, seed: int = 0,
-                batch: int = 16) -> tuple[float, list[dict]]:
-    """(unpruned top-1 from the cached full [CLS], rows of {method, keep, n, top1, seconds, error})."""
-    from edgeprune.eval.vlm import build_method
+                batch: int = 16, options: dict[str, dict] | None = None) -> tuple[float, list[dict]]:
+    """(unpruned top-1 from the cached full [CLS], rows of {method, keep, n, top1, seconds, error});
+    `options`: {method: pruner options}; rows carry the method's report label."""
+    from edgeprune.eval.vlm import build_method, method_label
     from edgeprune.reference import encode_and_prune
 
     labels = np.asarray(labels)
@@ -85,14 +86,16 @@ def probe_sweep(adapter, cached, labels, probe: LinearProbe, methods, keeps, see
     full = probe_accuracy(probe, cached._signals["cls"], labels)
     rows = []
     full_rerun = None      # K = N is the same unpruned re-run for every method: computed once
-    for method in methods:
+    for name in methods:
         for k in keeps:
             start = time.time()
+            method = name
             if k == adapter.num_image_tokens and full_rerun is not None:
                 rows.append({**full_rerun, "method": method, "seconds": 0.0})
                 continue
             try:
-                pruner = build_method(adapter, method, k, seed=seed)
+                pruner = build_method(adapter, name, k, seed=seed, **(options or {}).get(name, {}))
+                method = method_label(name, pruner)
                 preds = []
                 for i in range(0, n, batch):
                     idx = torch.arange(i, min(n, i + batch))

@@ -19,7 +19,7 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.eval.data import PROMPT, match_class, normalize_answer
 from edgeprune.models.base import Signals
 
-__all__ = ["CachedAdapter", "build_method", "answers", "EvalResult", "evaluate", "sweep", "SWEEP_KEEPS"]
+__all__ = ["CachedAdapter", "build_method", "method_label", "answers", "EvalResult", "evaluate", "sweep", "SWEEP_KEEPS"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,12 @@ def build_method(adapter, method: str, keep: int | None, seed: int = 0, **cfg):
     return build_for_model(method, keep, adapter.pruner_options(), **cfg)
 
 
+def method_label(method: str, pruner) -> str:
+    """The name a report gives the method: the pruner's own label when it has one ("autoselect
+    (untrained)" for the random-scorer baseline), else the method name."""
+    return pruner.label() if hasattr(pruner, "label") else method
+
+
 @torch.no_grad()
 def answers(adapter, cached: CachedAdapter, pruner, rows, batch: int = 16, max_new_tokens: int = 8,
             prompt: str = PROMPT) -> list[str]:
@@ -119,6 +125,7 @@ def evaluate(adapter, cached: CachedAdapter, labels: np.ndarray, method: str, ke
     start = time.time()
     try:
         pruner = build_method(adapter, method, keep, seed=seed, **cfg)
+        method = method_label(method, pruner)
         texts = answers(adapter, cached, pruner, range(len(labels)), batch=batch)
     except EdgepruneError as err:
         log.warning("%s K=%d failed: %s", method, k, err)
@@ -128,17 +135,21 @@ def evaluate(adapter, cached: CachedAdapter, labels: np.ndarray, method: str, ke
 
 
 def sweep(adapter, cached: CachedAdapter, labels: np.ndarray, methods, keeps=SWEEP_KEEPS, seed: int = 0,
-          batch: int = 16) -> tuple[EvalResult, list[EvalResult]]:
+          batch: int = 16, options: dict[str, dict] | None = None,
+          full: EvalResult | None = None) -> tuple[EvalResult, list[EvalResult]]:
     """(unpruned result, one result per method and K < N). K = N is the unpruned run for every
-    method (the contract's identity), measured once."""
-    full = evaluate(adapter, cached, labels, "none", None, seed=seed, batch=batch)
-    log.info("unpruned: accuracy %.3f (n=%d, %.0f s)", full.accuracy, full.n, full.seconds)
+    method (the contract's identity), measured once, or taken from `full` (an earlier run on the same
+    images). `options`: {method: pruner options}."""
+    if full is None:
+        full = evaluate(adapter, cached, labels, "none", None, seed=seed, batch=batch)
+        log.info("unpruned: accuracy %.3f (n=%d, %.0f s)", full.accuracy, full.n, full.seconds)
     results = []
     for method in methods:
         for k in keeps:
             if k >= adapter.num_image_tokens:
                 continue
-            r = evaluate(adapter, cached, labels, method, k, reference=full.answers, seed=seed, batch=batch)
-            log.info("%s K=%d: accuracy %.3f agreement %s (%.0f s)", method, k, r.accuracy, r.agreement, r.seconds)
+            r = evaluate(adapter, cached, labels, method, k, reference=full.answers, seed=seed, batch=batch,
+                         **(options or {}).get(method, {}))
+            log.info("%s K=%d: accuracy %.3f agreement %s (%.0f s)", r.method, k, r.accuracy, r.agreement, r.seconds)
             results.append(r)
     return full, results

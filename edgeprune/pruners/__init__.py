@@ -2,7 +2,7 @@
 
 Every pruner module is imported here explicitly so that `build()` and `available()` see it.
 """
-from edgeprune.pruners._registry import available, build, build_for_model, register_pruner
+from edgeprune.pruners._registry import available, build, build_for_model, options_by_method, register_pruner
 from edgeprune.pruners.base import SIGNALS, Pruner, PrunerLike, Selection
 
 from edgeprune.pruners import (  # noqa: F401  (registration side effect)
@@ -19,4 +19,5 @@ from edgeprune.pruners import (  # noqa: F401  (registration side effect)
     visionzip,
 )
 
-__all__ = ["build", "build_for_model", "available", "register_pruner", "Pruner", "PrunerLike", "Selection", "SIGNALS"]
+__all__ = ["build", "build_for_model", "available", "options_by_method", "register_pruner", "Pruner", "PrunerLike",
+           "Selection", "SIGNALS"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from edgeprune.errors import PrunerConfigError
 from edgeprune.pruners.base import Pruner
 
-__all__ = ["register_pruner", "build", "build_for_model", "available", "PrunerInfo"]
+__all__ = ["register_pruner", "build", "build_for_model", "available", "PrunerInfo", "options_by_method"]
 
 _PRUNERS: dict[str, type[Pruner]] = {}
 
@@ -66,6 +66,17 @@ def build(name: str, keep: int, **cfg) -> Pruner:
     if missing:
         raise PrunerConfigError(f"{name}: missing required option(s) {', '.join(missing)}")
     return cls(keep=keep, **cfg).eval()
+
+
+def options_by_method(methods: list[str], cfg: dict) -> dict[str, dict]:
+    """Options given once for several methods (`--cfg` of eval / sweep) -> {method: the ones it takes};
+    an option that none of the methods takes is an error."""
+    accepted = {m: set(_config_params(_PRUNERS[m])) if m in _PRUNERS else set() for m in methods}
+    unused = sorted(k for k in cfg if not any(k in a for a in accepted.values()))
+    if unused:
+        raise PrunerConfigError(f"--cfg {', '.join(unused)}: none of the methods {', '.join(methods)} takes "
+                                f"this option")
+    return {m: {k: v for k, v in cfg.items() if k in accepted[m]} for m in methods}
 
 
 def build_for_model(name: str, keep: int, model_options: dict, **cfg) -> Pruner:

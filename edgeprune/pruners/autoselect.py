@@ -1,18 +1,35 @@
 """AutoSelect: top-K by a learned per-token scorer on `feats` (METHODS.md, AutoSelect).
 
-Inference only: s = Linear(TransformerEncoder_L(feats)), keep the K highest scores at their original
-positions (`--positions original`). Training (soft top-K, noise gate, denoiser) lives in edgeprune.train
-and trains the `Scorer` defined here; `save_scorer` / `load_scorer` are the checkpoint format
-(safetensors, config in its metadata).
+Inference only: s = Linear(TransformerEncoder_L(Down(feats))), keep the K highest scores at their
+original positions (`--positions original`). Training (soft top-K, noise gate, denoiser) lives in
+edgeprune.train and trains the `Scorer` defined here; `save_scorer` / `load_scorer` are the checkpoint
+format (safetensors, config and recipe id in its metadata).
+
+Which scorer (issue 12: a random scorer is never silent):
+- `scorer=PATH` (CLI `--scorer`): a checkpoint of `save_scorer` (`edgeprune train`, or the file an
+  adapter ships: edgeprune-mini's `pruner_options()` names it, so `build_for_model` / `adapter.build_pruner`
+  / `export` use it when no scorer is given);
+- `scorer=module`: any nn.Module mapping feats [B, N, C] to scores [B, N];
+- `scorer="random"`: the seeded, untrained scorer, only on request; the untrained baseline, labelled
+  "autoselect (untrained)" in every report;
+- nothing (`build("autoselect", keep=K)` alone): a PrunerConfigError that names `--scorer`,
+  `edgeprune train` and `scorer="random"`.
+`scorer_record()` says which one was used (file name, sha256, recipe id): export writes it to the
+manifest (`pruner.scorer`).
 
 Choices where METHODS.md is silent: the blocks are pre-norm (LayerNorm -> attention -> residual,
 LayerNorm -> 4x GELU MLP -> residual) with no final norm, as nn.TransformerEncoder(norm=None) with
 norm_first=True; the attention is F.scaled_dot_product_attention on our own q/k/v projections (no
 nn.MultiheadAttention, whose eval-mode fast path traces differently); no dropout. Default heads: the
-largest of (8, 6, 4, 3, 2, 1) dividing the width (8 heads of 128 at CLIP-L's 1024).
+largest of (8, 6, 4, 3, 2, 1) dividing the width.
+Departure from METHODS.md (issue 12, "a scorer cheap enough for the edge"): the default scorer is
+narrow, a Linear down-projection from the encoder width C to `width` (DEFAULT_WIDTH) before its
+DEFAULT_DEPTH block(s); METHODS.md's "L = 2 blocks at the encoder width" is `width=None, depth=2`.
+Measured cost and quality of both: docs/results.md, section 5.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -23,11 +40,19 @@ from edgeprune.errors import PrunerConfigError
 from edgeprune.pruners._registry import register_pruner
 from edgeprune.pruners.base import Pruner, Selection
 from edgeprune.pruners.ops import gather_rows, sort_by_position, topk_indices
+from edgeprune.runtime.format import ScorerRecord
 
-__all__ = ["AutoSelect", "Scorer", "save_scorer", "load_scorer", "default_heads"]
+__all__ = ["AutoSelect", "Scorer", "save_scorer", "load_scorer", "default_heads", "RANDOM", "DEFAULT_WIDTH",
+           "DEFAULT_DEPTH", "NO_SCORER"]
 
-_META = "edgeprune.scorer."  # safetensors metadata prefix: dim, depth, heads, format
-_FORMAT = "1"
+_META = "edgeprune.scorer."  # safetensors metadata prefix: dim, depth, heads, width, format, recipe
+_FORMAT = "2"                # 2: + width (a format-1 file has none: its blocks run at dim)
+RANDOM = "random"            # scorer="random": the untrained baseline, only on request
+DEFAULT_WIDTH = 128          # narrow scorer (module docstring); None = the encoder width
+DEFAULT_DEPTH = 1
+NO_SCORER = ("autoselect needs a trained scorer and this model ships none: pass scorer=PATH (CLI: --scorer CKPT) "
+             "with a checkpoint written by `edgeprune train`, or scorer='random' (CLI: --cfg scorer=random) "
+             "for the untrained baseline")
 
 
 def default_heads(dim: int) -> int:
@@ -57,59 +82,79 @@ class _Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class Scorer(nn.Module):
-    """Per-token score s = Linear(TransformerEncoder_depth(feats)): [B, N, dim] -> [B, N]."""
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise PrunerConfigError(f"autoselect: {name}={value!r}, expected an integer >= {low}")
 
-    def __init__(self, dim: int, depth: int = 2, heads: int | None = None):
+
+class Scorer(nn.Module):
+    """Per-token score s = Linear(TransformerEncoder_depth(Down(feats))): [B, N, dim] -> [B, N].
+
+    `width`: the blocks' width; Down is a Linear(dim, width) when width != dim, else absent (None: dim)."""
+
+    def __init__(self, dim: int, depth: int = 2, heads: int | None = None, width: int | None = None):
         super().__init__()
-        heads = default_heads(dim) if heads is None else heads
-        for name, value, low in (("dim", dim, 1), ("depth", depth, 0), ("heads", heads, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise PrunerConfigError(f"autoselect: {name}={value!r}, expected an integer >= {low}")
-        if dim % heads:
-            raise PrunerConfigError(f"autoselect: heads={heads} does not divide dim={dim}")
-        self.dim, self.depth, self.heads = dim, depth, heads
-        self.blocks = nn.ModuleList(_Block(dim, heads) for _ in range(depth))
-        self.head = nn.Linear(dim, 1)
+        width = dim if width is None else width
+        _check_int("dim", dim, 1)
+        _check_int("width", width, 1)
+        heads = default_heads(width) if heads is None else heads
+        _check_int("depth", depth, 0)
+        _check_int("heads", heads, 1)
+        if width % heads:
+            raise PrunerConfigError(f"autoselect: heads={heads} does not divide "
+                                    f"{'dim' if width == dim else 'width'}={width}")
+        self.dim, self.depth, self.heads, self.width = dim, depth, heads, width
+        if width != dim:
+            self.down = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList(_Block(width, heads) for _ in range(depth))
+        self.head = nn.Linear(width, 1)
 
     def forward(self, feats: Tensor) -> Tensor:                        # [B, N, dim]
-        x = feats
+        x = self.down(feats) if self.width != self.dim else feats     # [B, N, width]
         for block in self.blocks:
             x = block(x)
         return self.head(x).squeeze(-1)                                # [B, N]
 
     def config(self) -> dict[str, int]:
-        return {"dim": self.dim, "depth": self.depth, "heads": self.heads}
+        return {"dim": self.dim, "depth": self.depth, "heads": self.heads, "width": self.width}
 
 
-def save_scorer(scorer: Scorer, path: str | Path) -> Path:
-    """Write the scorer's weights with its config (dim, depth, heads) in the safetensors metadata."""
+def save_scorer(scorer: Scorer, path: str | Path, recipe: str | None = None) -> Path:
+    """Write the scorer's weights with its config (and the id of the recipe that trained it, if
+    given) in the safetensors metadata."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {_META + k: str(v) for k, v in scorer.config().items()} | {_META + "format": _FORMAT}
+    if recipe:
+        meta[_META + "recipe"] = recipe
     save_file({k: v.detach().contiguous().cpu() for k, v in scorer.state_dict().items()}, str(path), metadata=meta)
     return path
 
 
-def load_scorer(path: str | Path) -> Scorer:
-    """Read a checkpoint written by `save_scorer`; anything else is a PrunerConfigError naming the file."""
+def _read_checkpoint(path: Path) -> tuple[dict, dict]:
     from safetensors import safe_open
 
-    path = Path(path)
     if not path.is_file():
         raise PrunerConfigError(f"autoselect: scorer checkpoint {str(path)!r} does not exist, expected a "
                                 f".safetensors file written by save_scorer (edgeprune train)")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            weights = {k: f.get_tensor(k) for k in f.keys()}
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
         raise PrunerConfigError(f"autoselect: scorer checkpoint {str(path)!r} is not a readable safetensors "
                                 f"file ({e})") from e
+
+
+def load_scorer(path: str | Path) -> Scorer:
+    """Read a checkpoint written by `save_scorer`; anything else is a PrunerConfigError naming the file.
+    `scorer.recipe` is the recipe id from its metadata (None when it has none)."""
+    path = Path(path)
+    meta, weights = _read_checkpoint(path)
     try:
         config = {k: int(meta[_META + k]) for k in ("dim", "depth", "heads")}
+        config["width"] = int(meta.get(_META + "width", config["dim"]))
     except (KeyError, ValueError):
         raise PrunerConfigError(f"autoselect: scorer checkpoint {str(path)!r} has no scorer config in its "
                                 f"metadata (expected {_META}dim/depth/heads); was it written by save_scorer?") from None
@@ -119,7 +164,18 @@ def load_scorer(path: str | Path) -> Scorer:
     except RuntimeError as e:
         raise PrunerConfigError(f"autoselect: scorer checkpoint {str(path)!r} does not match its config "
                                 f"{config}: {e}") from e
+    scorer.recipe = meta.get(_META + "recipe")
     return scorer.eval()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _record(file: str | None, sha256: str | None, recipe: str | None, trained: bool) -> dict:
+    """The manifest's pruner.scorer record (runtime/format.py ScorerRecord)."""
+    return {ScorerRecord.FILE: file, ScorerRecord.SHA256: sha256, ScorerRecord.RECIPE: recipe,
+            ScorerRecord.TRAINED: trained}
 
 
 @register_pruner("autoselect")
@@ -130,35 +186,57 @@ class AutoSelect(Pruner):
     default_positions = "original"   # AutoSelect keeps the original RoPE ids (METHODS.md)
 
     def __init__(self, keep: int, scorer: str | Path | nn.Module | None = None, dim: int | None = None,
-                 depth: int = 2, heads: int | None = None, seed: int = 0):
+                 depth: int = DEFAULT_DEPTH, heads: int | None = None, width: int | None = DEFAULT_WIDTH,
+                 seed: int = 0):
         super().__init__(keep)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise PrunerConfigError(f"autoselect: seed={seed!r}, expected an integer")
-        for name, value, low in (("depth", depth, 0), ("heads", 1 if heads is None else heads, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:  # checked now, not lazily
-                raise PrunerConfigError(f"autoselect: {name}={value!r}, expected an integer >= {low}")
-        self.depth, self.heads, self.seed = depth, heads, seed
+        for name, value, low in (("depth", depth, 0), ("heads", 1 if heads is None else heads, 1),
+                                 ("width", 1 if width is None else width, 1)):
+            _check_int(name, value, low)     # checked now, not lazily
+        self.depth, self.heads, self.width, self.seed = depth, heads, width, seed
+        self._record = _record(None, None, None, trained=True)
         if scorer is None:
-            # No checkpoint: a randomly initialised scorer, seeded (deterministic, untrained: a
-            # baseline and a shape stand-in). With dim=None it is built on the first call from
-            # feats.shape[-1], with the same seed, so it is just as deterministic.
+            raise PrunerConfigError(NO_SCORER)
+        if isinstance(scorer, str) and scorer == RANDOM:
+            # The untrained baseline: a seeded random scorer (deterministic). With dim=None it is
+            # built on the first call from feats.shape[-1], with the same seed, so it is just as deterministic.
             self.scorer = None if dim is None else self._random_scorer(dim)
-        else:
-            if isinstance(scorer, (str, Path)):
-                scorer = load_scorer(scorer)
-            elif not isinstance(scorer, nn.Module):
-                raise PrunerConfigError(f"autoselect: scorer={scorer!r}, expected None, a checkpoint path "
-                                        f"or an nn.Module mapping feats [B, N, C] to scores [B, N]")
-            # depth/heads describe a random scorer only; a given scorer brings its own config.
-            got = getattr(scorer, "dim", None)
-            if dim is not None and got is not None and got != dim:
-                raise PrunerConfigError(f"autoselect: dim={dim} but the scorer's width is {got}")
-            self.scorer = scorer.eval()  # no dropout, whatever the module was trained with
+            self._record = {**_record(None, None, RANDOM, trained=False), ScorerRecord.SEED: seed}
+            return
+        if isinstance(scorer, (str, Path)):
+            path = Path(scorer)
+            scorer = load_scorer(path)
+            self._record = _record(path.name, _sha256(path), scorer.recipe, trained=True)
+        elif not isinstance(scorer, nn.Module):
+            raise PrunerConfigError(f"autoselect: scorer={scorer!r}, expected a checkpoint path, an nn.Module "
+                                    f"mapping feats [B, N, C] to scores [B, N], or {RANDOM!r}")
+        # depth/heads/width describe a random scorer only; a given scorer brings its own config.
+        got = getattr(scorer, "dim", None)
+        if dim is not None and got is not None and got != dim:
+            raise PrunerConfigError(f"autoselect: dim={dim} but the scorer's width is {got}")
+        self.scorer = scorer.eval()  # no dropout, whatever the module was trained with
+
+    @property
+    def trained(self) -> bool:
+        return bool(self._record[ScorerRecord.TRAINED])
+
+    def scorer_record(self) -> dict:
+        """Which scorer this pruner runs: {"file", "sha256", "recipe", "trained"} (+ "seed" for the
+        random one). Export writes it to the manifest (pruner.scorer); reports label an untrained one."""
+        return dict(self._record)
+
+    def label(self) -> str:
+        """The name reports show: "autoselect", or "autoselect (untrained)" for the random baseline."""
+        from edgeprune.runtime.bundle import method_label
+
+        return method_label(self.name, self._record)
 
     def _random_scorer(self, dim: int) -> Scorer:
         with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG
             torch.manual_seed(self.seed)
-            return Scorer(dim, self.depth, self.heads).eval()
+            width = dim if self.width is None else min(self.width, dim)   # narrow, never wider than C
+            return Scorer(dim, self.depth, self.heads, width).eval()
 
     def select(self, tokens: Tensor, feats: Tensor) -> Selection:      # [B, N, D], [B, N, C]
         if self.scorer is None:  # lazy: dim was not given (see __init__)
@@ -177,4 +255,4 @@ class AutoSelect(Pruner):
         return Selection(tokens=kept, positions=positions)             # [B, K, D], [B, K]
 
     def extra_repr(self) -> str:
-        return f"keep={self.keep}, seed={self.seed}"
+        return f"keep={self.keep}, seed={self.seed}, scorer={self._record[ScorerRecord.FILE] or self._record[ScorerRecord.RECIPE]}"

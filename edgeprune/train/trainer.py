@@ -4,8 +4,19 @@ the Denoiser learn, the loss is the next-token NLL of the answer tokens.
 One step:  feats [B,N,C] -> Scorer -> z-score -> soft top-K alpha (tau) -> VP noise gate -> Denoiser
            -> frozen projector -> frozen LLM on [prefix, N image tokens, prompt suffix, answer]
            -> NLL of the answer tokens only.
-Every N tokens are fed at training (the gate does the "pruning"), with the adapter's 1-D position rule
-(with K = N both `original` and `compact` are plain arange).
+By default every N tokens are fed at training (the gate does the "pruning"), with the
+"original" 1-D position ids of an autoselect export (with K = N every position mode is plain arange).
+
+Options that depart from METHODS.md, for a run that fits a small CPU (issue 12; off by default):
+- `keeps`: one Scorer for several budgets: step s trains K = keeps[s % len(keeps)] (cyclic, so every
+  budget sees every phase of the tau and lr schedules); `keep` is then only the nominal budget.
+- `llm_tokens` = f > 0: only the M = min(N, ceil(f * K)) highest-scoring tokens (ascending original
+  positions, their own position ids) go through the noise gate, Denoiser, projector and LLM; the other
+  N - M count as dropped (alpha = 0), which is what inference does with them. alpha is still the soft
+  top-K over all N (the z-score and lambda see every score), so the Scorer learns from the ranks near
+  the cut, where its choice matters; the LLM cost falls from N to M image tokens.
+- `autocast`: the frozen VLM's forward and backward in bfloat16 autocast (the Scorer's scores, alpha and
+  the gate stay float32), as scripts/align_mini_projector.py trains the projector.
 
 Not in the spec, chosen here: AdamW (weight decay 0.01 on matrices only), linear warmup then cosine
 decay of the learning rate to 10 % of its peak, gradient clipping at norm 1.0, right padding (the
@@ -16,6 +27,8 @@ Batches are a pure function of (seed, step), so a resumed run equals an uninterr
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import math
 import os
@@ -30,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.pruners.autoselect import AutoSelect
 from edgeprune.runtime.positions import sequence_positions
 from edgeprune.train.denoiser import Denoiser
 from edgeprune.train.noise_gate import vp_gate
@@ -39,6 +53,8 @@ __all__ = ["TrainConfig", "Batch", "Trainer", "tau_at", "lr_at", "gated_features
            "state_path", "freeze"]
 
 log = logging.getLogger(__name__)
+
+POSITIONS = AutoSelect.default_positions   # "original": the position ids an autoselect export uses
 
 
 @dataclass
@@ -55,18 +71,32 @@ class TrainConfig:
     tau_start: float = 1.0
     tau_end: float = 0.05
     save_every: int = 0              # also checkpoint every this many steps (0: only at the end)
+    keeps: tuple[int, ...] = ()      # budgets trained in turn, step s: keeps[s % len] (empty: keep)
+    llm_tokens: float = 0.0          # > 0: only the ceil(llm_tokens * K) top-scored tokens reach the LLM
+    autocast: bool = False           # bf16 autocast for the frozen VLM
 
     def __post_init__(self):
+        self.keeps = tuple(self.keeps)
         checks = [("keep", self.keep >= 1, ">= 1"), ("steps", self.steps >= 1, ">= 1"), ("lr", self.lr > 0, "> 0"),
                   ("batch_size", self.batch_size >= 1, ">= 1"), ("grad_clip", self.grad_clip > 0, "> 0"),
                   ("tau_start", self.tau_start > 0, "> 0"),
                   ("tau_end", 0 < self.tau_end <= self.tau_start, "in (0, tau_start]"),
                   ("warmup", self.warmup is None or self.warmup >= 0, ">= 0"),
                   ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
-                  ("save_every", self.save_every >= 0, ">= 0")]
+                  ("save_every", self.save_every >= 0, ">= 0"),
+                  ("keeps", all(isinstance(k, int) and k >= 1 for k in self.keeps), "integers >= 1"),
+                  ("llm_tokens", self.llm_tokens == 0 or self.llm_tokens >= 1, "0 (all N) or >= 1")]
         for name, ok, expected in checks:
             if not ok:
                 raise EdgepruneError(f"train: {name}={getattr(self, name)!r}, expected {expected}")
+
+    def keep_at(self, step: int) -> int:
+        """The budget K trained at `step`."""
+        return self.keeps[step % len(self.keeps)] if self.keeps else self.keep
+
+    def llm_count(self, keep: int, n: int) -> int:
+        """How many image tokens reach the LLM when training budget `keep` of `n`."""
+        return n if not self.llm_tokens else min(n, math.ceil(self.llm_tokens * keep))
 
     @property
     def warmup_steps(self) -> int:
@@ -109,24 +139,57 @@ def freeze(adapter: nn.Module) -> None:
 
 
 def gated_features(scorer: nn.Module, denoiser: nn.Module, feats: Tensor, keep: int, tau: float,
-                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Steps 1-4: feats [B, N, C] -> (denoised gated feats [B, N, C], alpha [B, N])."""
+                   generator: torch.Generator | None = None, count: int | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Steps 1-4: feats [B, N, C] -> (denoised gated feats [B, M, C], alpha [B, N], positions [B, M] or
+    None for all N). `count` = M < N: only the M highest-scoring tokens, at ascending original
+    positions, are gated and denoised (the others count as dropped; module docstring)."""
     scores = scorer(feats)                                              # [B, N]
     # 1. z-score  2. soft top-K with per-row threshold (sum alpha = K)
     alpha = soft_topk(zscore(scores), keep, tau)                        # [B, N]
+    positions = None
+    if count is not None and count < feats.shape[1]:
+        positions = scores.detach().topk(count, dim=-1).indices.sort(dim=-1).values    # [B, M]
+        feats = feats.gather(1, positions.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+        kept_alpha = alpha.gather(1, positions)                         # [B, M]
+    else:
+        kept_alpha = alpha
     # 3. VP noise gate
-    gated = vp_gate(feats, alpha, generator=generator)                  # [B, N, C]
-    # 4. diagonal-attention Denoiser, before the frozen projector
-    return denoiser(gated), alpha
+    gated = vp_gate(feats, kept_alpha, generator=generator)             # [B, M, C]
+    # 4. diagonal-attention Denoiser (token-wise: the same on M tokens as on N), before the frozen projector
+    return denoiser(gated), alpha, positions
 
 
-def answer_nll(adapter, image_tokens: Tensor, batch: Batch) -> Tensor:
+def _prefix_kv(adapter, prefix: list[int], store: dict, device):
+    """The LLM's key/value cache of a text prefix (no grad: it does not depend on the image), computed
+    once per prefix and kept in `store`; each call gets its own copy (a forward appends to a cache)."""
+    key = (tuple(prefix), str(device))
+    if key not in store:
+        with torch.no_grad():
+            ids = torch.tensor([prefix], dtype=torch.long, device=device)
+            out = adapter.llm(inputs_embeds=adapter.embed(ids), use_cache=True, logits_to_keep=1)
+            cache = getattr(out, "cache", None)           # transformers >= 5.2x; older: past_key_values
+            store[key] = cache if cache is not None else out.past_key_values
+    return copy.deepcopy(store[key])
+
+
+def answer_nll(adapter, image_tokens: Tensor, batch: Batch, positions: Tensor | None = None,
+               num_image_tokens: int | None = None, prefix_cache: dict | None = None) -> Tensor:
     """Mean NLL of the answer tokens with the LLM input [prefix, image tokens, suffix, answer[:-1]].
 
-    image_tokens [B, N, D] (after the projector). Only the logits of the answer-predicting positions are
+    image_tokens [B, M, D] (after the projector); `positions` [B, M]: their ascending indices among the
+    model's `num_image_tokens` N (None: all N, M = N), with "original" position ids, as an autoselect
+    bundle lays out its K kept tokens (AutoSelect.default_positions; with all N tokens every mode is arange). Only the logits of the answer-predicting positions are
     computed (`logits_to_keep` with their indices), which spares the vocabulary projection elsewhere.
+    `prefix_cache` (a dict the caller keeps): when every row has the same text prefix, its key/value cache
+    is computed once and reused, so the LLM runs only from the image on (same loss, fewer tokens).
     """
     b, n, _ = image_tokens.shape
+    shared = prefix_cache is not None and batch.prefix[0] and all(p == batch.prefix[0] for p in batch.prefix)
+    skip = len(batch.prefix[0]) if shared else 0         # prefix tokens served from the cache
+    total = n if num_image_tokens is None else num_image_tokens
+    image_positions = (np.broadcast_to(np.arange(n), (b, n)) if positions is None
+                       else positions.detach().cpu().numpy())
     device = image_tokens.device
     embed_dtype = adapter.embed(torch.zeros(1, 1, dtype=torch.long, device=device)).dtype
     rows, positions, targets = [], [], []
@@ -135,15 +198,14 @@ def answer_nll(adapter, image_tokens: Tensor, batch: Batch) -> Tensor:
         if not answer:
             raise EdgepruneError("train: an example has an empty answer after tokenisation")
         text_after = suffix + answer[:-1]               # the last answer token is only a target
-        pieces = [adapter.embed(torch.tensor([prefix], dtype=torch.long, device=device))[0]] if prefix else []
+        pieces = [adapter.embed(torch.tensor([prefix], dtype=torch.long, device=device))[0]] if prefix and not skip else []
         pieces.append(image_tokens[i].to(embed_dtype))
         if text_after:
             pieces.append(adapter.embed(torch.tensor([text_after], dtype=torch.long, device=device))[0])
         rows.append(torch.cat(pieces, dim=0))                                   # [L_i, D]
-        pos = sequence_positions(len(prefix), np.arange(n)[None], n, len(text_after),
-                                 getattr(adapter, "default_positions", "original"))[0]
-        positions.append(torch.from_numpy(np.ascontiguousarray(pos)).to(device))
-        first = len(prefix) + n + len(suffix) - 1       # position whose logits predict answer[0]
+        pos = sequence_positions(len(prefix), image_positions[i:i + 1], total, len(text_after), POSITIONS)[0]
+        positions.append(torch.from_numpy(np.ascontiguousarray(pos[skip:])).to(device))
+        first = len(prefix) - skip + n + len(suffix) - 1    # index (in the LLM input) whose logits predict answer[0]
         targets.append((first, answer))
     length = max(r.shape[0] for r in rows)
     embeds = torch.zeros(b, length, rows[0].shape[-1], dtype=embed_dtype, device=device)
@@ -154,7 +216,16 @@ def answer_nll(adapter, image_tokens: Tensor, batch: Batch) -> Tensor:
         position_ids[i] = torch.cat([p, p[-1] + 1 + torch.arange(length - p.shape[0], device=device)])
     keep_idx = sorted({first + j for first, answer in targets for j in range(len(answer))})
     column = {pos: c for c, pos in enumerate(keep_idx)}
-    out = adapter.llm(inputs_embeds=embeds, position_ids=position_ids, use_cache=False,
+    cache = {}
+    if skip:
+        past = _prefix_kv(adapter, batch.prefix[0], prefix_cache, device)
+        past.batch_repeat_interleave(b)
+        # transformers >= 5.2x names the argument `cache` (past_key_values is deprecated); older 5.x: past_key_values
+        cache = {"cache" if "cache" in inspect.signature(adapter.llm.forward).parameters else "past_key_values": past}
+    # use_cache=True even without a prefix cache: with use_cache=False and no attention mask, transformers
+    # reads position ids that jump (the kept tokens' original ids) as packed sequences and blocks attention
+    # across the jumps (measured: another loss than the runtime's full causal attention).
+    out = adapter.llm(inputs_embeds=embeds, position_ids=position_ids, use_cache=True, **cache,
                       logits_to_keep=torch.tensor(keep_idx, dtype=torch.long, device=device))
     logits = out.logits                                                          # [B, len(keep_idx), V]
     labels = torch.full(logits.shape[:2], -100, dtype=torch.long)
@@ -183,6 +254,8 @@ class Trainer:
         self.adapter, self.scorer, self.denoiser = adapter, scorer, denoiser
         self.config, self.batches = config, batches
         self.step = 0
+        self.recipe: str | None = None     # recipe id written into the Scorer file's metadata
+        self._prefix_cache: dict = {}       # the LLM cache of a shared text prefix (answer_nll)
         self.losses: list[float] = []
         self.step_seconds: list[float] = []
         decay, no_decay = [], []
@@ -210,8 +283,12 @@ class Trainer:
         batch = self.batches(self.step)
         start = time.perf_counter()
         device = next(self.scorer.parameters()).device    # the caller places Scorer, Denoiser and VLM
-        feats, _ = gated_features(self.scorer, self.denoiser, batch.feats.to(device), c.keep, self.tau, self.noise)
-        loss = answer_nll(self.adapter, self.adapter.project(feats), batch)
+        keep, n = c.keep_at(self.step), batch.feats.shape[1]
+        feats, _, positions = gated_features(self.scorer, self.denoiser, batch.feats.to(device), keep, self.tau,
+                                             self.noise, count=c.llm_count(keep, n))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.autocast):
+            loss = answer_nll(self.adapter, self.adapter.project(feats), batch, positions, n,
+                              prefix_cache=self._prefix_cache)
         if not torch.isfinite(loss):
             raise EdgepruneError(f"train: loss is {loss.item()} at step {self.step}; lower --lr")
         self.optimizer.zero_grad(set_to_none=True)
@@ -252,7 +329,7 @@ class Trainer:
         checkpoint = Path(checkpoint)
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         tmp = checkpoint.with_name(f".{checkpoint.name}.tmp")
-        save_scorer(self.scorer, tmp)
+        save_scorer(self.scorer, tmp, recipe=self.recipe)
         state = {
             "format": 1, "step": self.step, "config": asdict(self.config), "losses": self.losses,
             "denoiser": self.denoiser.state_dict(),
@@ -281,6 +358,9 @@ class Trainer:
         if saved["keep"] != self.config.keep:
             raise EdgepruneError(f"train: resume with keep={self.config.keep}, the checkpoint was trained "
                                  f"with keep={saved['keep']}")
+        if tuple(saved.get("keeps", ())) != self.config.keeps:
+            raise EdgepruneError(f"train: resume with keeps={self.config.keeps}, the checkpoint was trained "
+                                 f"with keeps={tuple(saved.get('keeps', ()))}")
         changed = {f.name: (saved.get(f.name), getattr(self.config, f.name)) for f in fields(self.config)
                    if saved.get(f.name) != getattr(self.config, f.name)}
         if changed:

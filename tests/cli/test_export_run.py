@@ -75,6 +75,27 @@ def test_scorer_maps_to_the_scorer_option(tmp_path, monkeypatch, capsys):
     assert str(seen["llm_dtype"]) == "torch.float16"              # --fp16 loads the model in float16
 
 
+def test_autoselect_needs_a_scorer_and_the_random_one_is_labelled(tmp_path, capsys):
+    """tiny-llava ships no scorer: --method autoselect alone is refused (naming --scorer and `edgeprune
+    train`); --cfg scorer=random is the explicit untrained baseline, recorded and shown as such."""
+    from edgeprune.runtime.bundle import pruner_label
+
+    out = tmp_path / "auto"
+    assert main(["export", "--model", "tiny-llava", "--method", "autoselect", "--keep", "8", "--out", str(out),
+                 "--no-validate", "-q"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--scorer CKPT" in err and "`edgeprune train`" in err and "--cfg scorer=random" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
+    assert main(["export", "--model", "tiny-llava", "--method", "autoselect", "--keep", "8", "--out", str(out),
+                 "--cfg", "scorer=random", "--no-validate", "-q"]) == 0
+    m = json.loads((out / Files.MANIFEST).read_text())
+    assert m[Keys.PRUNER_SCORER] == {"file": None, "sha256": None, "recipe": "random", "trained": False, "seed": 0}
+    assert pruner_label(m) == "autoselect (untrained)"
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--no-verify"]) == 0
+    assert "scorer:    random, untrained (seed 0)" in capsys.readouterr().out
+
+
 def test_run_streams_text_and_timing(bundle, image, capsys):
     from edgeprune.runtime.pipeline import Pipeline
 

@@ -76,6 +76,22 @@ def test_cli_rejects_bad_keeps_and_methods():
         _methods("uniform,nope")
 
 
+def test_reference_results_reuse_the_unpruned_answers(tmp_path):
+    from edgeprune.cli.eval import _reference
+
+    info = {"model": "edgeprune-mini", "n": 2, "seed": 0, "test_indices": [3, 9], "cfg": {}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({**info, "unpruned": 0.5, "unpruned_answers": ["Bag", "Coat"], "rows": []}))
+    full = _reference(path, info, 576)
+    assert (full.accuracy, full.answers, full.keep, full.n) == (0.5, ["Bag", "Coat"], 576, 2)
+    with pytest.raises(EdgepruneError, match="another model, n, seed or image set"):
+        _reference(path, {**info, "test_indices": [3, 10]}, 576)
+    probe = tmp_path / "probe.json"                      # a --probe results.json has no unpruned answers
+    probe.write_text(json.dumps({**info, "unpruned": 0.5, "rows": []}))
+    with pytest.raises(EdgepruneError, match="not a VLM results.json"):
+        _reference(probe, info, 576)
+
+
 # ---- real model ---------------------------------------------------------------------------------
 
 needs_data = pytest.mark.skipif(not data_available(), reason="Debian package dataset-fashion-mnist not installed")

@@ -23,6 +23,7 @@ from edgeprune.export.vision import export_vision
 from edgeprune.models.vision_step import signals_needed
 from edgeprune.pruners import Pruner, Selection, available, build_for_model
 from edgeprune.pruners.ops import gather_rows, sort_by_position, topk_indices
+from tests.conftest import baseline_options
 
 # the METHODS.md pruners this suite targets; those not registered yet fall back to the baselines
 TARGETS = ("dart", "divprune", "visionzip", "autoselect")
@@ -43,7 +44,7 @@ def graphs(adapter, tmp_path_factory):
     folder = tmp_path_factory.mktemp("vision")
     out = {}
     for method in METHODS:
-        pruner = build_for_model(method, KEEP, adapter.pruner_options())
+        pruner = build_for_model(method, KEEP, adapter.pruner_options(), **baseline_options(method))
         out[method] = (pruner, export_vision(adapter, pruner, folder / f"{method}.onnx"))
     return out
 

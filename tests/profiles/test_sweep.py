@@ -35,8 +35,17 @@ def test_sweep_tiny_preset(tmp_path, capsys):
     bundles = sorted(p.name for p in (out / "bundles").iterdir())
     assert bundles == ["attention-k64", "dart-k64", "full-k576"]
     assert "| attention | 64 |" in capsys.readouterr().out
-    # a second sweep reuses the bundles (their manifests match)
+    # a second sweep reuses the bundles (their manifests match); --cfg goes to the methods that take it
+    # (dart takes no scorer: its bundle is reused) and the random-scorer baseline is labelled as such
     mtimes = {name: (out / "bundles" / name / "manifest.json").stat().st_mtime_ns for name in bundles}
-    assert main(["sweep", "--model", "tiny-llava", "--methods", "dart", "--keep", "64", "--runs", "1",
-                 "--new-tokens", "1", "--threads", "1", "--out", str(out)]) == 0
+    assert main(["sweep", "--model", "tiny-llava", "--methods", "dart,autoselect", "--cfg", "scorer=random",
+                 "--keep", "64", "--runs", "1", "--new-tokens", "1", "--threads", "1", "--out", str(out)]) == 0
     assert mtimes == {name: (out / "bundles" / name / "manifest.json").stat().st_mtime_ns for name in bundles}
+    assert (out / "bundles" / "autoselect-scorer-random-k64").is_dir()
+    result = json.loads((out / "sweep.json").read_text())
+    assert {(r["method"], r["keep"]) for r in result["rows"]} == {
+        ("dart", 64), ("dart", 576), ("autoselect (untrained)", 64), ("autoselect (untrained)", 576)}
+    assert "| autoselect (untrained) | 64 |" in capsys.readouterr().out
+    assert main(["sweep", "--model", "tiny-llava", "--methods", "dart", "--cfg", "scorer=random", "--keep", "64",
+                 "--out", str(out)]) == 1
+    assert "--cfg scorer: none of the methods dart takes this option" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from edgeprune.errors import PrunerConfigError
 from edgeprune.export.lint import lint
 from edgeprune.export.pruner_graph import export_pruner
 from edgeprune.pruners import build
-from edgeprune.pruners.autoselect import Scorer, default_heads, load_scorer, save_scorer
+from edgeprune.pruners.autoselect import DEFAULT_DEPTH, DEFAULT_WIDTH, Scorer, default_heads, load_scorer, save_scorer
 
 
 def first_channel_scorer(dim: int = 4, depth: int = 2) -> Scorer:
@@ -40,6 +40,11 @@ def hand_signals():
 
 def test_scorer_shape_and_heads():
     assert Scorer(24).heads == 8 and Scorer(24)(torch.randn(2, 5, 24)).shape == (2, 5)
+    narrow = Scorer(24, depth=1, width=8)                      # Down: Linear(24, 8), then one block at 8
+    assert narrow.down.weight.shape == (8, 24) and narrow.heads == 8 and narrow(torch.randn(2, 5, 24)).shape == (2, 5)
+    assert not hasattr(Scorer(24, width=24), "down")            # width = dim: no down-projection
+    with pytest.raises(PrunerConfigError, match="heads=3 does not divide width=8"):
+        Scorer(24, width=8, heads=3)
     assert [default_heads(d) for d in (1024, 1152, 18, 9, 10, 7)] == [8, 8, 6, 3, 2, 1]
     with pytest.raises(PrunerConfigError, match="heads=5 does not divide dim=24"):
         Scorer(24, heads=5)
@@ -71,13 +76,52 @@ def test_checkpoint_round_trip(tmp_path):
     scorer = Scorer(8, depth=1, heads=2).eval()
     path = save_scorer(scorer, tmp_path / "scorer.safetensors")
     loaded = load_scorer(path)
-    assert loaded.config() == {"dim": 8, "depth": 1, "heads": 2} and not loaded.training
+    assert loaded.config() == {"dim": 8, "depth": 1, "heads": 2, "width": 8} and not loaded.training
+    assert loaded.recipe is None
     feats = torch.randn(2, 10, 8)
     assert torch.equal(loaded(feats), scorer(feats))
     sig = {"tokens": torch.randn(2, 10, 5), "feats": feats}
     from_path = build("autoselect", keep=4, scorer=str(path))(**sig)
     from_module = build("autoselect", keep=4, scorer=scorer)(**sig)
     assert torch.equal(from_path.positions, from_module.positions)
+
+
+def test_narrow_checkpoint_round_trip_with_recipe_and_record(tmp_path):
+    torch.manual_seed(0)
+    scorer = Scorer(12, depth=2, width=4, heads=2).eval()
+    path = save_scorer(scorer, tmp_path / "narrow.safetensors", recipe="test-recipe-7")
+    loaded = load_scorer(path)
+    assert loaded.config() == {"dim": 12, "depth": 2, "heads": 2, "width": 4} and loaded.recipe == "test-recipe-7"
+    feats = torch.randn(1, 9, 12)
+    assert torch.equal(loaded(feats), scorer(feats))
+    import hashlib
+
+    record = build("autoselect", keep=3, scorer=path).scorer_record()
+    assert record == {"file": "narrow.safetensors", "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                      "recipe": "test-recipe-7", "trained": True}
+
+
+def test_format_1_checkpoint_without_width_still_loads(tmp_path):
+    """Files written before the narrow scorer (format 1: dim, depth, heads only) keep loading at full width."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    old = Scorer(8, depth=1, heads=2)
+    path = tmp_path / "old.safetensors"
+    save_file(old.state_dict(), str(path), metadata={"edgeprune.scorer.dim": "8", "edgeprune.scorer.depth": "1",
+                                                     "edgeprune.scorer.heads": "2", "edgeprune.scorer.format": "1"})
+    feats = torch.randn(1, 5, 8)
+    assert torch.equal(load_scorer(path)(feats), old(feats))
+
+
+def test_no_scorer_is_a_clear_error_and_random_is_explicit():
+    with pytest.raises(PrunerConfigError, match=r"needs a trained scorer.*--scorer.*`edgeprune train`.*scorer='random'"):
+        build("autoselect", keep=4)
+    random = build("autoselect", keep=4, scorer="random")
+    assert not random.trained and random.label() == "autoselect (untrained)"
+    assert random.scorer_record() == {"file": None, "sha256": None, "recipe": "random", "trained": False, "seed": 0}
+    trained = build("autoselect", keep=4, scorer=first_channel_scorer())
+    assert trained.trained and trained.label() == "autoselect"
 
 
 def test_bad_checkpoint_is_clear(tmp_path):
@@ -103,26 +147,29 @@ def test_bad_checkpoint_is_clear(tmp_path):
 def test_width_mismatch_is_clear():
     sig = {"tokens": torch.randn(1, 6, 4), "feats": torch.randn(1, 6, 24)}
     with pytest.raises(PrunerConfigError, match="feats have C=24, the scorer expects C=8"):
-        build("autoselect", keep=2, dim=8)(**sig)
+        build("autoselect", keep=2, scorer="random", dim=8)(**sig)
     with pytest.raises(PrunerConfigError, match="dim=16 but the scorer's width is 8"):
         build("autoselect", keep=2, scorer=Scorer(8), dim=16)
-    with pytest.raises(PrunerConfigError, match="scorer=3, expected None, a checkpoint path or an nn.Module"):
+    with pytest.raises(PrunerConfigError, match="scorer=3, expected a checkpoint path, an nn.Module"):
         build("autoselect", keep=2, scorer=3)
 
 
 def test_random_scorer_is_seeded_and_lazy():
     feats = torch.randn(2, 12, 24)
     sig = {"tokens": torch.randn(2, 12, 4), "feats": feats}
-    lazy = build("autoselect", keep=5)
+    lazy = build("autoselect", keep=5, scorer="random")
     assert lazy.scorer is None
     state = torch.random.get_rng_state()
     out = lazy(**sig)
     assert torch.equal(torch.random.get_rng_state(), state)          # the caller's RNG is untouched
-    assert lazy.scorer.dim == 24 and lazy.scorer.heads == 8 and len(lazy.scorer.blocks) == 2
-    eager = build("autoselect", keep=5, dim=24)                       # same seed, built up front: same scorer
+    # the default architecture: narrow (width capped at C = 24 here), DEFAULT_DEPTH blocks
+    assert lazy.scorer.config() == {"dim": 24, "depth": DEFAULT_DEPTH, "heads": 8, "width": min(DEFAULT_WIDTH, 24)}
+    eager = build("autoselect", keep=5, scorer="random", dim=24)      # same seed, built up front: same scorer
     assert torch.equal(eager.scorer(feats), lazy.scorer(feats))
     assert torch.equal(eager(**sig).positions, out.positions)
-    other = build("autoselect", keep=5, dim=24, seed=1)
+    other = build("autoselect", keep=5, scorer="random", dim=24, seed=1)
+    wide = build("autoselect", keep=5, scorer="random", dim=24, width=None, depth=2)     # METHODS.md's original
+    assert wide.scorer.config() == {"dim": 24, "depth": 2, "heads": 8, "width": 24}
     assert not torch.equal(other.scorer(feats), lazy.scorer(feats))
 
 

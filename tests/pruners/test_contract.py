@@ -12,7 +12,7 @@ from edgeprune.errors import PrunerConfigError
 from edgeprune.export.lint import lint
 from edgeprune.export.pruner_graph import export_pruner
 from edgeprune.pruners import available, build
-from tests.conftest import make_signals, row
+from tests.conftest import baseline_options, make_signals, row
 
 METHODS = sorted(available())
 
@@ -34,7 +34,7 @@ def check_selection(sel, signals, name, keep):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_contract_shapes_and_positions(name, signals):
-    sel = build(name, keep=64)(**signals)
+    sel = build(name, keep=64, **baseline_options(name))(**signals)
     check_selection(sel, signals, name, 64)
     assert set(sel.extras) == set(available()[name].extra_outputs)
 
@@ -42,7 +42,7 @@ def test_contract_shapes_and_positions(name, signals):
 @pytest.mark.parametrize("name", METHODS)
 def test_keep_equals_n_returns_input(name):
     signals = make_signals(grid=(4, 5))
-    sel = build(name, keep=20)(**signals)
+    sel = build(name, keep=20, **baseline_options(name))(**signals)
     x = signals[out_signal(name)]
     assert torch.equal(sel.tokens, x)
     assert torch.equal(sel.positions, torch.arange(20).expand(2, 20))
@@ -54,7 +54,7 @@ def test_keep_equals_n_returns_input(name):
 def test_properties(name, h, w, batch, seed, data):
     signals = make_signals(batch=batch, grid=(h, w), seed=seed)
     keep = data.draw(st.integers(1, h * w), label="keep")
-    pruner = build(name, keep=keep)
+    pruner = build(name, keep=keep, **baseline_options(name))
     sel = pruner(**signals)
     check_selection(sel, signals, name, keep)
     again = pruner(**signals)  # deterministic
@@ -69,7 +69,7 @@ def test_properties(name, h, w, batch, seed, data):
 @pytest.mark.parametrize("keep", [0, -1, 577])
 def test_bad_keep_is_clear_error(name, keep, signals):
     with pytest.raises(PrunerConfigError, match=rf"{name}: keep={keep}"):
-        build(name, keep=keep)(**signals)
+        build(name, keep=keep, **baseline_options(name))(**signals)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -77,7 +77,7 @@ def test_missing_signal_is_named(name, signals):
     needed = [s for s in available()[name].requires if s != "grid"]
     partial = {k: v for k, v in signals.items() if k != needed[0]}
     with pytest.raises(PrunerConfigError, match=rf"missing signal\(s\) {needed[0]}"):
-        build(name, keep=8)(**partial)
+        build(name, keep=8, **baseline_options(name))(**partial)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -85,11 +85,11 @@ def test_wrong_rank_and_nan_are_named(name, signals):
     needed = [s for s in available()[name].requires if s != "grid"]
     bad = dict(signals, **{needed[0]: signals[needed[0]][0]})
     with pytest.raises(PrunerConfigError, match=rf"signal '{needed[0]}' has shape .* expected rank"):
-        build(name, keep=8)(**bad)
+        build(name, keep=8, **baseline_options(name))(**bad)
     poisoned = signals[needed[-1]].clone()
     poisoned.view(-1)[3] = float("nan")
     with pytest.raises(PrunerConfigError, match=rf"signal '{needed[-1]}' contains NaN"):
-        build(name, keep=8)(**dict(signals, **{needed[-1]: poisoned}))
+        build(name, keep=8, **baseline_options(name))(**dict(signals, **{needed[-1]: poisoned}))
 
 
 @pytest.mark.parametrize("name,cfg", [(m, {}) for m in METHODS] + [("adbts", {"threshold": 0.0})])  # + the fusion branch
@@ -120,7 +120,7 @@ def test_unknown_method_and_option():
 def test_onnx_parity_and_lint(name, grid, keep, tmp_path):
     """Torch vs ONNX Runtime: identical positions, tokens within 1e-5, a TensorRT-clean graph."""
     signals = make_signals(batch=2, grid=grid, dim=64, seed=1)
-    pruner = build(name, keep=keep)
+    pruner = build(name, keep=keep, **baseline_options(name))
     ref = pruner(**signals)
     path = export_pruner(pruner, signals, tmp_path / f"{name}.onnx")
     assert lint(path) == []

@@ -18,6 +18,7 @@ from edgeprune.pruners.ops import gather_rows, sort_by_position, topk_indices
 from edgeprune.reference import generate
 from edgeprune.runtime.format import PASSED, Files, Keys
 from edgeprune.runtime.pipeline import Pipeline
+from tests.conftest import baseline_options
 
 TARGETS = ("dart", "divprune", "visionzip", "autoselect")
 METHODS = [m for m in TARGETS if m in available()] or ["attention", "uniform"]
@@ -50,7 +51,8 @@ class _Bundles:
         if key not in self.paths:
             out = self.root / f"{method}-{mode}"
             # parity of each graph is tested elsewhere (test_vision, test_bundle): skip it here for speed
-            export_bundle(self.adapter, out, method=method, keep=KEEP, positions=mode, validate=False)
+            export_bundle(self.adapter, out, method=method, keep=KEEP, positions=mode, validate=False,
+                          cfg=baseline_options(method))
             self.paths[key] = out
         return self.paths[key]
 
@@ -72,7 +74,7 @@ def pipelines(bundles):
 
 
 def _reference(adapter, method, mode, images, **kw):
-    pruner = build_for_model(method, KEEP, adapter.pruner_options())
+    pruner = build_for_model(method, KEEP, adapter.pruner_options(), **baseline_options(method))
     return generate(adapter, pruner, images, PROMPT, max_new_tokens=NEW, positions=mode, **kw)
 
 

@@ -23,7 +23,7 @@ from edgeprune.pruners import build
 from edgeprune.pruners.autoselect import Scorer, load_scorer
 from edgeprune.pruners.ops import topk_indices
 from edgeprune.train.denoiser import Denoiser
-from edgeprune.train.trainer import Batch, TrainConfig, Trainer, lr_at, state_path, tau_at
+from edgeprune.train.trainer import Batch, TrainConfig, Trainer, gated_features, lr_at, state_path, tau_at
 
 N, C, V, P, K = 32, 16, 4, 4, 4
 MARK, CODE, BETA = 4.0, 3.0, 0.3
@@ -91,10 +91,11 @@ def recovers_planted(scorer: nn.Module) -> bool:
     return planted_precision(scorer) >= 0.8
 
 
-def make_trainer(steps: int = STEPS, seed: int = 0, init_seed: int = 0, vlm: nn.Module | None = None) -> Trainer:
+def make_trainer(steps: int = STEPS, seed: int = 0, init_seed: int = 0, vlm: nn.Module | None = None,
+                 **options) -> Trainer:
     torch.manual_seed(init_seed)
     scorer, denoiser = Scorer(C, depth=1, heads=2), Denoiser(C)
-    config = TrainConfig(keep=K, steps=steps, lr=3e-3, batch_size=BATCH, seed=seed)
+    config = TrainConfig(keep=K, steps=steps, lr=3e-3, batch_size=BATCH, seed=seed, **options)
     return Trainer(vlm or PlantedVLM(), scorer, denoiser, config, lambda step: planted_batch(step, seed=seed))
 
 
@@ -123,6 +124,44 @@ def test_training_lowers_the_loss(trained):
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     print(f"loss {first:.3f} (first 10 steps) -> {last:.3f} (last 10)")
     assert len(losses) == STEPS and last < 0.5 * first
+
+
+def test_several_budgets_and_few_llm_tokens_still_learn():
+    """The options of the shipped recipe: budgets in turn (keeps) and only the ceil(2K) top-scored tokens
+    in the "LLM" (llm_tokens=2) still find the planted tokens."""
+    trainer = make_trainer(keeps=(2, 4, 6), llm_tokens=2.0)
+    seen = []
+    trainer.adapter.llm.register_forward_hook(lambda m, args, kw, out: seen.append(kw["inputs_embeds"].shape[1]),
+                                              with_kwargs=True)
+    trainer.train()
+    # sequence = M image tokens + suffix (1 token; the answer's last token is only a target)
+    assert seen[:6] == [4 + 1, 8 + 1, 12 + 1] * 2
+    print(f"planted-token precision with keeps (2, 4, 6), llm_tokens 2: {planted_precision(trainer.scorer):.3f}")
+    assert recovers_planted(trainer.scorer)
+
+
+def test_gated_features_keeps_only_the_top_scored_tokens():
+    feats = torch.randn(2, 10, C)
+    feats[..., 0] = torch.tensor([[0.0, 9, 1, 8, 2, 7, 3, 6, 4, 5], [5, 4, 6, 3, 7, 2, 8, 1, 9, 0]])
+    scorer = lambda x: x[..., 0]                                                    # noqa: E731
+    gen = torch.Generator().manual_seed(0)
+    out, alpha, positions = gated_features(scorer, nn.Identity(), feats, keep=2, tau=1e-3, generator=gen, count=4)
+    assert positions.tolist() == [[1, 3, 5, 7], [2, 4, 6, 8]]                      # top-4 scores, ascending
+    assert out.shape == (2, 4, C) and alpha.shape == (2, 10)
+    torch.testing.assert_close(alpha.sum(-1), torch.tensor([2.0, 2.0]))
+    # the two best (alpha ~ 1) pass unchanged; the other two kept ones are noise (alpha ~ 0)
+    torch.testing.assert_close(out[0, [0, 1]], feats[0, [1, 3]], atol=1e-3, rtol=0)
+    torch.testing.assert_close(out[1, [2, 3]], feats[1, [6, 8]], atol=1e-3, rtol=0)
+    assert (out[0, 2:] - feats[0, [5, 7]]).abs().max() > 0.1
+    assert gated_features(scorer, nn.Identity(), feats, keep=2, tau=1e-3, generator=gen, count=10)[2] is None
+
+
+def test_budget_schedule_and_llm_count():
+    c = TrainConfig(keep=8, steps=10, keeps=(2, 4, 8), llm_tokens=2.0)
+    assert [c.keep_at(s) for s in range(7)] == [2, 4, 8, 2, 4, 8, 2]
+    assert [c.llm_count(k, 12) for k in (2, 4, 8)] == [4, 8, 12]                   # capped at N
+    assert TrainConfig(keep=8, steps=1).keep_at(5) == 8 and TrainConfig(keep=8, steps=1).llm_count(8, 12) == 12
+    assert TrainConfig(keep=8, steps=1, llm_tokens=1.5).llm_count(3, 12) == 5      # ceil(4.5)
 
 
 def test_vlm_stays_frozen(trained):
@@ -209,7 +248,18 @@ def test_trained_scorer_exports_and_matches_ort(trained, tmp_path):
     assert np.mean(np.take_along_axis(b.meta["planted"].numpy(), got_positions, axis=1)) >= 0.8
 
 
+def test_resume_refuses_other_budgets(tmp_path):
+    from edgeprune.errors import EdgepruneError
+
+    ckpt = make_trainer(steps=1, keeps=(2, 4)).save(tmp_path / "s.safetensors")
+    other = make_trainer(steps=1, keeps=(2, 8))
+    with pytest.raises(EdgepruneError, match=r"keeps=\(2, 8\), the checkpoint was trained with keeps=\(2, 4\)"):
+        other.resume(ckpt)
+
+
 @pytest.mark.parametrize("kw,message", [({"keep": 0}, "keep=0, expected >= 1"),
+                                        ({"keeps": (4, 0)}, r"keeps=\(4, 0\), expected integers >= 1"),
+                                        ({"llm_tokens": 0.5}, r"llm_tokens=0.5, expected 0 \(all N\) or >= 1"),
                                         ({"tau_end": 2.0}, r"tau_end=2.0, expected in \(0, tau_start\]"),
                                         ({"lr": 0.0}, "lr=0.0, expected > 0")])
 def test_config_errors(kw, message):

@@ -46,6 +46,41 @@ def test_answer_nll_is_the_llm_loss_on_the_answer(adapter):
     torch.testing.assert_close(two, (5 * got + 2 * alone) / 7, rtol=1e-5, atol=1e-5)
 
 
+def test_answer_nll_with_kept_positions_is_the_pruned_layout(adapter):
+    """With `positions` (the --llm-tokens path), the sequence is the one the pruned runtime builds: only
+    the M kept tokens, at their original position ids, the text after them continuing from prefix + N."""
+    from edgeprune.runtime.positions import sequence_positions
+
+    torch.manual_seed(1)
+    n = adapter.num_image_tokens
+    kept = torch.tensor([[3, 40, 41, 300, 575]])
+    image = adapter.project(torch.randn(1, 5, 64))
+    prefix, suffix, answer = [256, 85, 7], [104, 105], [32, 99, 257]
+    batch = Batch(feats=torch.zeros(1, 5, 64), prefix=[prefix], suffix=[suffix], answer=[answer])
+    with torch.no_grad():
+        got = answer_nll(adapter, image, batch, positions=kept, num_image_tokens=n)
+        emb = adapter.embed(torch.tensor([prefix + suffix + answer]))
+        embeds = torch.cat([emb[:, :3], image, emb[:, 3:]], dim=1)
+        pos = torch.from_numpy(sequence_positions(3, kept.numpy(), n, len(suffix) + len(answer), "original"))
+        assert pos[0, 3:8].tolist() == [6, 43, 44, 303, 578] and pos[0, 8] == 3 + n
+        labels = torch.full(embeds.shape[:2], -100)
+        labels[0, -len(answer):] = torch.tensor(answer)
+        ref = adapter.llm(inputs_embeds=embeds, position_ids=pos, labels=labels).loss
+        wrong = adapter.llm(inputs_embeds=embeds, labels=labels).loss      # compact ids: a different loss
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert abs(float(wrong) - float(ref)) > 1e-4
+    # the shared prefix served from its key/value cache (computed once, reused): the same loss, twice
+    two = Batch(feats=torch.zeros(2, 5, 64), prefix=[prefix, prefix], suffix=[suffix, suffix + [33]],
+                answer=[answer, answer[:2]])
+    store = {}
+    with torch.no_grad():
+        plain = answer_nll(adapter, image.repeat(2, 1, 1), two, kept.repeat(2, 1), n)
+        for _ in range(2):
+            cached = answer_nll(adapter, image.repeat(2, 1, 1), two, kept.repeat(2, 1), n, prefix_cache=store)
+            torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-5)
+    assert len(store) == 1
+
+
 def test_a_few_training_steps(adapter, tmp_path):
     examples = load_examples(write_skimage_dataset(tmp_path))[:4]
     batches = ExampleBatches(adapter, examples, batch_size=2, seed=0)

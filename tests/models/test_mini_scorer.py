@@ -1,0 +1,64 @@
+"""The AutoSelect Scorer shipped with edgeprune-mini (issue 12): the file matches its recipe, exports
+record it, and it beats the untrained scorer on held-out images (slow: the real model)."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from edgeprune.models.mini import SCORER_FILE
+from edgeprune.pruners.autoselect import load_scorer
+
+RECIPE = SCORER_FILE.with_suffix(".json")
+# Measured on the same 40 held-out images (the first 40 of `edgeprune eval`'s seed-0 subset), K = 16:
+# trained and untrained accuracy in docs/results.md, section 5. The test asks for most of that margin.
+MARGIN_K16 = 0.15
+
+
+def recipe() -> dict:
+    return json.loads(RECIPE.read_text())
+
+
+def test_shipped_scorer_matches_its_recipe():
+    r = recipe()
+    assert hashlib.sha256(SCORER_FILE.read_bytes()).hexdigest() == r["sha256"]
+    scorer = load_scorer(SCORER_FILE)
+    assert scorer.recipe == r["recipe_id"] and scorer.config() == r["scorer"]
+    assert scorer.dim == 384 and scorer.width < scorer.dim                    # the narrow scorer, on DINOv2-S feats
+    assert isinstance(r["seed"], int) and "train split" in r["data"] and "test split only" in r["data"]
+    assert r["recipe"] == "scripts/train_mini_scorer.py" and r["progress"]["steps"] == r["args"]["steps"]
+
+
+@pytest.mark.slow
+def test_export_without_scorer_uses_and_records_the_shipped_one(tmp_path, capsys):
+    from edgeprune.cli import main
+    from edgeprune.runtime.format import Files, Keys
+
+    out = tmp_path / "auto"
+    assert main(["export", "--method", "autoselect", "--keep", "16", "--out", str(out), "--no-validate", "-q"]) == 0
+    m = json.loads((out / Files.MANIFEST).read_text())
+    r = recipe()
+    assert m[Keys.PRUNER_SCORER] == {"file": SCORER_FILE.name, "sha256": r["sha256"], "recipe": r["recipe_id"],
+                                     "trained": True}
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--no-verify"]) == 0
+    assert f"scorer:    {SCORER_FILE.name}, sha256 {r['sha256']}, recipe {r['recipe_id']}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_trained_scorer_beats_the_untrained_one_at_k16():
+    from edgeprune.cli.eval import load_eval_set
+    from edgeprune.eval.data import data_available
+    from edgeprune.eval.vlm import evaluate
+    from edgeprune.models import load
+
+    if not data_available():
+        pytest.skip("Debian package dataset-fashion-mnist not installed")
+    adapter = load("edgeprune-mini")
+    cached, labels, _ = load_eval_set(adapter, 40, seed=0)
+    trained = evaluate(adapter, cached, labels, "autoselect", 16)
+    untrained = evaluate(adapter, cached, labels, "autoselect", 16, scorer="random")
+    assert (trained.method, untrained.method) == ("autoselect", "autoselect (untrained)")
+    print(f"K=16, 40 held-out images: trained {trained.accuracy:.3f}, untrained {untrained.accuracy:.3f}")
+    assert trained.accuracy >= untrained.accuracy + MARGIN_K16
