@@ -1,7 +1,9 @@
 """Measure answer accuracy vs the token budget K on held-out Fashion-MNIST (exact class match).
 
 One (method, K): accuracy unpruned and pruned, and agreement with the unpruned answers.
---sweep: every --methods x --keeps, a Markdown table, a JSON file and a plot in --out.
+--sweep: every --methods x --keeps, a Markdown table, a JSON file and a plot in --out (K = N, the
+unpruned pass, only when N is in --keeps; --merge combines runs on the same images into one table).
+--cfg KEY=VALUE goes to the methods that take it (scorer=random: "autoselect (untrained)").
 --probe: the LLM-free evaluation instead (DINOv2 re-run on [CLS] + the kept patches, linear probe
 on [CLS] trained on unpruned train images; top-1 vs K). Encoder signals are cached on disk.
 """
@@ -38,9 +40,9 @@ def add_parser(subparsers):
     p.add_argument("--batch", type=count, default=16, help="images per forward (default: 16)")
     add_threads_arg(p, "torch")
     p.add_argument("--out", type=Path, default=None, help="folder for results.json, table.md, plot.png")
-    p.add_argument("--reference", type=Path, metavar="RESULTS_JSON",
-                   help="VLM mode: take the unpruned answers from an earlier results.json of the same model, n and "
-                        "seed instead of recomputing them (the unpruned pass is the costliest point)")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="RESULTS_JSON",
+                   help="only combine results.json files of earlier runs on the same images (e.g. methods run in "
+                        "parallel, the unpruned K=N run apart: it is the costliest point) into one table in --out")
     return p
 
 
@@ -92,7 +94,7 @@ def markdown_table(rows: list[dict], value: str, keeps: list[int], unpruned: flo
                 cells.append(f"{unpruned:.3f}")
                 continue
             r = next((r for r in rows if r["method"] == m and r["keep"] == k), None)
-            cells.append("—" if r is None or r.get("error") else f"{r[value]:.3f}")
+            cells.append("—" if r is None or r.get("error") or r.get(value) is None else f"{r[value]:.3f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -133,6 +135,8 @@ def run(args) -> int:
     from edgeprune import models
     from edgeprune.errors import EdgepruneError
 
+    if args.merge:
+        return _merge(args.merge, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.num_images < 1:
@@ -157,55 +161,95 @@ def run(args) -> int:
     if args.probe:
         unpruned, rows, value = _run_probe(adapter, cached, labels, methods, keeps, args, options)
         info["probe_train_images"] = args.probe_train
-        title = f"LLM-free: probe top-1 vs K (n={len(labels)})"
     else:
         from edgeprune.eval.vlm import evaluate, sweep
 
-        full = _reference(args.reference, info, n_img) if args.reference else None
         if args.sweep:
             full, results = sweep(adapter, cached, labels, methods, keeps, seed=args.seed, batch=args.batch,
-                                  options=options, full=full)
+                                  options=options)
         else:
-            full = full or evaluate(adapter, cached, labels, "none", None, seed=args.seed, batch=args.batch)
+            full = evaluate(adapter, cached, labels, "none", None, seed=args.seed, batch=args.batch)
             results = [] if keeps[0] == n_img else [evaluate(adapter, cached, labels, methods[0], keeps[0],
                                                              reference=full.answers, seed=args.seed, batch=args.batch,
                                                              **options[methods[0]])]
-        unpruned, rows, value = full.accuracy, [r.row() for r in results], "accuracy"
-        info["unpruned_answers"] = full.answers
-        title = f"edgeprune-mini answer accuracy vs K (n={len(labels)})"
-    print(f"unpruned ({n_img} tokens): {value} {unpruned:.3f}  (n={len(labels)}, seed={args.seed})")
+        # rows keep their answers, so runs on the same images can be merged later (--merge)
+        rows, value = [{**r.row(), "answers": r.answers} for r in results], "accuracy"
+        unpruned = full.accuracy if full else None
+        info["unpruned_answers"] = full.answers if full else None
+    _report(info, value, unpruned, rows, keeps, n_img, args.out, write_table=args.sweep)
+    return 0
+
+
+def _report(info: dict, value: str, unpruned: float | None, rows: list[dict], keeps: list[int], n_img: int,
+            out: Path | None, write_table: bool) -> None:
+    """Print the rows; with `out`, write results.json (and table.md and plot.png for a sweep)."""
+    n = info["n"]
+    title = (f"LLM-free: probe top-1 vs K (n={n})" if value == "top1"
+             else f"edgeprune-mini answer accuracy vs K (n={n})")
+    if unpruned is None:
+        print(f"unpruned ({n_img} tokens): not measured (K={n_img} not in --keeps)  (n={n}, seed={info['seed']})")
+    else:
+        print(f"unpruned ({n_img} tokens): {value} {unpruned:.3f}  (n={n}, seed={info['seed']})")
     for r in rows:
         extra = f"  agreement {r['agreement']:.3f}" if r.get("agreement") is not None else ""
         status = f"error: {r['error']}" if r.get("error") else f"{value} {r[value]:.3f}{extra}"
         print(f"{r['method']:>22} K={r['keep']:<4} {status}")
-    if args.out:
+    if out:
         from edgeprune.fileio import atomic_write
 
         report = json.dumps({**info, "value": value, "unpruned": unpruned, "rows": rows}, indent=1) + "\n"
-        atomic_write(args.out / "results.json", lambda tmp: Path(tmp).write_text(report))
-        if args.sweep:
+        atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(report))
+        if write_table:
             table = markdown_table(rows, value, keeps, unpruned, n_img)
-            atomic_write(args.out / "table.md", lambda tmp: Path(tmp).write_text(table))
-            plot(rows, value, keeps, unpruned, n_img, args.out / "plot.png", title)
-        print(f"wrote {args.out}")
-    return 0
+            atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(table))
+            if any(r.get("agreement") is not None for r in rows):   # VLM: same answer as unpruned, vs K
+                agree = markdown_table(rows, "agreement", keeps, 1.0, n_img)
+                atomic_write(out / "agreement.md", lambda tmp: Path(tmp).write_text(agree))
+            plot(rows, value, keeps, unpruned, n_img, out / "plot.png", title)
+        print(f"wrote {out}")
 
 
-def _reference(path: Path, info: dict, n_img: int):
-    """The unpruned EvalResult of an earlier `edgeprune eval` results.json on the same images."""
+SAME = ("model", "n", "seed", "test_indices", "value", "image_tokens")   # what merged runs must share
+
+
+def _merge(paths: list[Path], out: Path | None) -> int:
+    """Combine results.json files of runs on the same images: the unpruned figure from the run that
+    measured it, every pruned row, agreement recomputed from the stored answers; one table and plot."""
     from edgeprune.errors import EdgepruneError
-    from edgeprune.eval.vlm import EvalResult
+    from edgeprune.eval.vlm import agreement
 
-    try:
-        ref = json.loads(Path(path).read_text())
-        same = {k: ref[k] for k in ("model", "n", "seed", "test_indices")}
-        unpruned, answers = float(ref["unpruned"]), list(ref["unpruned_answers"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise EdgepruneError(f"--reference {path}: not a VLM results.json of `edgeprune eval` ({err})") from None
-    if same != {k: info[k] for k in same}:
-        raise EdgepruneError(f"--reference {path}: another model, n, seed or image set than this run "
-                             f"({same['model']}, n={same['n']}, seed={same['seed']})")
-    return EvalResult("none", n_img, info["n"], unpruned, None, 0.0, answers=answers)
+    parts = []
+    for path in paths:
+        try:
+            part = json.loads(Path(path).read_text())
+            parts.append((path, {k: part[k] for k in SAME}, part))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise EdgepruneError(f"--merge {path}: not a results.json of `edgeprune eval` ({err})") from None
+    first_path, same, _ = parts[0]
+    for path, other, _ in parts[1:]:
+        if other != same:
+            differ = [k for k in SAME if other[k] != same[k]]
+            raise EdgepruneError(f"--merge {path}: {', '.join(differ)} differ from {first_path}'s; "
+                                 "merge only runs on the same images")
+    info = {**{k: same[k] for k in SAME if k != "value"}, "merged": [str(p) for p in paths]}
+    measured = [part for _, _, part in parts if part.get("unpruned") is not None]
+    unpruned = measured[0]["unpruned"] if measured else None
+    reference = measured[0].get("unpruned_answers") if measured else None
+    info["unpruned_answers"] = reference
+    rows, seen = [], set()
+    for path, _, part in parts:
+        for row in part["rows"]:
+            key = (row["method"], row["keep"])
+            if key in seen:
+                raise EdgepruneError(f"--merge {path}: {row['method']} K={row['keep']} is in two of the files")
+            seen.add(key)
+            if reference is not None and row.get("answers") and not row.get("error"):
+                row = {**row, "agreement": agreement(row["answers"], reference)}
+            rows.append(row)
+    n_img = same["image_tokens"]
+    keeps = sorted({r["keep"] for r in rows} | ({n_img} if unpruned is not None else set()), reverse=True)
+    _report(info, same["value"], unpruned, rows, keeps, n_img, out, write_table=True)
+    return 0
 
 
 def _run_probe(adapter, cached, labels, methods, keeps, args, options):

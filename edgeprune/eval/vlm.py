@@ -19,7 +19,8 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.eval.data import PROMPT, match_class, normalize_answer
 from edgeprune.models.base import Signals
 
-__all__ = ["CachedAdapter", "build_method", "method_label", "answers", "EvalResult", "evaluate", "sweep", "SWEEP_KEEPS"]
+__all__ = ["CachedAdapter", "build_method", "method_label", "answers", "agreement", "EvalResult", "evaluate", "sweep",
+           "SWEEP_KEEPS"]
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,8 @@ def _score(texts: list[str], labels: np.ndarray) -> float:
     return float(np.mean([match_class(t) == int(y) for t, y in zip(texts, labels)]))
 
 
-def _agree(texts: list[str], ref: list[str]) -> float:
+def agreement(texts: list[str], ref: list[str]) -> float:
+    """Fraction of answers equal (normalised) to the reference (unpruned) answers of the same images."""
     return float(np.mean([normalize_answer(a) == normalize_answer(b) for a, b in zip(texts, ref)]))
 
 
@@ -130,17 +132,17 @@ def evaluate(adapter, cached: CachedAdapter, labels: np.ndarray, method: str, ke
     except EdgepruneError as err:
         log.warning("%s K=%d failed: %s", method, k, err)
         return EvalResult(method, k, len(labels), float("nan"), None, time.time() - start, error=str(err))
-    agreement = _agree(texts, reference) if reference is not None else None
-    return EvalResult(method, k, len(labels), _score(texts, labels), agreement, time.time() - start, answers=texts)
+    agree = agreement(texts, reference) if reference is not None else None
+    return EvalResult(method, k, len(labels), _score(texts, labels), agree, time.time() - start, answers=texts)
 
 
 def sweep(adapter, cached: CachedAdapter, labels: np.ndarray, methods, keeps=SWEEP_KEEPS, seed: int = 0,
-          batch: int = 16, options: dict[str, dict] | None = None,
-          full: EvalResult | None = None) -> tuple[EvalResult, list[EvalResult]]:
+          batch: int = 16, options: dict[str, dict] | None = None) -> tuple[EvalResult | None, list[EvalResult]]:
     """(unpruned result, one result per method and K < N). K = N is the unpruned run for every
-    method (the contract's identity), measured once, or taken from `full` (an earlier run on the same
-    images). `options`: {method: pruner options}."""
-    if full is None:
+    method (the contract's identity), measured once, and only when N is in `keeps` (it is the costliest
+    point; without it there is no agreement figure). `options`: {method: pruner options}."""
+    full = None
+    if adapter.num_image_tokens in keeps:
         full = evaluate(adapter, cached, labels, "none", None, seed=seed, batch=batch)
         log.info("unpruned: accuracy %.3f (n=%d, %.0f s)", full.accuracy, full.n, full.seconds)
     results = []
@@ -148,8 +150,8 @@ def sweep(adapter, cached: CachedAdapter, labels: np.ndarray, methods, keeps=SWE
         for k in keeps:
             if k >= adapter.num_image_tokens:
                 continue
-            r = evaluate(adapter, cached, labels, method, k, reference=full.answers, seed=seed, batch=batch,
-                         **(options or {}).get(method, {}))
+            r = evaluate(adapter, cached, labels, method, k, reference=full.answers if full else None, seed=seed,
+                         batch=batch, **(options or {}).get(method, {}))
             log.info("%s K=%d: accuracy %.3f agreement %s (%.0f s)", r.method, k, r.accuracy, r.agreement, r.seconds)
             results.append(r)
     return full, results

@@ -76,20 +76,28 @@ def test_cli_rejects_bad_keeps_and_methods():
         _methods("uniform,nope")
 
 
-def test_reference_results_reuse_the_unpruned_answers(tmp_path):
-    from edgeprune.cli.eval import _reference
+def test_merge_combines_runs_on_the_same_images(tmp_path, capsys):
+    from edgeprune.cli import main
 
-    info = {"model": "edgeprune-mini", "n": 2, "seed": 0, "test_indices": [3, 9], "cfg": {}}
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps({**info, "unpruned": 0.5, "unpruned_answers": ["Bag", "Coat"], "rows": []}))
-    full = _reference(path, info, 576)
-    assert (full.accuracy, full.answers, full.keep, full.n) == (0.5, ["Bag", "Coat"], 576, 2)
-    with pytest.raises(EdgepruneError, match="another model, n, seed or image set"):
-        _reference(path, {**info, "test_indices": [3, 10]}, 576)
-    probe = tmp_path / "probe.json"                      # a --probe results.json has no unpruned answers
-    probe.write_text(json.dumps({**info, "unpruned": 0.5, "rows": []}))
-    with pytest.raises(EdgepruneError, match="not a VLM results.json"):
-        _reference(probe, info, 576)
+    info = {"model": "edgeprune-mini", "n": 2, "seed": 0, "test_indices": [3, 9], "value": "accuracy",
+            "image_tokens": 576}
+    full = tmp_path / "full.json"            # the unpruned run alone, as `--method X --keep 576` writes it
+    full.write_text(json.dumps({**info, "unpruned": 0.5, "unpruned_answers": ["Bag", "Coat"], "rows": []}))
+    row = {"method": "divprune", "keep": 16, "n": 2, "accuracy": 0.5, "agreement": None, "error": None,
+           "answers": ["bag.", "Sandal"]}
+    pruned = tmp_path / "pruned.json"        # a sweep without K = N: no agreement yet
+    pruned.write_text(json.dumps({**info, "unpruned": None, "unpruned_answers": None, "rows": [row]}))
+    assert main(["eval", "--merge", str(full), str(pruned), "--out", str(tmp_path / "all")]) == 0
+    merged = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert merged["unpruned"] == 0.5 and merged["rows"][0]["agreement"] == 0.5   # "bag." = "Bag" normalised
+    assert (tmp_path / "all" / "table.md").read_text().splitlines()[2] == "| divprune | 0.500 | 0.500 |"
+    assert (tmp_path / "all" / "agreement.md").read_text().splitlines()[2] == "| divprune | 1.000 | 0.500 |"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**info, "test_indices": [3, 10], "unpruned": None, "rows": []}))
+    assert main(["eval", "--merge", str(full), str(other)]) == 1
+    assert "test_indices differ from" in capsys.readouterr().err
+    assert main(["eval", "--merge", str(pruned), str(pruned)]) == 1
+    assert "divprune K=16 is in two of the files" in capsys.readouterr().err
 
 
 # ---- real model ---------------------------------------------------------------------------------
