@@ -5,7 +5,7 @@ Reproducible recipe; the defaults are the recipe of the shipped file
 (edgeprune/models/weights/mini_scorer.json records these arguments, the data, the seed, the sha256 of
 the result and its measured quality). The objective is METHODS.md's (AutoSelect, Training: z-scored
 scores -> soft top-K -> VP noise gate -> diagonal Denoiser -> frozen projector and LLM, answer NLL),
-with these departures, each measured (docs/results.md, section 5) and recorded in the JSON:
+with these departures, each recorded in the JSON:
 - data: Fashion-MNIST train split (Debian dataset-fashion-mnist) images --train-images (start:stop),
   the prompt and answers of the evaluation ("What item of clothing is this?" -> class name + EOS);
   the evaluation (test split) is never seen. Encoder features (the adapter's `feats`, layer -2 patch

@@ -25,7 +25,8 @@ largest of (8, 6, 4, 3, 2, 1) dividing the width.
 Departure from METHODS.md (issue 12, "a scorer cheap enough for the edge"): the default scorer is
 narrow, a Linear down-projection from the encoder width C to `width` (DEFAULT_WIDTH) before its
 DEFAULT_DEPTH block(s); METHODS.md's "L = 2 blocks at the encoder width" is `width=None, depth=2`.
-Measured cost and quality of both: docs/results.md, section 5.
+Their cost next to the encoder: `python -m edgeprune.profiles.bench_pruners` (autoselect vs
+autoselect-wide).
 """
 from __future__ import annotations
 
