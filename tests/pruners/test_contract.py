@@ -99,7 +99,7 @@ def test_weights_reproduce_the_tokens(name, cfg, keep, signals):
     what lets an adapter carry other per-token features through the same gather or merge (DeepStack)."""
     from edgeprune.pruners.ops import apply_selection
 
-    sel = build(name, keep=keep, **cfg)(**signals)
+    sel = build(name, keep=keep, **baseline_options(name), **cfg)(**signals)
     x = signals[out_signal(name)]
     if sel.weights is not None:
         assert sel.weights.shape == (x.shape[0], keep, x.shape[1])
