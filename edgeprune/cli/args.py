@@ -36,6 +36,23 @@ def _integer(text: str, low: int) -> int:
     return value
 
 
+def port(text: str) -> int:
+    """A TCP port, 1..65535."""
+    return _port(text, 1)
+
+
+def port0(text: str) -> int:
+    """A TCP port, or 0 for off (--openai-port)."""
+    return _port(text, 0)
+
+
+def _port(text: str, low: int) -> int:
+    value = _integer(text, low)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value}: expected a port number in {low}..65535")
+    return value
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0 (--ttft-ms)."""
     import math

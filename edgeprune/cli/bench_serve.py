@@ -9,20 +9,20 @@ from __future__ import annotations
 
 
 def add_parser(subparsers):
-    from edgeprune.cli.args import add_bundle_args
+    from edgeprune.cli.args import add_bundle_args, count, count0, positive_float
     from edgeprune.cli.serve import add_server_args
 
     p = subparsers.add_parser("bench-serve", help=__doc__.splitlines()[0], description=__doc__)
     add_bundle_args(p)
     p.add_argument("--clients", default="1,4,16", help="concurrency levels, comma-separated (default 1,4,16)")
-    p.add_argument("--requests", type=int, default=100, help="requests per level (default 100)")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--requests", type=count, default=100, help="requests per level (default 100)")
+    p.add_argument("--rounds", type=count, default=3,
                    help="interleave the levels round-robin over this many rounds (default 3)")
-    p.add_argument("--distinct", type=int, default=12, help="distinct (image, prompt) requests cycled (default 12)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="max_new_tokens of every request (default 16)")
-    p.add_argument("--time-limit", type=float, default=900.0,
+    p.add_argument("--distinct", type=count, default=12, help="distinct (image, prompt) requests cycled (default 12)")
+    p.add_argument("--max-new-tokens", type=count, default=16, help="max_new_tokens of every request (default 16)")
+    p.add_argument("--time-limit", type=positive_float, default=900.0,
                    help="seconds per level; requests not answered by then count as lost (default 900)")
-    p.add_argument("--bad-every", type=int, default=0,
+    p.add_argument("--bad-every", type=count0, default=0,
                    help="make every n-th request broken (corrupt image, long prompt, bad parameter); 0: none")
     p.add_argument("--server-log", help="write the server's output to this file")
     add_server_args(p, ports=False)

@@ -21,26 +21,26 @@ def add_parser(subparsers):
 
 def add_server_args(p, ports: bool = True) -> None:
     """Options shared by `serve` and `bench-serve` (which starts a server the same way)."""
-    from edgeprune.cli.args import add_threads_arg
+    from edgeprune.cli.args import add_threads_arg, count, count0, port, port0
     from edgeprune.serve.protocol import Limits
 
     group = p.add_argument_group("server")
     if ports:
         group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-        group.add_argument("--port", type=int, default=8000, help="Triton HTTP port (default 8000)")
-        group.add_argument("--grpc-port", type=int, help="Triton gRPC port (default: --port + 1)")
-        group.add_argument("--metrics-port", type=int, help="Triton metrics port (default: --port + 2)")
-        group.add_argument("--openai-port", type=int, default=8080,
+        group.add_argument("--port", type=port, default=8000, help="Triton HTTP port (default 8000)")
+        group.add_argument("--grpc-port", type=port, help="Triton gRPC port (default: --port + 1)")
+        group.add_argument("--metrics-port", type=port, help="Triton metrics port (default: --port + 2)")
+        group.add_argument("--openai-port", type=port0, default=8080,
                            help="port of the OpenAI-compatible /v1/chat/completions route (default 8080; 0: off)")
-    group.add_argument("--max-batch", type=int, default=16, help="largest batch the dynamic batcher forms (default 16)")
-    group.add_argument("--max-queue-delay-us", type=int, default=5000,
+    group.add_argument("--max-batch", type=count, default=16, help="largest batch the dynamic batcher forms (default 16)")
+    group.add_argument("--max-queue-delay-us", type=count0, default=5000,
                        help="how long a request may wait for others to batch with (default 5000 us)")
-    group.add_argument("--instances", type=int, default=1, help="model instances, each its own Pipeline (default 1)")
+    group.add_argument("--instances", type=count, default=1, help="model instances, each its own Pipeline (default 1)")
     add_threads_arg(group, per=" per instance")
     limits = Limits()
-    group.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens,
+    group.add_argument("--max-prompt-tokens", type=count, default=limits.max_prompt_tokens,
                        help=f"refuse longer prompts (default {limits.max_prompt_tokens})")
-    group.add_argument("--max-new-tokens-limit", type=int, default=limits.max_new_tokens,
+    group.add_argument("--max-new-tokens-limit", type=count, default=limits.max_new_tokens,
                        help=f"largest max_new_tokens a request may ask for (default {limits.max_new_tokens})")
 
 

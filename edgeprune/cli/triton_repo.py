@@ -10,19 +10,19 @@ from pathlib import Path
 
 
 def add_parser(subparsers):
-    from edgeprune.cli.args import add_bundle_args
+    from edgeprune.cli.args import add_bundle_args, count, count0
 
     p = subparsers.add_parser("triton-repo", help=__doc__.splitlines()[0], description=__doc__)
     add_bundle_args(p)
     p.add_argument("--out", type=Path, required=True, help="repository folder to write")
     p.add_argument("--force", action="store_true", help="replace a repository written earlier by this command")
-    p.add_argument("--max-batch", type=int, default=16, help="largest batch the dynamic batcher forms (default 16)")
-    p.add_argument("--max-queue-delay-us", type=int, default=5000,
+    p.add_argument("--max-batch", type=count, default=16, help="largest batch the dynamic batcher forms (default 16)")
+    p.add_argument("--max-queue-delay-us", type=count0, default=5000,
                    help="how long a request may wait for others to batch with (default 5000 us)")
-    p.add_argument("--instances", type=int, default=1, help="model instances (instance_group count, default 1)")
+    p.add_argument("--instances", type=count, default=1, help="model instances (instance_group count, default 1)")
     p.add_argument("--provider", action="append", metavar="NAME",
                    help="ONNX Runtime provider, repeatable, in priority order (cpu, cuda, tensorrt; default cpu)")
-    p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads per instance (default 0: ORT's)")
+    p.add_argument("--threads", type=count0, default=0, help="ORT intra-op threads per instance (default 0: ORT's)")
     return p
 
 

@@ -166,6 +166,12 @@ def test_float16_feats_go_through_autoselect():
      "argument --threads: -3: expected an integer >= 1"),
     (["run", "BUNDLE", "--image", "x.png", "--prompt", "hi", "--sample", "--seed", "-1"],
      "argument --seed: -1: expected an integer >= 0"),
+    (["serve", "BUNDLE", "--port", "70000"], "argument --port: 70000: expected a port number in 1..65535"),
+    (["serve", "BUNDLE", "--max-batch", "0"], "argument --max-batch: 0: expected an integer >= 1"),
+    (["bench-serve", "BUNDLE", "--requests", "-5"], "argument --requests: -5: expected an integer >= 1"),
+    (["bench-serve", "BUNDLE", "--time-limit", "inf"], "argument --time-limit: inf: expected a finite number > 0"),
+    (["triton-repo", "BUNDLE", "--out", "repo", "--instances", "0"],
+     "argument --instances: 0: expected an integer >= 1"),
 ])
 def test_cli_refuses_nonsense_counts_before_loading_anything(tiny_bundle, capsys, argv, message):
     argv = [str(tiny_bundle) if a == "BUNDLE" else a for a in argv]
