@@ -89,14 +89,17 @@ def generate(adapter: Adapter, pruner, images, prompt: str, max_new_tokens: int 
              positions: str | None = None, do_sample: bool = False, top_p: float = 1.0,
              temperature: float = 1.0, seed: int = 0,
              on_token: Callable[[int, np.ndarray], None] | None = None,
-             buckets: list[tuple[int, int]] | None = None) -> GenerationResult:
+             buckets: list[tuple[int, int]] | None = None, llm=None) -> GenerationResult:
     """Answer `prompt` about each image (a path, PIL image, uint8 array, or a list of them; None
     for a text-only prompt: the template without image tokens).
 
     `pruner`: a built pruner, `adapter.build_pruner(name, keep)` (= edgeprune.pruners.build_for_model(name,
     keep, adapter.pruner_options()) except for multi-view adapters such as LLaVA-NeXT)
     or None for no pruning. `positions`: "original" or "compact" (default: the pruner's convention, else the adapter's).
-    `on_token(step, ids [B])` is called after every decode step (streaming). `buckets`: resolution bucket
+    `on_token(step, ids [B])` is called after every decode step (streaming). `llm`: an exported LLM run by the
+    runtime (runtime.llm.OrtLLM, e.g. at --llm-precision int4) in place of the torch LLM: same image tokens and
+    position ids, text embeddings from its own table, its prefill and decode (how `edgeprune eval --llm` measures a
+    precision's accuracy). `buckets`: resolution bucket
     sizes (h, w) as exported (export_bundle(buckets=...)): each image goes through
     `adapter.with_image_size(its bucket)`, chosen by the runtime's rule (runtime/buckets.py)."""
     positions = positions or getattr(pruner, "default_positions", None) or adapter.default_positions
@@ -142,6 +145,12 @@ def generate(adapter: Adapter, pruner, images, prompt: str, max_new_tokens: int 
     check_context(int(pos.max()) if pos.size else -1, max_new_tokens,            # the runtime's rule
                   getattr(adapter.llm.config, "max_position_embeddings", None))
 
+    if llm is not None:
+        return _generate_with(llm, adapter, image_embeds, prefix, suffix, pos, k, kept, positions,
+                              dict(max_new_tokens=max_new_tokens, eos_token_ids=adapter.eos_token_ids,
+                                   do_sample=do_sample, top_p=top_p, temperature=temperature, seed=seed,
+                                   on_token=on_token))
+
     # 3. prefill with an explicit cache
     from transformers import DynamicCache
 
@@ -177,14 +186,29 @@ def generate(adapter: Adapter, pruner, images, prompt: str, max_new_tokens: int 
                           use_cache=True)
         logits = out.logits[:, -1].float().numpy()
 
-    tokens = np.stack(steps, axis=1)                                     # [B, T]
+    return _result(adapter, np.stack(steps, axis=1), k, kept, pos, prefix, suffix, positions)
+
+
+def _result(adapter, tokens: np.ndarray, k, kept, pos, prefix, suffix, positions) -> GenerationResult:
+    """tokens [B, T] -> the result, each row cut after its first EOS."""
+    eos = set(int(e) for e in adapter.eos_token_ids)
     rows = []
     for row in tokens.tolist():
-        stop = next((i for i, tok in enumerate(row) if tok in set(eos.tolist())), None)
+        stop = next((i for i, tok in enumerate(row) if tok in eos), None)
         rows.append(row if stop is None else row[:stop + 1])
     text = [adapter.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
     return GenerationResult(ids=rows, text=text, num_image_tokens=k, image_positions=kept.numpy().astype(np.int64),
                             position_ids=pos, prompt_ids=(list(prefix), list(suffix)), positions_mode=positions)
+
+
+def _generate_with(llm, adapter, image_embeds, prefix, suffix, pos, k, kept, positions, options: dict):
+    """Steps 3-4 of `generate` by the runtime's LLM (OrtLLM)."""
+    b = image_embeds.shape[0]
+    embeds = np.concatenate([llm.embed(np.array([prefix] * b, dtype=np.int64).reshape(b, -1)),
+                             image_embeds.float().numpy().astype(llm.dtype),
+                             llm.embed(np.array([suffix] * b, dtype=np.int64).reshape(b, -1))], axis=1)   # [B, L, D]
+    gen = llm.generate(embeds, pos, **options)
+    return _result(adapter, gen.ids, k, kept, pos, prefix, suffix, positions)
 
 
 def _image_placeholder_ids(adapter: Adapter) -> set[int]:

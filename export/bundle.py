@@ -33,9 +33,11 @@ from edgeprune.models.base import Adapter
 from edgeprune.pruners import available
 from edgeprune.pruners.ops import check_keep
 from edgeprune.runtime.bundle import bundle_lock, hash_files, load_bundle, unlisted_files
-from edgeprune.runtime.format import (PASSED, SCHEMA_VERSION, Bucket, Files, Graph, Keys, bucket_file,
+from edgeprune.runtime.format import (PASSED, PRECISIONS, SCHEMA_VERSION, Bucket, Files, Graph, Keys, bucket_file,
                                       known, llm_keys, optional_keys, recognise, write_manifest)
+from edgeprune.runtime.format import llm_precision as recorded_precision
 from edgeprune.runtime.llm import llm_files
+from edgeprune.runtime.prompt import encode_prompt
 from edgeprune.runtime.positions import POSITION_MODES, check_rope_mode
 
 __all__ = ["export_bundle", "check_target", "EXPORT_STEPS", "effective_config"]
@@ -187,15 +189,16 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 
 def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int | None = None,
-                  cfg: dict | None = None, positions: str | None = None, dtype: str = "float32",
+                  cfg: dict | None = None, positions: str | None = None, llm_precision: str = "fp32",
                   batch: int | None = None, attention: str = "fused", force: bool = False, source: str = "",
                   validate: bool = True, on_step: Callable[[str], None] | None = None,
                   reuse_llm_from: str | Path | None = None, buckets: list[tuple[int, int]] | None = None) -> dict:
     """Export `adapter` pruned by `method` to K=`keep` (None: N, no pruning) into the bundle `out`.
 
-    positions: "original" | "compact" (default: the method's own convention, else the adapter's); dtype: "float32" | "float16" (the LLM
-    graphs; the vision graph stays float32 in ONNX, build-engine --fp16 makes its engine fp16);
-    batch: fixed vision batch, None for dynamic. reuse_llm_from: a bundle of the same model, LLM dtype
+    positions: "original" | "compact" (default: the method's own convention, else the adapter's);
+    llm_precision: "fp32" | "fp16" | "int8" | "int4" (the LLM's weights, export/llm.py; the vision graph stays
+    float32 in ONNX, build-engine --fp16 makes its engine fp16);
+    batch: fixed vision batch, None for dynamic. reuse_llm_from: a bundle of the same model, LLM precision
     and attention whose LLM graphs are hard-linked (or copied) instead of exported again, e.g. by a
     sweep over methods and K, where only the vision graph differs. Returns the manifest. Raises ParityError when
     validation fails (nothing is written then).
@@ -214,8 +217,8 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
     if positions not in POSITION_MODES:
         raise EdgepruneError(f"positions={positions!r}; expected one of {', '.join(POSITION_MODES)}")
     check_rope_mode(getattr(adapter, "rope", "1d"), positions)
-    if dtype not in ("float32", "float16"):
-        raise EdgepruneError(f"dtype={dtype!r}; expected float32 or float16")
+    if llm_precision not in PRECISIONS:
+        raise EdgepruneError(f"llm_precision={llm_precision!r}; expected one of {', '.join(PRECISIONS)}")
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise EdgepruneError(f"batch={batch!r}; expected an integer >= 1 or None (dynamic)")
     check_target(out, force)
@@ -263,12 +266,12 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
 
         step(EXPORT_STEPS[4])
         if reuse_llm_from is not None:
-            llm_entries = _reuse_llm(Path(reuse_llm_from), tmp, adapter, source, dtype, attention)
+            llm_entries = _reuse_llm(Path(reuse_llm_from), tmp, adapter, source, llm_precision, attention)
         else:
             from edgeprune.export.llm import export_llm
 
-            llm_entries = export_llm(adapter.llm, tmp, dtype=dtype, attention=attention, validate=validate,
-                                     rope=adapter.rope)
+            llm_entries = export_llm(adapter.llm, tmp, precision=llm_precision, attention=attention,
+                                     validate=validate, prompts=validation_prompts(adapter), rope=adapter.rope)
         llm_check = llm_entries.pop(Keys.VALIDATION_LLM, None) if validate else None  # (a reused bundle's report
         if llm_check is not None and not llm_check[PASSED]:                            # is not a check asked for)
             raise ParityError(f"LLM graphs ORT vs torch: {llm_check}")
@@ -346,15 +349,23 @@ def _bucket_adapters(adapter: Adapter, buckets, batch, keep) -> list[Adapter]:
     return subs
 
 
-def _reuse_llm(src: Path, tmp: Path, adapter: Adapter, source: str, dtype: str, attention: str) -> dict:
+def validation_prompts(adapter: Adapter) -> list[list[int]]:
+    """Token ids of the LLM validation's real prompts (export/llm.py VALIDATION_PROMPTS) in the model's chat
+    template, text only."""
+    from edgeprune.export.llm import VALIDATION_PROMPTS
+
+    return [sum(encode_prompt(adapter.tokenizer, adapter.chat_template, text), []) for text in VALIDATION_PROMPTS]
+
+
+def _reuse_llm(src: Path, tmp: Path, adapter: Adapter, source: str, precision: str, attention: str) -> dict:
     """Link the LLM graphs of bundle `src` into `tmp` after checking they are the ones this export
     would write; returns their manifest entries (with the validation recorded when they were exported)."""
     manifest = load_bundle(src).manifest  # verifies src's hashes: a tampered source is refused
-    theirs = (manifest[Keys.MODEL_FAMILY], manifest[Keys.MODEL_SOURCE], manifest[Keys.LLM_DTYPE],
+    theirs = (manifest[Keys.MODEL_FAMILY], manifest[Keys.MODEL_SOURCE], recorded_precision(manifest),
               manifest[Keys.LLM_ATTENTION])
-    ours = (adapter.family, source or getattr(adapter, "name", ""), dtype, attention)
+    ours = (adapter.family, source or getattr(adapter, "name", ""), precision, attention)
     if theirs != ours:
-        raise EdgepruneError(f"reuse_llm_from={src}: its LLM graphs are (family, source, dtype, attention) = {theirs}, "
+        raise EdgepruneError(f"reuse_llm_from={src}: its LLM graphs are (family, source, precision, attention) = {theirs}, "
                              f"this export needs {ours}")
     # a schema-1 source lacks required facts (known() says to re-export it); optional ones may be null
     entries = {key: manifest[key] if key.optional else known(manifest, key) for key in llm_keys()}

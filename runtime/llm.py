@@ -36,13 +36,14 @@ from edgeprune.runtime.checks import check_context, check_count
 from edgeprune.runtime.embedding import EmbeddingTable
 from edgeprune.runtime.format import (DECODER_DEEPSTACK, DECODER_EMBEDS, DECODER_LOGITS, DECODER_MASK,
                                       DECODER_POSITIONS, EMBED_INPUT, EMBED_OUTPUT, EmbedTable, Files, Graph, Keys,
-                                      external_data, llm_precision, optional_keys, past_names, present_names)
+                                      Quantization, external_data, llm_precision, optional_keys, past_names,
+                                      present_names)
 from edgeprune.runtime.positions import next_positions
 from edgeprune.runtime.providers import PROVIDERS, open_session, provider_names, resolve_providers, session_options
 from edgeprune.runtime.sampling import check_sampling, make_rng, next_tokens
 
 __all__ = ["OrtLLM", "Generation", "KVCache", "check_gpu_precision", "warn_cpu_fallback", "llm_files", "llm_manifest",
-           "LLM_ENTRIES"]
+           "LLM_ENTRIES", "describe_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ def check_gpu_precision(providers: list, attention: str, dtype: str) -> None:
         raise EdgepruneError(f"LLM graphs are {dtype} with fused attention (com.microsoft GroupQueryAttention), which "
                              f"ONNX Runtime's CUDA provider runs in float16/bfloat16 only: on {', '.join(gpu)} the "
                              "attention would fall back to the CPU. Export for the GPU with `edgeprune export ... "
-                             "--fp16` (or `--attention plain` to keep float32), or run with --provider cpu")
+                             "--llm-precision fp16` (int8/int4 graphs keep float32 activations: a CPU choice; or "
+                             "`--attention plain` to keep float32), or run with --provider cpu")
 
 
 def llm_files(manifest: dict) -> list[str]:
@@ -102,6 +104,18 @@ def llm_manifest(folder: str | Path) -> dict:
         raise BundleError(f"{folder}: neither a bundle ({Files.MANIFEST}) nor an exported LLM ({LLM_ENTRIES})")
     entries = json.loads(path.read_text())
     return {**{key: key.default for key in optional_keys()}, **entries}
+
+
+def describe_precision(manifest: dict) -> str:
+    """One line for `inspect`, the export summary and logs, e.g. "int4: MatMulNBits 4-bit, block 32, symmetric,
+    rtn, accuracy level 4, LM head quantized" (a tied embedding table is the LM head's weight: quantized with it)."""
+    q = manifest[Keys.LLM_QUANTIZATION]
+    if not q:
+        return llm_precision(manifest)
+    head = "LM head quantized" if q.get(Quantization.LM_HEAD) else "LM head float"
+    return (f"{llm_precision(manifest)}: MatMulNBits {q[Quantization.BITS]}-bit, block {q[Quantization.BLOCK_SIZE]}, "
+            f"{'symmetric' if q.get(Quantization.SYMMETRIC) else 'asymmetric'}, {q.get(Quantization.ALGORITHM)}, "
+            f"accuracy level {q.get(Quantization.ACCURACY_LEVEL)}, {head}")
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -134,7 +148,6 @@ class OrtLLM:
             self.deepstack_layers = manifest[Keys.LLM_DEEPSTACK_LAYERS]   # 0: no DeepStack input
             self.context_length = manifest[Keys.LLM_CONTEXT_LENGTH]   # None: a schema-1 bundle never recorded it
             self.kv_cache, self.vocab_size = manifest[Keys.LLM_KV_CACHE], manifest[Keys.LLM_VOCAB_SIZE]
-            self.precision, self.quantization = llm_precision(manifest), manifest[Keys.LLM_QUANTIZATION]
             decoder = bundle_dir / manifest[Keys.LLM_DECODER_GRAPH][Graph.FILE]
             table, embed_graph = manifest[Keys.LLM_EMBED_TABLE], manifest[Keys.LLM_EMBED_GRAPH]
             needed = manifest[Keys.LLM_MIN_ONNXRUNTIME]
@@ -171,8 +184,9 @@ class OrtLLM:
         self.device = self.decoder.get_providers()[0]
         self._kv_device = ORT_DEVICES.get(self.device, "cpu")
         warn_cpu_fallback(self.providers, self.decoder.get_providers())
+        self.description = describe_precision(manifest)
         log.info("LLM on %s (threads=%s, attention=%s, %s, KV cache %s)", self.decoder.get_providers(), threads,
-                 self.attention, self.precision, self.kv_cache)
+                 self.attention, self.description, self.kv_cache)
         self.past_names = past_names(self.num_layers)
         self.present_names = present_names(self.num_layers)
         self.output_names = [DECODER_LOGITS, *self.present_names]

@@ -39,6 +39,9 @@ def add_parser(subparsers):
     p.add_argument("--probe-train", type=count, default=1200, help="train images for the linear probe (default: 1200)")
     p.add_argument("--batch", type=count, default=16, help="images per forward (default: 16)")
     add_threads_arg(p, "torch")
+    p.add_argument("--llm", type=Path, default=None, metavar="DIR",
+                   help="answer with the LLM exported in DIR (a bundle, e.g. one exported with --llm-precision int4) "
+                        "run by the runtime, instead of the torch LLM; vision, pruning and prompt are unchanged")
     p.add_argument("--out", type=Path, default=None, help="folder for results.json, table.md, plot.png")
     p.add_argument("--merge", type=Path, nargs="+", metavar="RESULTS_JSON",
                    help="only combine results.json files of earlier runs on the same images (e.g. methods run in "
@@ -145,6 +148,7 @@ def run(args) -> int:
     if not hasattr(adapter, "feature_layer") or not hasattr(getattr(adapter, "vision", None), "layernorm"):
         raise EdgepruneError(f"eval: model {args.model!r} is not supported; expected edgeprune-mini (a DINOv2 adapter)")
     n_img = adapter.num_image_tokens
+    llm = _exported_llm(args.llm, args.threads) if args.llm else None
     cached, labels, idx = load_eval_set(adapter, args.num_images, args.seed, args.data)
     if args.sweep:
         methods, keeps = _methods(args.methods), _keeps(args.keeps, n_img)
@@ -157,7 +161,8 @@ def run(args) -> int:
 
     options = options_by_method(methods, parse_key_values(args.cfg))
     info = {"model": args.model, "n": len(labels), "seed": args.seed, "image_tokens": n_img,
-            "test_indices": [int(i) for i in idx], "cfg": {m: {k: str(v) for k, v in o.items()} for m, o in options.items() if o}}
+            "test_indices": [int(i) for i in idx], "cfg": {m: {k: str(v) for k, v in o.items()} for m, o in options.items() if o},
+            "llm": "torch" if llm is None else f"{args.llm} ({llm.description})"}
     if args.probe:
         unpruned, rows, value = _run_probe(adapter, cached, labels, methods, keeps, args, options)
         info["probe_train_images"] = args.probe_train
@@ -166,12 +171,12 @@ def run(args) -> int:
 
         if args.sweep:
             full, results = sweep(adapter, cached, labels, methods, keeps, seed=args.seed, batch=args.batch,
-                                  options=options)
+                                  options=options, llm=llm)
         else:
-            full = evaluate(adapter, cached, labels, "none", None, seed=args.seed, batch=args.batch)
+            full = evaluate(adapter, cached, labels, "none", None, seed=args.seed, batch=args.batch, llm=llm)
             results = [] if keeps[0] == n_img else [evaluate(adapter, cached, labels, methods[0], keeps[0],
                                                              reference=full.answers, seed=args.seed, batch=args.batch,
-                                                             **options[methods[0]])]
+                                                             llm=llm, **options[methods[0]])]
         # rows keep their answers, so runs on the same images can be merged later (--merge)
         rows, value = [{**r.row(), "answers": r.answers} for r in results], "accuracy"
         unpruned = full.accuracy if full else None
@@ -189,7 +194,8 @@ def _report(info: dict, value: str, unpruned: float | None, rows: list[dict], ke
     if unpruned is None:
         print(f"unpruned ({n_img} tokens): not measured (K={n_img} not in --keeps)  (n={n}, seed={info['seed']})")
     else:
-        print(f"unpruned ({n_img} tokens): {value} {unpruned:.3f}  (n={n}, seed={info['seed']})")
+        print(f"unpruned ({n_img} tokens): {value} {unpruned:.3f}  (n={n}, seed={info['seed']}"
+              f"{', LLM ' + info['llm'] if info.get('llm') else ''})")
     for r in rows:
         extra = f"  agreement {r['agreement']:.3f}" if r.get("agreement") is not None else ""
         status = f"error: {r['error']}" if r.get("error") else f"{value} {r[value]:.3f}{extra}"
@@ -250,6 +256,13 @@ def _merge(paths: list[Path], out: Path | None) -> int:
     keeps = sorted({r["keep"] for r in rows} | ({n_img} if unpruned is not None else set()), reverse=True)
     _report(info, same["value"], unpruned, rows, keeps, n_img, out, write_table=True)
     return 0
+
+
+def _exported_llm(folder: Path, threads: int | None):
+    """The runtime's LLM of a bundle (or of a folder export_llm wrote with its entries, runtime.llm.LLM_ENTRIES)."""
+    from edgeprune.runtime.llm import OrtLLM, llm_manifest
+
+    return OrtLLM(folder, llm_manifest(folder), threads=threads)
 
 
 def _run_probe(adapter, cached, labels, methods, keeps, args, options):

@@ -10,6 +10,7 @@ import sys
 
 def add_parser(subparsers):
     from edgeprune.cli.args import add_bundle_args, add_model_arg, add_positions_arg, add_pruner_args, count
+    from edgeprune.runtime.format import PRECISIONS
 
     p = subparsers.add_parser("export", help=__doc__.splitlines()[0], description=__doc__)
     add_model_arg(p)
@@ -18,9 +19,12 @@ def add_parser(subparsers):
     p.add_argument("--scorer", metavar="CKPT", help="learned scorer checkpoint (`edgeprune train`), for methods with "
                    "a `scorer` option (autoselect); default: the model's shipped one, where it ships one; "
                    "--cfg scorer=random is the untrained baseline")
-    p.add_argument("--fp16", action="store_true", help="float16 LLM graphs; the model is loaded in float16, which "
-                   "keeps a 2-4B model's export within memory (the vision graph stays float32 in ONNX; "
-                   "`build-engine --fp16` makes its TensorRT engine fp16)")
+    p.add_argument("--llm-precision", choices=PRECISIONS, default=None,
+                   help="LLM weights: fp32 (default), fp16 (for GPUs; the model is loaded in float16, which keeps a "
+                        "2-4B model's export within memory), int8 or int4 (weight-only MatMulNBits, float32 "
+                        "activations; the CPU choice: smaller and faster decode). The vision graph stays float32 in "
+                        "ONNX; `build-engine --fp16` makes its TensorRT engine fp16")
+    p.add_argument("--fp16", action="store_true", help="same as --llm-precision fp16 (kept for older scripts)")
     p.add_argument("--batch", type=count, metavar="N", help="fix the vision graph's batch to N (default: dynamic)")
     p.add_argument("--attention", choices=("fused", "plain"), default="fused",
                    help="LLM attention kernel: ORT's fused GroupQueryAttention or plain ONNX ops (default: fused)")
@@ -59,14 +63,17 @@ def run(args) -> int:
         cfg["scorer"] = str(args.scorer)
     image_size = _size(args.image_size, "--image-size") if args.image_size else None
     buckets = [_size(b, "--buckets") for b in args.buckets.split(",") if b.strip()] if args.buckets else None
+    if args.fp16 and args.llm_precision not in (None, "fp16"):
+        raise EdgepruneError(f"--fp16 and --llm-precision {args.llm_precision}: choose one (--fp16 means fp16)")
+    precision = "fp16" if args.fp16 else args.llm_precision or "fp32"
     check_target(args.out, args.force)  # before the model loads: a refused --out should fail fast
 
     bar = tqdm(total=1 + len(EXPORT_STEPS), desc="load model", unit="step", file=sys.stderr,
                disable=getattr(args, "quiet", False), bar_format="{desc:<34}{bar:20}| {n_fmt}/{total_fmt} [{elapsed}]")
     try:
-        # --fp16 loads the model in float16: a large LLM is then exported without a second copy of its weights
+        # fp16 loads the model in float16: a large LLM is then exported without a second copy of its weights
         # (the vision graph stays float32: export_bundle casts the vision weights for its export)
-        adapter = load(args.model, **({"dtype": _float16()} if args.fp16 else {}))
+        adapter = load(args.model, **({"dtype": _float16()} if precision == "fp16" else {}))
         if image_size is not None:
             adapter = adapter.with_image_size(image_size)   # a clear error for fixed-size families
         bar.update(1)
@@ -80,7 +87,7 @@ def run(args) -> int:
             bar.set_description_str(name)
 
         manifest = export_bundle(adapter, args.out, method=opts.method, keep=opts.keep, cfg=cfg,
-                                 positions=args.positions, dtype="float16" if args.fp16 else "float32",
+                                 positions=args.positions, llm_precision=precision,
                                  batch=args.batch, attention=args.attention, force=args.force, source=str(args.model),
                                  validate=not args.no_validate, on_step=on_step, buckets=buckets)
         bar.update(1)
@@ -109,11 +116,12 @@ def _size(text: str, option: str) -> tuple[int, int]:
 def summary(manifest: dict, out) -> str:
     """The lines printed after an export: what was written and the parity report."""
     from edgeprune.runtime.format import Keys
+    from edgeprune.runtime.llm import describe_precision
 
     m = manifest
     lines = [f"exported {out}: {m[Keys.MODEL_SOURCE]} ({m[Keys.MODEL_FAMILY]}), method {m[Keys.PRUNER_METHOD]}, "
              f"K={m[Keys.PRUNER_KEEP]} of N={m[Keys.MODEL_NUM_IMAGE_TOKENS]}, {m[Keys.POSITIONS_MODE]} positions, "
-             f"LLM {m[Keys.LLM_DTYPE]}, vision batch {m[Keys.VISION_BATCH] or 'dynamic'}"]
+             f"LLM {describe_precision(m)}, vision batch {m[Keys.VISION_BATCH] or 'dynamic'}"]
     lines += parity_lines(m)
     return "\n".join(lines)
 
@@ -136,12 +144,22 @@ def parity_lines(manifest: dict) -> list[str]:
                      f"{'OK' if v[PASSED] else 'FAILED'}")
     if llm:
         ok = llm[PASSED]
-        numbers = ", ".join(f"{k} {val:.2e}" for k, val in llm.items()
-                            if isinstance(val, float) and k != "tolerance")
-        tol = f" (tolerance {llm['tolerance']:.0e})" if isinstance(llm.get("tolerance"), float) else ""
+        numbers = ", ".join(f"{k} {_sci(llm.get(k))}" for k in ("embed", "prefill", "decode") if k in llm)
+        tol = f" (tolerance {_sci(llm.get('tolerance'), 0)})"
+        if llm.get("metric") == "relative_rms":   # fp16 / quantized graphs against the float32 model
+            tol = (f"; relative RMS prefill {_fixed(llm.get('prefill_relative'))}, decode "
+                   f"{_fixed(llm.get('decode_relative'))} (tolerance {_fixed(llm.get('tolerance'))})")
         lines.append(f"  llm:    max |logit diff| {numbers}{tol}  {'OK' if ok else 'FAILED'}")
+        if "greedy_agreement" in llm:
+            lines.append(f"          greedy tokens (teacher-forced, {llm.get('greedy_tokens', '?')}): "
+                         f"{_fixed(llm['greedy_agreement'])} agree with torch float32 (garbage below "
+                         f"{_fixed(llm.get('min_agreement'))})")
     return lines
 
 
 def _sci(value, digits: int = 2) -> str:
     return f"{value:.{digits}e}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+
+
+def _fixed(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"

@@ -65,6 +65,7 @@ def _open_like_run(bundle) -> None:
 
 def summary(m: dict, path) -> str:
     from edgeprune.runtime.format import EmbedTable, Engine, Files, Keys
+    from edgeprune.runtime.llm import describe_precision
 
     cfg = ", ".join(f"{k}={v}" for k, v in m[Keys.PRUNER_CONFIG].items()) or "-"
     lines = [
@@ -92,11 +93,14 @@ def summary(m: dict, path) -> str:
     lines.append(f"llm:       {m[Keys.LLM_NUM_LAYERS]} layers, hidden {m[Keys.LLM_HIDDEN_SIZE]}, vocab "
                  f"{m[Keys.LLM_VOCAB_SIZE]}, context {m[Keys.LLM_CONTEXT_LENGTH] or '?'}, {m[Keys.LLM_DTYPE]}, attention "
                  f"{m[Keys.LLM_ATTENTION]}, KV cache {m[Keys.LLM_KV_CACHE]}")
+    lines.append(f"precision: {describe_precision(m)}")
     table = m[Keys.LLM_EMBED_TABLE]
     if table is not None:
         lines.append(f"embedding: {table[EmbedTable.FILE]}: [{', '.join(map(str, table[EmbedTable.SHAPE]))}] "
-                     f"{table[EmbedTable.DTYPE]}" + (" (the LM head's weight, stored once)"
-                                                     if table[EmbedTable.FILE] != Files.EMBED_TABLE else ""))
+                     f"{table[EmbedTable.DTYPE]}"
+                     + (f", {table[EmbedTable.BITS]}-bit blocks of {table[EmbedTable.BLOCK_SIZE]}"
+                        if table.get(EmbedTable.BITS) else "")
+                     + (" (the LM head's weight, stored once)" if table[EmbedTable.FILE] != Files.EMBED_TABLE else ""))
     engine = m[Keys.ENGINE_VISION]
     if engine:
         lines.append(f"engine:    vision: {engine[Engine.FILE]} (TensorRT {engine.get(Engine.TENSORRT_VERSION, '?')}, "

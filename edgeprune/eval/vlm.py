@@ -81,14 +81,15 @@ def method_label(method: str, pruner) -> str:
 
 @torch.no_grad()
 def answers(adapter, cached: CachedAdapter, pruner, rows, batch: int = 16, max_new_tokens: int = 8,
-            prompt: str = PROMPT) -> list[str]:
-    """Greedy answers of the reference pipeline for cached rows, `batch` images per call."""
+            prompt: str = PROMPT, llm=None) -> list[str]:
+    """Greedy answers of the reference pipeline for cached rows, `batch` images per call (`llm`: an exported
+    LLM through the runtime instead of the torch one, reference.generate)."""
     from edgeprune.reference import generate
 
     out: list[str] = []
     rows = list(rows)
     for i in range(0, len(rows), batch):
-        res = generate(cached, pruner, rows[i:i + batch], prompt, max_new_tokens=max_new_tokens)
+        res = generate(cached, pruner, rows[i:i + batch], prompt, max_new_tokens=max_new_tokens, llm=llm)
         out.extend(t.strip() for t in res.text)
     return out
 
@@ -120,7 +121,7 @@ def agreement(texts: list[str], ref: list[str]) -> float:
 
 
 def evaluate(adapter, cached: CachedAdapter, labels: np.ndarray, method: str, keep: int | None,
-             reference: list[str] | None = None, seed: int = 0, batch: int = 16, **cfg) -> EvalResult:
+             reference: list[str] | None = None, seed: int = 0, batch: int = 16, llm=None, **cfg) -> EvalResult:
     """Accuracy (and agreement with `reference`, the unpruned answers) of one (method, K)."""
     n_img = adapter.num_image_tokens
     k = n_img if keep is None else keep
@@ -128,7 +129,7 @@ def evaluate(adapter, cached: CachedAdapter, labels: np.ndarray, method: str, ke
     try:
         pruner = build_method(adapter, method, keep, seed=seed, **cfg)
         method = method_label(method, pruner)
-        texts = answers(adapter, cached, pruner, range(len(labels)), batch=batch)
+        texts = answers(adapter, cached, pruner, range(len(labels)), batch=batch, llm=llm)
     except EdgepruneError as err:
         log.warning("%s K=%d failed: %s", method, k, err)
         return EvalResult(method, k, len(labels), float("nan"), None, time.time() - start, error=str(err))
@@ -137,13 +138,13 @@ def evaluate(adapter, cached: CachedAdapter, labels: np.ndarray, method: str, ke
 
 
 def sweep(adapter, cached: CachedAdapter, labels: np.ndarray, methods, keeps=SWEEP_KEEPS, seed: int = 0,
-          batch: int = 16, options: dict[str, dict] | None = None) -> tuple[EvalResult | None, list[EvalResult]]:
+          batch: int = 16, options: dict[str, dict] | None = None, llm=None) -> tuple[EvalResult | None, list[EvalResult]]:
     """(unpruned result, one result per method and K < N). K = N is the unpruned run for every
     method (the contract's identity), measured once, and only when N is in `keeps` (it is the costliest
-    point; without it there is no agreement figure). `options`: {method: pruner options}."""
+    point; without it there is no agreement figure). `options`: {method: pruner options}; `llm`: evaluate()'s."""
     full = None
     if adapter.num_image_tokens in keeps:
-        full = evaluate(adapter, cached, labels, "none", None, seed=seed, batch=batch)
+        full = evaluate(adapter, cached, labels, "none", None, seed=seed, batch=batch, llm=llm)
         log.info("unpruned: accuracy %.3f (n=%d, %.0f s)", full.accuracy, full.n, full.seconds)
     results = []
     for method in methods:
@@ -151,7 +152,7 @@ def sweep(adapter, cached: CachedAdapter, labels: np.ndarray, methods, keeps=SWE
             if k >= adapter.num_image_tokens:
                 continue
             r = evaluate(adapter, cached, labels, method, k, reference=full.answers if full else None, seed=seed,
-                         batch=batch, **(options or {}).get(method, {}))
+                         batch=batch, llm=llm, **(options or {}).get(method, {}))
             log.info("%s K=%d: accuracy %.3f agreement %s (%.0f s)", r.method, k, r.accuracy, r.agreement, r.seconds)
             results.append(r)
     return full, results

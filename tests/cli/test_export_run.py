@@ -71,7 +71,7 @@ def test_scorer_maps_to_the_scorer_option(tmp_path, monkeypatch, capsys):
         main(["export", "--model", "tiny-llava", "--method", "autoselect", "--keep", "8", "--scorer",
               "s.safetensors", "--out", str(tmp_path / "y"), "--fp16", "--batch", "2", "-q"])
     assert seen["cfg"] == {"scorer": "s.safetensors"} and seen["method"] == "autoselect"
-    assert seen["dtype"] == "float16" and seen["batch"] == 2 and seen["keep"] == 8
+    assert seen["llm_precision"] == "fp16" and seen["batch"] == 2 and seen["keep"] == 8   # --fp16: an alias
     assert str(seen["llm_dtype"]) == "torch.float16"              # --fp16 loads the model in float16
 
 
@@ -94,6 +94,27 @@ def test_autoselect_needs_a_scorer_and_the_random_one_is_labelled(tmp_path, caps
     capsys.readouterr()
     assert main(["inspect", str(out), "--no-verify"]) == 0
     assert "scorer:    random, untrained (seed 0)" in capsys.readouterr().out
+
+
+def test_llm_precision_option(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def fake_export(adapter, out, **kw):
+        seen.update(kw)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("edgeprune.export.bundle.export_bundle", fake_export)
+    base = ["export", "--model", "tiny-llava", "--method", "dart", "--keep", "8", "--out", str(tmp_path / "x"), "-q"]
+    for option, precision in (([], "fp32"), (["--llm-precision", "int4"], "int4"),
+                              (["--llm-precision", "fp16", "--fp16"], "fp16")):
+        with pytest.raises(SystemExit):
+            main(base + option)
+        assert seen["llm_precision"] == precision
+    assert main(base + ["--llm-precision", "int4", "--fp16"]) == 1
+    assert "--fp16 and --llm-precision int4: choose one" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:                         # argparse: unknown choice
+        main(base + ["--llm-precision", "int3"])
+    assert exit_info.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
 
 
 def test_run_streams_text_and_timing(bundle, image, capsys):
@@ -160,6 +181,7 @@ def test_inspect(bundle, tmp_path, capsys):
     assert main(["inspect", str(bundle)]) == 0
     out = capsys.readouterr().out
     assert "pruner:    dart K=16 (pivots=4)" in out and "positions: original" in out
+    assert "precision: fp32\n" in out and "greedy tokens (teacher-forced" in out
     assert "vision:    vision.onnx: pixels [batch, 3, 336, 336] -> image_tokens [batch, 16, 64]" in out
     assert "files: OK" in out
     assert main(["inspect", str(bundle), "--json"]) == 0

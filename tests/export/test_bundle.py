@@ -202,10 +202,11 @@ def test_reuse_llm_links_the_graphs_and_checks_they_fit(exported, adapter, tmp_p
     assert manifest[Keys.FILES_SHA256][decoder] == source[Keys.FILES_SHA256][decoder]
     load_bundle(tmp_path / "reused")  # hashes verify
     assert manifest[Keys.POSITIONS_MODE] == adapter.default_positions  # uniform has no convention of its own
-    with pytest.raises(EdgepruneError, match=r"reuse_llm_from=.*this export needs .*'float16'"):
-        export_bundle(adapter, tmp_path / "fp16", method="uniform", keep=16, dtype="float16", validate=False,
+    with pytest.raises(EdgepruneError, match=r"reuse_llm_from=.*\(family, source, precision, attention\).*this "
+                                             r"export needs .*'int4'"):
+        export_bundle(adapter, tmp_path / "int4", method="uniform", keep=16, llm_precision="int4", validate=False,
                       source="tiny-llava", reuse_llm_from=exported)
-    assert not (tmp_path / "fp16").exists()
+    assert not (tmp_path / "int4").exists()
 
 
 def test_domain_is_recorded_when_the_adapter_states_one(exported, adapter, tmp_path, monkeypatch):

@@ -74,3 +74,20 @@ def test_rows_with_different_prompts_equal_single_requests(bundles):
     assert got.prompt_lengths[0] < got.prompt_lengths[1]
     for i, prompt in enumerate(prompts):
         assert got.ids[i] == pipe(images[i], prompt, max_new_tokens=8).ids[0], f"row {i}"
+
+
+def test_int4_llm_with_mrope(tmp_path):
+    """M-RoPE through the quantized decoder: validation passes (teacher-forced agreement with torch float32 above
+    the garbage bound) and the runtime's image positions are the torch reference's."""
+    from edgeprune.export.bundle import export_bundle
+    from edgeprune.models import load
+
+    adapter = load("tiny-qwen2-vl")
+    m = export_bundle(adapter, tmp_path / "int4", method="dart", keep=KEEP, llm_precision="int4",
+                      source=adapter.name)
+    assert m[Keys.LLM_PRECISION] == "int4" and m[Keys.VALIDATION_LLM][PASSED]
+    images = seeded_images((168, 224), 2, seed=11)
+    got = Pipeline(tmp_path / "int4", threads=1)(images, PROMPT, max_new_tokens=8)
+    ref = generate(adapter, build_for_model("dart", KEEP, adapter.pruner_options()), images, PROMPT, max_new_tokens=8)
+    np.testing.assert_array_equal(got.positions, ref.image_positions)
+    assert len(got.ids) == 2 and all(got.ids)                       # an answer per image

@@ -155,7 +155,8 @@ def test_providers_are_resolved_once_for_every_graph(with_engine, monkeypatch):
 def test_fp32_fused_llm_on_a_gpu_names_the_export_to_use():
     """ONNX Runtime's CUDA GroupQueryAttention has float16/bfloat16 kernels only."""
     with pytest.raises(EdgepruneError, match=r"float32 with fused attention .* on CUDAExecutionProvider .* "
-                                             r"`edgeprune export \.\.\. --fp16` \(or `--attention plain`"):
+                                             r"`edgeprune export \.\.\. --llm-precision fp16` \(int8/int4 .*"
+                                             r"`--attention plain`"):
         check_gpu_precision([CUDA, CPU], "fused", "float32")
     with pytest.raises(EdgepruneError, match="on TensorrtExecutionProvider, CUDAExecutionProvider"):
         check_gpu_precision([(TRT, {}), CUDA, CPU], "fused", "float32")
@@ -170,7 +171,7 @@ def test_ort_llm_refuses_before_loading_and_warns_on_a_silent_cpu_fallback(expor
     from edgeprune.runtime.llm import OrtLLM
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
-    with pytest.raises(EdgepruneError, match="--fp16"):
+    with pytest.raises(EdgepruneError, match="--llm-precision fp16"):
         OrtLLM(exported, load_bundle(exported).manifest, providers=["cuda"])
     with caplog.at_level(logging.WARNING):
         warn_cpu_fallback([CUDA, CPU], [CPU])

@@ -92,6 +92,14 @@ def test_greedy_tokens_match_reference(method, mode, adapter, images, pipelines)
         assert got.num_prompt_tokens == ref.position_ids.shape[1]
 
 
+def test_reference_with_the_exported_llm_equals_the_pipeline(adapter, images, pipelines):
+    """generate(llm=OrtLLM) (how `eval --llm` measures an exported precision): torch vision and pruning, the
+    runtime's LLM; the same tokens as the whole runtime pipeline."""
+    pipe = pipelines(METHODS[0], "compact")
+    got = _reference(adapter, METHODS[0], "compact", images, llm=pipe.llm)
+    assert got.ids == pipe(images, PROMPT, max_new_tokens=NEW).ids
+
+
 def test_positions_mode_changes_what_the_llm_sees(pipelines, images):
     """Same graphs, different position rule: prefill positions differ, so (almost surely) the logits do."""
     a = pipelines(METHODS[0], "original")(images[:1], PROMPT, max_new_tokens=NEW)
@@ -197,12 +205,26 @@ def test_extras_reach_the_result(adapter, images, tmp_path, monkeypatch):
     np.testing.assert_allclose(result.extras["gate"], attn.max(dim=1).values.numpy(), rtol=1e-5)
 
 
-def test_fp16_llm_bundle_runs(adapter, images, tmp_path):
-    out = tmp_path / "fp16"
-    m = export_bundle(adapter, out, method=METHODS[0], keep=KEEP, dtype="float16")
-    assert m[Keys.LLM_DTYPE] == "float16" and m[Keys.VALIDATION_VISION][PASSED] and m[Keys.VALIDATION_LLM][PASSED]
-    result = Pipeline(out, threads=1)(images, PROMPT, max_new_tokens=4)
-    assert [len(row) for row in result.ids] == [4, 4]
-    # same vision graph precision: the kept positions are the fp32 reference's
-    np.testing.assert_array_equal(result.positions, _reference(adapter, METHODS[0], adapter.default_positions,
-                                                               images).image_positions)
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
+def test_llm_precision_bundle_runs(precision, adapter, images, bundles, tmp_path):
+    """Each precision exports, validates (teacher-forced greedy agreement with torch float32 on three real prompts
+    above the garbage bound) and runs; fp16 answers as the fp32 bundle does. int8/int4 tokens of this tiny random
+    model (flat logits) diverge from fp32 after a flipped near-tie: their bound is the validation's."""
+    out = tmp_path / precision
+    m = export_bundle(adapter, out, method=METHODS[0], keep=KEEP, llm_precision=precision)
+    assert m[Keys.LLM_PRECISION] == precision and m[Keys.VALIDATION_VISION][PASSED]
+    report = m[Keys.VALIDATION_LLM]
+    assert report[PASSED] and report["greedy_tokens"] == 48 and report["greedy_agreement"] >= report["min_agreement"]
+    assert (m[Keys.LLM_QUANTIZATION] is None) == (precision == "fp16")
+    assert m[Keys.LLM_DTYPE] == ("float16" if precision == "fp16" else "float32")
+    result = Pipeline(out, threads=1)(images, PROMPT, max_new_tokens=NEW)
+    fp32 = Pipeline(bundles.get(METHODS[0], _default_mode(adapter)), threads=1)(images, PROMPT, max_new_tokens=NEW)
+    np.testing.assert_array_equal(result.positions, fp32.positions)   # the same float32 vision graph
+    assert [len(row) for row in result.ids] == [NEW, NEW]
+    if precision == "fp16":
+        assert result.ids == fp32.ids
+
+
+def _default_mode(adapter) -> str:
+    method = METHODS[0]
+    return available()[method].default_positions or adapter.default_positions
