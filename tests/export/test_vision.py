@@ -159,7 +159,7 @@ def test_float16_adapter_exports_a_float32_vision_graph(tmp_path):
 
     adapter = load("tiny-smolvlm", dtype=torch.float16)
     llm_weight = adapter.llm.get_input_embeddings().weight
-    m = export_bundle(adapter, tmp_path / "b", method="dart", keep=30, dtype="float16")
+    m = export_bundle(adapter, tmp_path / "b", method="dart", keep=30, llm_precision="fp16")
     assert m[Keys.VALIDATION_VISION][PASSED] and m[Keys.VALIDATION_LLM][PASSED]
     assert m[Keys.VISION_GRAPH]["inputs"]["pixels"]["dtype"] == "float32"
     assert m[Keys.VISION_GRAPH]["outputs"]["image_tokens"]["dtype"] == "float32"
