@@ -102,7 +102,8 @@ def _inside(root: Path, rel: str, where: str) -> Path:
     """root/rel, after checking that `rel` (a path the manifest names) is a plain relative POSIX path that
     stays inside the bundle: no absolute path, no '..', nothing a symlink leads out of the folder."""
     pure = PurePosixPath(rel) if isinstance(rel, str) else None
-    if pure is None or not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel or pure.as_posix() != rel:
+    if (pure is None or not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel or "\x00" in rel
+            or pure.as_posix() != rel):                        # a NUL byte: os.path would raise ValueError
         raise BundleError(f"{where}: {rel!r} is not a relative path inside the bundle; re-export the bundle")
     path = root / rel
     real_root, real = os.path.realpath(root), os.path.realpath(path)

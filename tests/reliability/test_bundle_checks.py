@@ -36,7 +36,7 @@ def test_a_file_the_runtime_opens_must_be_listed(bundle_copy, rel, capsys):
 
 
 @pytest.mark.parametrize("path", ["../elsewhere/decoder.onnx", "/tmp/decoder.onnx", "./decoder.onnx",
-                                  "a/../decoder.onnx"])
+                                  "a/../decoder.onnx", "decoder\x00.onnx"])
 def test_a_graph_path_outside_the_bundle_is_refused(bundle_copy, path):
     graph = json.loads((bundle_copy / Files.MANIFEST).read_text())[Keys.LLM_DECODER_GRAPH]
     edit_manifest(bundle_copy, **{Keys.LLM_DECODER_GRAPH: {**graph, Graph.FILE: path}})
