@@ -231,8 +231,10 @@ def export_llm(llm: nn.Module, out_dir: Path, *, precision: str = "fp32", attent
         Keys.LLM_NUM_PARAMETERS: sum(p.numel() for p in llm.parameters()),
     }
     if validate:
-        # against the float32 model (a float16-loaded one is upcast for this: validation needs the memory)
-        reference = llm if next(llm.parameters()).dtype == torch.float32 else copy.deepcopy(llm).float()
+        # against the float32 model; a model loaded in float16 (--fp16, to fit memory) is never upcast for this:
+        # a float32 copy of a 2B LLM adds 4x its float16 bytes to the export's peak (docs/realsize.md). It is
+        # compared as exported: itself for fp16, the float32 copy made above for the other precisions.
+        reference = llm if next(llm.parameters()).dtype == torch.float32 else model
         entries[Keys.VALIDATION_LLM] = validate_llm(reference, out_dir, entries, prompts=prompts)
     return entries
 
@@ -309,7 +311,8 @@ def _stamp_io_dims(path: Path, dims_by_name: dict) -> None:
 @torch.no_grad()
 def validate_llm(llm: nn.Module, bundle_dir: Path, entries: dict, *, steps: int = 4, seed: int = 0,
                  prompts: list[list[int]] | None = None, new_tokens: int = 16) -> dict:
-    """The exported graph (at its precision) against the float32 HF torch model, through the runtime's own path
+    """The exported graph (at its precision) against the HF torch model `llm` (float32, or float16 as a --fp16
+    export loaded it: export_llm never upcasts a copy for this), through the runtime's own path
     (OrtLLM.forward with its KV cache and embedding table). `entries`: export_llm's manifest entries.
 
     1. Logits: prefill on seeded embeddings with a position gap (as after pruning), batch 2, then `steps` decode
@@ -372,7 +375,8 @@ def validate_llm(llm: nn.Module, bundle_dir: Path, entries: dict, *, steps: int 
     errors.update(metric=metric, tolerance=TOLERANCE[precision], greedy_agreement=agreement, greedy_tokens=tokens,
                   min_agreement=MIN_AGREEMENT[precision])
     errors[PASSED] = worst <= errors["tolerance"] and agreement >= errors["min_agreement"]
-    (log.info if errors[PASSED] else log.warning)("LLM parity ORT (%s) vs torch fp32: %s", precision, errors)
+    (log.info if errors[PASSED] else log.warning)("LLM parity ORT (%s) vs torch %s: %s", precision,
+                                                  str(next(llm.parameters()).dtype).removeprefix("torch."), errors)
     return errors
 
 

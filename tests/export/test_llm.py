@@ -159,6 +159,17 @@ def test_fp16_graph_greedy_tokens_match_fp32(llm, tmp_path):
     np.testing.assert_array_equal(runs["fp16"], runs["fp32"])
 
 
+def test_float16_model_is_validated_without_a_float32_copy(llm, tmp_path, monkeypatch):
+    """A model loaded in float16 to fit memory (--fp16) is its own reference: a float32 copy would add 4x its
+    float16 bytes to the export's peak (docs/realsize.md)."""
+    import copy
+
+    llm16 = copy.deepcopy(llm).half()
+    monkeypatch.setattr("edgeprune.export.llm.copy.deepcopy", lambda *a, **k: pytest.fail("the model was copied"))
+    report = export_llm(llm16, tmp_path, precision="fp16", attention="fused")[Keys.VALIDATION_LLM]
+    assert report[PASSED] and report["greedy_agreement"] >= 0.9, report
+
+
 def test_bad_arguments_raise(llm, tmp_path):
     with pytest.raises(ModelError, match="attention='flash'"):
         export_llm(llm, tmp_path, attention="flash")
