@@ -71,16 +71,16 @@ def _jsonable(value):
     raise TypeError(type(value).__name__)
 
 
-def _store_config(config: dict, folder: Path) -> tuple[dict, dict]:
-    """JSON part of `config`, with tensors/arrays saved as `pruner/<key>.npy` (referenced by path);
+def _store_config(config: dict, folder: Path, sub: str = Files.PRUNER_ARRAYS) -> tuple[dict, dict]:
+    """JSON part of `config`, with tensors/arrays saved as `<sub>/<key>.npy` (referenced by path);
     anything else that JSON cannot hold is omitted with a note."""
     stored, omitted = {}, {}
     for key, value in sorted(config.items()):
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu().numpy()
         if isinstance(value, np.ndarray):
-            rel = f"{Files.PRUNER_ARRAYS}/{key}.npy"
-            (folder / Files.PRUNER_ARRAYS).mkdir(exist_ok=True)
+            rel = f"{sub}/{key}.npy"
+            (folder / sub).mkdir(exist_ok=True)
             np.save(folder / rel, value)
             stored[key] = {"file": rel, "shape": list(value.shape), "dtype": value.dtype.name}
             continue
@@ -192,7 +192,9 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
                   cfg: dict | None = None, positions: str | None = None, llm_precision: str = "fp32",
                   batch: int | None = None, attention: str = "fused", force: bool = False, source: str = "",
                   validate: bool = True, on_step: Callable[[str], None] | None = None,
-                  reuse_llm_from: str | Path | None = None, buckets: list[tuple[int, int]] | None = None) -> dict:
+                  reuse_llm_from: str | Path | None = None, buckets: list[tuple[int, int]] | None = None,
+                  llm_method: str | None = None, llm_keep=None, llm_layer=None, llm_average: float | None = None,
+                  llm_cfg: dict | None = None, kv_policy: str = "uniform") -> dict:
     """Export `adapter` pruned by `method` to K=`keep` (None: N, no pruning) into the bundle `out`.
 
     positions: "original" | "compact" (default: the method's own convention, else the adapter's);
@@ -208,6 +210,11 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
     differ). The first size is the bundle's default: vision.onnx, model.grid and preprocess.json describe it;
     the others are vision_<h>x<w>.onnx; all are listed under vision.buckets. The runtime picks a bucket per
     image (runtime/buckets.py). Needs a dynamic batch (each graph runs on the images that chose it).
+
+    llm_method: an in-LLM stage (edgeprune.inllm, METHODS_INLLM.md) inside the prefill, reducing the K image
+    tokens to `llm_keep` (an int or one per stage) from layer `llm_layer` on (default: the method's layers),
+    or to counts whose layer average is `llm_average`; `llm_cfg` its options; kv_policy "uniform" (every
+    layer's cache gathered) or "faithful" (layers before L keep the whole sequence). Writes prefill.onnx.
     """
     out = Path(os.path.abspath(out))
     cfg = dict(cfg or {})
@@ -230,6 +237,17 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
     if keep is not None:
         for sub in bucket_adapters or [adapter]:
             check_keep(method, keep, sub.num_image_tokens)  # before any work: the pruner checks only when it runs
+
+    runner = None
+    if llm_method is not None:
+        runner = _stage_runner(adapter, llm_method, keep if keep is not None else n, llm_keep, llm_layer,
+                               llm_average, dict(llm_cfg or {}), kv_policy)
+        if reuse_llm_from is not None:
+            raise EdgepruneError("reuse_llm_from: the LLM graphs of an in-LLM stage depend on its budget; "
+                                 "export them (omit reuse_llm_from)")
+        if bucket_adapters and "positions" in runner.method.requires:
+            raise EdgepruneError(f"{llm_method} with resolution buckets: it reads the slots' grid positions, and "
+                                 f"the grid differs per bucket; export one size")
 
     lock, tmp = _begin_write(out, force)      # held until the bundle is in place (module docstring)
     try:
@@ -271,7 +289,8 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
             from edgeprune.export.llm import export_llm
 
             llm_entries = export_llm(adapter.llm, tmp, precision=llm_precision, attention=attention,
-                                     validate=validate, prompts=validation_prompts(adapter), rope=adapter.rope)
+                                     validate=validate, prompts=validation_prompts(adapter), rope=adapter.rope,
+                                     stages=runner)
         llm_check = llm_entries.pop(Keys.VALIDATION_LLM, None) if validate else None  # (a reused bundle's report
         if llm_check is not None and not llm_check[PASSED]:                            # is not a check asked for)
             raise ParityError(f"LLM graphs ORT vs torch: {llm_check}")
@@ -314,6 +333,7 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
             Keys.VISION_TOKENS_PER_VIEW: vision["tokens_per_view"],
             Keys.VISION_VIEWS: vision["views"],
             **_jsonable(llm_entries),
+            **(_stage_manifest(runner, tmp) if runner is not None else {}),
             Keys.FILES_SHA256: hash_files(tmp),
             Keys.VALIDATION_VISION: _jsonable(vision_check),
             Keys.VALIDATION_LLM: _jsonable(llm_check),
@@ -330,6 +350,32 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
     finally:
         lock.release()
     return manifest
+
+
+def _stage_runner(adapter: Adapter, method: str, num_image: int, keep, layer, average, cfg: dict, kv_policy: str):
+    """The in-LLM stage for this model and prompt layout; every budget error before any work."""
+    from edgeprune.inllm import build_for_budget
+    from edgeprune.inllm.boundary import StageRunner
+    from edgeprune.runtime.prompt import encode_prompt
+
+    num_layers = adapter.llm.config.num_hidden_layers
+    stage = build_for_budget(method, num_image=num_image, num_layers=num_layers, keep=keep, layer=layer,
+                             average=average, **cfg)
+    image_start = len(encode_prompt(adapter.tokenizer, adapter.chat_template, "")[0])
+    return StageRunner(stage, num_image=num_image, num_layers=num_layers, image_start=image_start,
+                       kv_policy=kv_policy, grid=tuple(adapter.grid))
+
+
+def _stage_manifest(runner, folder: Path) -> dict:
+    from edgeprune.inllm import available as stage_methods
+
+    method = runner.method
+    defaults = {k: v for k, v in stage_methods()[method.name].defaults.items() if v is not inspect.Parameter.empty}
+    config = {k: getattr(method, k) for k in defaults if hasattr(method, k)}
+    if "bias" in defaults:   # the prior as a file, not a path on the exporting machine
+        config["bias"] = None if method.bias is None else method.bias.numpy()
+    stored, _ = _store_config(config, folder, sub=Files.STAGE_ARRAYS)
+    return {**runner.plan().to_manifest(), Keys.LLM_STAGE_CONFIG: stored}
 
 
 def _bucket_adapters(adapter: Adapter, buckets, batch, keep) -> list[Adapter]:
@@ -361,6 +407,8 @@ def _reuse_llm(src: Path, tmp: Path, adapter: Adapter, source: str, precision: s
     """Link the LLM graphs of bundle `src` into `tmp` after checking they are the ones this export
     would write; returns their manifest entries (with the validation recorded when they were exported)."""
     manifest = load_bundle(src).manifest  # verifies src's hashes: a tampered source is refused
+    if manifest[Keys.LLM_PREFILL_GRAPH] is not None:
+        raise EdgepruneError(f"reuse_llm_from={src}: its LLM graphs include an in-LLM stage; reuse needs plain ones")
     theirs = (manifest[Keys.MODEL_FAMILY], manifest[Keys.MODEL_SOURCE], recorded_precision(manifest),
               manifest[Keys.LLM_ATTENTION])
     ours = (adapter.family, source or getattr(adapter, "name", ""), precision, attention)

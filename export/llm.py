@@ -150,7 +150,7 @@ def hidden(x, delta):
 
 def export_llm(llm: nn.Module, out_dir: Path, *, precision: str = "fp32", attention: str = "fused",
                validate: bool = True, rope: str = "1d", quantization: QuantSettings | None = None,
-               prompts: list[list[int]] | None = None) -> dict:
+               prompts: list[list[int]] | None = None, stages=None) -> dict:
     """Write `decoder.onnx` (+ decoder.onnx.data, + embed.bin for an untied embedding table) to `out_dir`; return
     their manifest entries (runtime/format.py: the `llm.*` keys and positions.rope; with `validate`, also
     validation.llm, the ORT-vs-torch max absolute errors and the PASSED flag).
@@ -161,7 +161,9 @@ def export_llm(llm: nn.Module, out_dir: Path, *, precision: str = "fp32", attent
     names for the dynamic batch, sequence and past axes) and dtype; llm.embed_table says where the embedding table
     is. With `validate`, validation.llm is validate_llm's report (against the float32 torch model; `prompts`: token
     ids of real text for its greedy check). rope: "1d" (position_ids [B, L]) or "mrope" ([3, B, L], the adapter's
-    `rope`; the LLM's rotary module must then have an mrope_section).
+    `rope`; the LLM's rotary module must then have an mrope_section). stages: an edgeprune.inllm StageRunner
+    built for this LLM: the in-LLM stage's own graphs instead (export/staged_decoder.py: an unfused decoder with
+    one attention mask per KV group, and prefill.onnx; float precisions only).
     """
     if rope not in ROPE_KINDS:
         raise ModelError(f"rope={rope!r}; expected one of {', '.join(ROPE_KINDS)}")
@@ -181,6 +183,15 @@ def export_llm(llm: nn.Module, out_dir: Path, *, precision: str = "fp32", attent
     # float16 to be exported in float16: a second copy of its weights would not fit)
     model = llm if next(llm.parameters()).dtype == DTYPES[dtype] else copy.deepcopy(llm).to(DTYPES[dtype])
     model.eval()
+    if stages is not None:
+        from edgeprune.export.staged_decoder import export_staged_llm
+
+        if quantization is not None:
+            raise ModelError(f"precision={precision!r} with an in-LLM stage: the staged decoder is exported in float "
+                             "precisions only (fp32, fp16)")
+        return export_staged_llm(model, out_dir, dtype=dtype, precision=precision, attention=attention,
+                                 validate=validate, rope=rope, stages=stages,
+                                 num_parameters=sum(p.numel() for p in llm.parameters()))
     decoder = DecoderGraph(model, attention=attention).eval()
     cfg = model.config
     n_layers, kv, hd = len(decoder.layers), decoder.kv_heads, decoder.head_dim

@@ -23,12 +23,14 @@ import numpy as np
 from edgeprune import __version__
 from edgeprune.profiles import memory
 from edgeprune.profiles.device import DeviceProfile
+from edgeprune.profiles.flops import prefill_ratio, shapes_known
 from edgeprune.profiles.interleave import paired_ratio, run_interleaved, spread_pct
 from edgeprune.runtime.bundle import pruner_label
-from edgeprune.runtime.format import Graph, Keys, external_data, llm_keys
+from edgeprune.runtime.format import Graph, Keys, Stage, external_data, llm_keys
+from edgeprune.runtime.stages import StagePlan
 
-__all__ = ["profile_bundle", "profile_bundles", "soak", "summarize", "kv_bytes_expected", "weights_bytes",
-           "DEFAULT_PROMPT", "REPORT_SCHEMA", "STAGE_KEYS"]
+__all__ = ["profile_bundle", "profile_bundles", "soak", "summarize", "kv_bytes_expected", "kv_groups", "stage_report",
+           "weights_bytes", "DEFAULT_PROMPT", "REPORT_SCHEMA", "STAGE_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,32 @@ def kv_bytes_expected(manifest: dict, batch: int, tokens: int) -> int:
     """layers x 2 (K and V) x kv_heads x head_dim x tokens x dtype size x batch."""
     return (manifest[Keys.LLM_NUM_LAYERS] * 2 * manifest[Keys.LLM_NUM_KV_HEADS] * manifest[Keys.LLM_HEAD_DIM] * tokens
             * DTYPE_BYTES[manifest[Keys.LLM_DTYPE]] * batch)
+
+
+def kv_groups(manifest: dict, plan: StagePlan | None, prompt_tokens: int, decode_tokens: int, batch: int) -> list[dict]:
+    """The KV cache after generation per group of layers sharing one length: {"layers": [first, end),
+    "tokens", "bytes"} (one group without an in-LLM stage or under its uniform policy)."""
+    t = manifest[Keys.LLM_NUM_LAYERS]
+    if plan is None:
+        bounds, image = [0, t], None
+    else:
+        bounds, image = [*plan.kv_groups, t], plan.kv_image_tokens_per_layer()
+    groups = []
+    for first, end in zip(bounds[:-1], bounds[1:]):
+        tokens = prompt_tokens + decode_tokens - (0 if plan is None else plan.num_image - image[first])
+        per_layer = kv_bytes_expected(manifest, batch, tokens) // t
+        groups.append({"layers": [first, end], "tokens": tokens, "bytes": per_layer * (end - first)})
+    return groups
+
+
+def stage_report(manifest: dict, plan: StagePlan, prompt_tokens: int) -> dict:
+    """What the manifest says of the stage, with the prefill MACs ratio it predicts (profiles/flops.py)."""
+    tokens = [prompt_tokens - plan.num_image + n for n in plan.image_tokens_per_layer()]
+    ratio = prefill_ratio(manifest, tokens, prompt_tokens) if shapes_known(manifest) else None
+    return {"method": plan.method, "kv_policy": plan.kv_policy,
+            "stages": [{Stage.LAYER: a, Stage.KEEP_IN: b, Stage.KEEP_OUT: c} for a, b, c in plan.stages],
+            "layer_average": plan.layer_average, "prefill_tokens_per_layer": tokens,
+            "prefill_flop_ratio_predicted": ratio, "prefill_speedup_predicted": None if ratio is None else 1 / ratio}
 
 
 def weights_bytes(bundle_dir: Path, manifest: dict) -> dict:
@@ -170,6 +198,8 @@ def _report(bundle_dir: Path, pipeline, runs_done: list[_Run], nodes: list[dict]
     generated = len(last.ids[0]) if last.ids else 0
     kv_tokens = last.num_prompt_tokens + max(len(last.decode_steps), 0)  # tokens whose K/V the cache holds
     loaded = settings["interleaved_with"] + 1
+    plan = StagePlan.from_manifest(manifest)
+    groups = kv_groups(manifest, plan, last.num_prompt_tokens, len(last.decode_steps), settings["batch"])
     return {
         "schema": REPORT_SCHEMA,
         "edgeprune_version": __version__,
@@ -203,10 +233,13 @@ def _report(bundle_dir: Path, pipeline, runs_done: list[_Run], nodes: list[dict]
             "rss_before_load_bytes": rss_before_load,
             "weights_bytes": weights_bytes(bundle_dir, manifest),
             "kv_cache_bytes": int(last.kv_bytes),
-            "kv_cache_bytes_expected": kv_bytes_expected(manifest, settings["batch"], kv_tokens),
+            "kv_cache_bytes_expected": sum(g["bytes"] for g in groups),
             "kv_cache_tokens": kv_tokens,
+            "kv_cache_groups": groups,
             "device": _device_memory(device),
         },
+        "llm_stage": stage_report(manifest, plan, last.num_prompt_tokens) if plan else None,
+        "stage_keep": [k.tolist() for k in last.stage_keep],
         "text": last.texts[0],
         "extras": {k: np.asarray(v).tolist() for k, v in last.extras.items()},
     }

@@ -65,9 +65,22 @@ def profile_markdown(report: dict, reference: dict | None = None, comparison: di
               f"| peak RSS ({scope}) | {mib(mem['peak_rss_bytes'])} |",
               *(f"| weights: {k} | {mib(v)} |" for k, v in mem["weights_bytes"].items()),
               f"| KV cache at end ({mem['kv_cache_tokens']} tokens) | {mib(mem['kv_cache_bytes'])} |"]
+    groups = mem.get("kv_cache_groups") or []
+    if len(groups) > 1 or report.get("llm_stage"):
+        lines += [f"| KV cache expected, layers {g['layers'][0]}-{g['layers'][1] - 1} ({g['tokens']} tokens each) | "
+                  f"{mib(g['bytes'])} |" for g in groups]
+        lines.append(f"| KV cache expected, all layers | {mib(mem['kv_cache_bytes_expected'])} |")
     for name, probe in mem["device"].items():
         lines.append(f"| {name} memory | {mib(probe['used_bytes'])} |" if probe["available"]
                      else f"| {name} memory | n/a ({probe['reason']}) |")
+    stage = report.get("llm_stage")
+    if stage:
+        stages = ", ".join(f"L={s['layer']}: {s['keep_in']} -> {s['keep_out']}" for s in stage["stages"])
+        ratio = stage["prefill_flop_ratio_predicted"]
+        predicted = "unknown (the bundle lacks num_heads / intermediate_size)" if ratio is None else \
+            f"{ratio:.3f} of the unpruned prefill's MACs (speedup {1 / ratio:.2f}x at most)"
+        lines += ["", f"in-LLM stage {stage['method']} ({stages}; KV policy {stage['kv_policy']}; layer-average "
+                      f"visual tokens {stage['layer_average']:.1f}): predicted prefill cost {predicted}"]
     return "\n".join(lines) + "\n"
 
 
@@ -97,21 +110,26 @@ def sweep_markdown(rows: list[dict], meta: dict) -> str:
              "Speedups are reference (K = N) / this point, per round; ± is the spread (max - min) / median over "
              f"the rounds; a row is noisy when a ratio spreads more than {meta.get('noise_limit_pct', 10):.0f}%. "
              "Pruner % = the pruner's nodes in ONNX Runtime's node profile of its own vision graph, per run: median "
-             "(min-max); its ratio is graph / (graph - pruner).", "",
-             "| method | K | TTFT ms | prefill ms | vision ms | pruner ms | pruner % of vision | decode ms/token | "
-             "KV MiB | KV ratio | TTFT speedup | prefill speedup | limit (N+M)/(K+M) | vision speedup | noise |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "(min-max); its ratio is graph / (graph - pruner). Layer avg = image tokens per LLM layer on average (an "
+             "in-LLM point keeps all N up to its stage layer); MACs predict = the prefill speedup the LLM's "
+             "multiply-accumulates predict (profiles/flops.py).", "",
+             "| method | K | layer avg | TTFT ms | prefill ms | vision ms | pruner ms | pruner % of vision | "
+             "decode ms/token | KV MiB | KV ratio | TTFT speedup | prefill speedup | MACs predict | limit (N+M)/(K+M) | "
+             "vision speedup | noise |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         pruner_ms = "-" if r["pruner_ms"] is None else f"{r['pruner_ms']:.1f}"
         overhead = "-"
         if r["pruner_overhead_pct"] is not None:
             low, high = r["pruner_overhead_range_pct"]
             overhead = f"{r['pruner_overhead_pct']:.2f} ({low:.2f}-{high:.2f})"
-        lines.append(f"| {r['method']} | {r['keep']} | {r['ttft_ms']:.1f} ±{pct(r['ttft_spread_pct'])} | "
+        predicted = "-" if r["speedup_predicted"] is None else f"{r['speedup_predicted']:.2f}x"
+        lines.append(f"| {r['method']} | {r['keep']} | {r['layer_average']:.1f} | "
+                     f"{r['ttft_ms']:.1f} ±{pct(r['ttft_spread_pct'])} | "
                      f"{r['prefill_ms']:.1f} | {r['vision_ms']:.1f} | {pruner_ms} | {overhead} | "
                      f"{r['decode_ms_per_token']:.1f} | {mib(r['kv_bytes'])} | {r['kv_ratio']:.3f} | "
                      f"{r['ttft_speedup']:.2f}x ±{pct(r['ttft_speedup_spread_pct'])} | "
-                     f"{r['prefill_speedup']:.2f}x ±{pct(r['prefill_speedup_spread_pct'])} | "
+                     f"{r['prefill_speedup']:.2f}x ±{pct(r['prefill_speedup_spread_pct'])} | {predicted} | "
                      f"{r['token_limit']:.2f}x | "
                      f"{r['vision_speedup']:.2f}x ±{pct(r['vision_speedup_spread_pct'])} | {r['note'] or 'ok'} |")
     return "\n".join(lines) + "\n"

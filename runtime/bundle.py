@@ -119,6 +119,8 @@ def runtime_files(manifest: dict, root: Path) -> list[str]:
     graphs = [manifest[Keys.VISION_GRAPH][Graph.FILE], Files.VISION, manifest[Keys.LLM_DECODER_GRAPH][Graph.FILE]]
     if manifest[Keys.LLM_EMBED_GRAPH] is not None:                 # bundles written before llm.embed_table
         graphs.append(manifest[Keys.LLM_EMBED_GRAPH][Graph.FILE])
+    if manifest[Keys.LLM_PREFILL_GRAPH] is not None:               # an in-LLM stage's prefill graph
+        graphs.append(manifest[Keys.LLM_PREFILL_GRAPH][Graph.FILE])
     graphs += [bucket[Bucket.FILE] for bucket in manifest[Keys.VISION_BUCKETS] or []]
     files = [Files.TOKENIZER, Files.PREPROCESS]
     for graph in dict.fromkeys(graphs):

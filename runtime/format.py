@@ -14,6 +14,9 @@ A bundle is a folder:
     embed.bin            the token embedding table of an LLM whose LM head is not tied to it (a tied table is
                          stored once, inside decoder.onnx.data; llm.embed_table says where)
     embed.onnx           input_ids -> inputs_embeds: bundles written before llm.embed_table existed
+    prefill.onnx         with an in-LLM stage only: the prefill with the stage inside (its weights are
+                         references into decoder.onnx.data: one copy on disk); decoder.onnx then decodes
+    llm_stage/<opt>.npy  array-valued options of the in-LLM stage (llm_stage.config refers to them)
     tokenizer.json       tokenizers.Tokenizer
     preprocess.json      runtime.preprocess.PreprocessConfig
     pruner/<option>.npy  array-valued pruner options (pruner.config refers to them)
@@ -68,7 +71,8 @@ __all__ = ["SCHEMA_VERSION", "MIN_SCHEMA_VERSION", "FORMAT", "UNKNOWN", "Key", "
            "external_data", "VISION_INPUT", "VISION_TOKENS", "VISION_POSITIONS", "EMBED_INPUT", "EMBED_OUTPUT",
            "DECODER_EMBEDS", "DECODER_POSITIONS", "DECODER_MASK", "DECODER_LOGITS", "KV_KINDS", "past_name",
            "present_name", "past_names", "present_names", "DIM_BATCH", "DIM_SEQUENCE", "DIM_PAST", "DIM_TOTAL",
-           "VISION_DEEPSTACK", "DECODER_DEEPSTACK"]
+           "VISION_DEEPSTACK", "DECODER_DEEPSTACK", "PREFILL_IMAGE_POSITIONS", "stage_keep_name", "group_mask_name",
+           "Stage"]
 
 SCHEMA_VERSION = 2
 MIN_SCHEMA_VERSION = 1
@@ -100,6 +104,20 @@ DIM_TOTAL = "total_sequence"
 # steps); present when llm.deepstack_layers > 0
 VISION_DEEPSTACK = "deepstack_tokens"
 DECODER_DEEPSTACK = "deepstack_embeds"
+# prefill graph of an in-LLM stage (export/inllm.py writes, runtime/llm.py reads): the decoder's inputs (one
+# attention mask) + image_positions [B, K] -> logits, image_keep.<s> [B, K_s] per stage, present.*
+PREFILL_IMAGE_POSITIONS = "image_positions"     # the vision graph's positions
+
+
+def stage_keep_name(stage: int) -> str:
+    """Prefill output [B, K_s]: image slots (0..K-1, ascending) kept by stage `stage` (0-based)."""
+    return f"image_keep.{stage}"
+
+
+def group_mask_name(group: int) -> str:
+    """Decoder input: the attention mask of KV group `group` (0: every layer before the first stage; groups > 0
+    exist under the "faithful" KV policy only, with their own past/total lengths `<dim>.<group>`)."""
+    return DECODER_MASK if group == 0 else f"{DECODER_MASK}.{group}"
 
 
 def past_name(layer: int, kind: str) -> str:
@@ -126,6 +144,8 @@ class Files:
     EMBED = "embed.onnx"                     # older bundles only (now: llm.embed_table)
     EMBED_TABLE = "embed.bin"                # an untied embedding table (a tied one lives in decoder.onnx.data)
     DECODER = "decoder.onnx"
+    PREFILL = "prefill.onnx"                 # in-LLM stage only
+    STAGE_ARRAYS = "llm_stage"               # folder of array-valued in-LLM stage options (<option>.npy)
     TOKENIZER = "tokenizer.json"
     PREPROCESS = "preprocess.json"
     PRUNER_ARRAYS = "pruner"                 # folder of array-valued pruner options (<option>.npy)
@@ -184,6 +204,8 @@ KV_CACHES = ("shared", "separate")
 
 class ScorerRecord:  # the scorer a learned-scorer pruner ran; TRAINED false = the untrained baseline (+ SEED)
     FILE, SHA256, RECIPE, TRAINED, SEED = "file", "sha256", "recipe", "trained", "seed"
+class Stage:        # one in-LLM stage of llm_stage.stages: from layer LAYER on, KEEP_IN image tokens -> KEEP_OUT
+    LAYER, KEEP_IN, KEEP_OUT = "layer", "keep_in", "keep_out"
 
 
 PASSED = "passed"   # the one flag of every validation report
@@ -281,6 +303,15 @@ SCORER = Kind("null or a scorer record {trained: bool, file: str|null, sha256: s
     and all(v.get(f) is None or isinstance(v[f], str)
             for f in (ScorerRecord.FILE, ScorerRecord.SHA256, ScorerRecord.RECIPE))
     and (v.get(ScorerRecord.SEED) is None or _int(v[ScorerRecord.SEED], 0))))
+OBJECT_OR_NULL = Kind("null or a JSON object", lambda v: v is None or isinstance(v, dict))
+NUMBER_OR_NULL = Kind("null or a number", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
+LAYERS = Kind("a non-empty list of increasing layer indices starting at 0",
+              lambda v: isinstance(v, list) and bool(v) and v[0] == 0 and all(_int(i, 0) for i in v)
+              and all(a < b for a, b in zip(v, v[1:])))
+STAGES = Kind("a list of stage records {layer: int >= 1, keep_in: int >= 1, keep_out: int >= 1}",
+              lambda v: isinstance(v, list) and all(isinstance(s, dict) and all(_int(s.get(f)) for f in (
+                  Stage.LAYER, Stage.KEEP_IN, Stage.KEEP_OUT)) for s in v))
+COUNT0 = Kind("an integer >= 0", lambda v: _int(v, 0))
 REPORT = Kind("null or a report object with a boolean 'passed'", lambda v: v is None or _report(v))
 ENGINE = Kind("null or an engine record {file: str, ...}", lambda v: v is None or (
     isinstance(v, dict) and isinstance(v.get(Engine.FILE), str)
@@ -373,6 +404,22 @@ class Keys:
     LLM_KV_CACHE = Key("llm.kv_cache", KV_CACHE, default="separate")  # KV_CACHES (the decoder's kind for the runtime)
     LLM_MIN_ONNXRUNTIME = Key("llm.min_onnxruntime", TEXT_OR_NULL, default=None)  # "X.Y": oldest ORT for its ops
     LLM_NUM_PARAMETERS = Key("llm.num_parameters", COUNT_OR_NULL, default=None)   # the torch model's, pre-quantization
+    LLM_KV_GROUPS = Key("llm.kv_groups", LAYERS, default=[0])       # first layer of each group of layers whose KV
+                                                                    # cache has its own length (one mask input each)
+    LLM_PREFILL_GRAPH = Key("llm.prefill_graph", GRAPH_OR_NULL, default=None)  # prefill.onnx (in-LLM stage only)
+    LLM_PREFILL_WEIGHTS = Key("llm.prefill_weights", OBJECT_OR_NULL, default=None)  # what prefill.onnx shares with
+                                                                    # decoder.onnx.data (export/inllm.share_weights)
+
+    # in-LLM stage (METHODS_INLLM.md, runtime/stages.py): null method = none (then llm.prefill_graph is null)
+    LLM_STAGE_METHOD = Key("llm_stage.method", TEXT_OR_NULL, default=None)   # edgeprune.inllm registry name
+    LLM_STAGE_CONFIG = Key("llm_stage.config", OBJECT, default={})  # its options (arrays as llm_stage/<k>.npy records)
+    LLM_STAGE_STAGES = Key("llm_stage.stages", STAGES, default=[])  # Stage records in layer order
+    LLM_STAGE_KV_POLICY = Key("llm_stage.kv_policy", TEXT_OR_NULL, default=None)  # "uniform" | "faithful"
+    LLM_STAGE_IMAGE_START = Key("llm_stage.image_start", COUNT0, default=0)  # S: prompt tokens before the image
+    LLM_STAGE_MIN_TEXT_TOKENS = Key("llm_stage.min_text_tokens", COUNT0, default=0)  # valid tokens a row needs
+                                                                                       # after the image
+    LLM_STAGE_LAYER_AVERAGE = Key("llm_stage.layer_average", NUMBER_OR_NULL, default=None)  # layer-average visual
+                                                                    # tokens (METHODS_INLLM.md §1, Budget rule)
 
     # files, checks and engines
     FILES_SHA256 = Key("files.sha256", SHA256S)                     # {relative path: sha256 hex}

@@ -17,6 +17,12 @@ The KV cache (`KVCache`) is what the manifest's llm.kv_cache says:
 - "separate": past fed and present returned as numpy arrays (plain graphs concatenate; older fused bundles).
 Token embeddings are numpy rows of the stored table (`EmbeddingTable`, no second ORT session per token); bundles
 written before llm.embed_table run their embed.onnx.
+
+Bundles with an in-LLM stage (runtime/stages.py) prefill with prefill.onnx, which prunes inside the LLM, takes the
+right-padded rows with their attention mask (it returns each row's last real token's logits) and returns the kept
+image slots of each stage; decode then runs decoder.onnx ("separate" cache: the in-LLM export keeps its own
+unfused decoder, export/inllm.py) with one attention mask per KV group (the cache lengths of the stage's KV policy),
+each grown by one token per step.
 """
 from __future__ import annotations
 
@@ -35,9 +41,9 @@ from edgeprune.runtime.bundle import check_llm_graphs
 from edgeprune.runtime.checks import check_context, check_count
 from edgeprune.runtime.embedding import EmbeddingTable
 from edgeprune.runtime.format import (DECODER_DEEPSTACK, DECODER_EMBEDS, DECODER_LOGITS, DECODER_MASK,
-                                      DECODER_POSITIONS, EMBED_INPUT, EMBED_OUTPUT, EmbedTable, Files, Graph, Keys,
-                                      Quantization, external_data, llm_precision, optional_keys, past_names,
-                                      present_names)
+                                      DECODER_POSITIONS, EMBED_INPUT, EMBED_OUTPUT, PREFILL_IMAGE_POSITIONS, EmbedTable,
+                                      Files, Graph, Keys, Quantization, external_data, group_mask_name, llm_precision,
+                                      optional_keys, past_names, present_names, stage_keep_name)
 from edgeprune.runtime.positions import next_positions
 from edgeprune.runtime.providers import PROVIDERS, open_session, provider_names, resolve_providers, session_options
 from edgeprune.runtime.sampling import check_sampling, make_rng, next_tokens
@@ -59,6 +65,7 @@ class Generation:
     decode_s: list[float] = field(default_factory=list)  # one entry per decoder call after the prefill
     kv_bytes: int = 0                                 # bytes of the KV cache's filled part at the end
     num_prompt_tokens: int = 0
+    stage_keep: list[np.ndarray] = field(default_factory=list)  # per in-LLM stage: [B, K_s] kept image slots
 
 
 # ONNX Runtime registers its CUDA GroupQueryAttention kernel for float16 and bfloat16 only (T in
@@ -86,6 +93,8 @@ def llm_files(manifest: dict) -> list[str]:
     if manifest[Keys.LLM_EMBED_GRAPH] is not None:
         graphs.append(manifest[Keys.LLM_EMBED_GRAPH][Graph.FILE])
     files = [f for graph in graphs for f in (graph, external_data(graph))]
+    if manifest[Keys.LLM_PREFILL_GRAPH] is not None:   # an in-LLM stage's prefill: its weights are the decoder's data
+        files.append(manifest[Keys.LLM_PREFILL_GRAPH][Graph.FILE])
     if manifest[Keys.LLM_EMBED_TABLE] is not None:
         files.append(manifest[Keys.LLM_EMBED_TABLE][EmbedTable.FILE])
     return list(dict.fromkeys(files))
@@ -135,9 +144,14 @@ class OrtLLM:
     """decoder.onnx and the embedding table from `bundle_dir`, described by `manifest` (the bundle's, or export_llm's
     entries read through format.read's defaults)."""
 
-    def __init__(self, bundle_dir: Path, manifest: dict, providers: list | None = None, threads: int | None = None):
+    def __init__(self, bundle_dir: Path, manifest: dict, providers: list | None = None, threads: int | None = None,
+                 stages=None, share_weights: bool = False):
         """`providers`: resolve_providers' list (the pipeline resolves once for every graph); short names are
-        resolved here. CPU is always the fallback."""
+        resolved here. CPU is always the fallback. `stages`: the bundle's in-LLM StagePlan (runtime/stages.py),
+        required exactly when the manifest has a prefill graph. `share_weights` (CPU, in-LLM bundles): prefill
+        and decoder sessions read one copy of the weights instead of one each, at the cost of ORT's weight
+        prepacking (measured on SmolLM2-135M: 546 instead of 1058 MiB, prefill about 14 % and decode about 6 %
+        slower)."""
         bundle_dir = Path(bundle_dir)
         try:
             self.num_layers, self.kv_heads = manifest[Keys.LLM_NUM_LAYERS], manifest[Keys.LLM_NUM_KV_HEADS]
@@ -151,6 +165,8 @@ class OrtLLM:
             decoder = bundle_dir / manifest[Keys.LLM_DECODER_GRAPH][Graph.FILE]
             table, embed_graph = manifest[Keys.LLM_EMBED_TABLE], manifest[Keys.LLM_EMBED_GRAPH]
             needed = manifest[Keys.LLM_MIN_ONNXRUNTIME]
+            prefill = manifest[Keys.LLM_PREFILL_GRAPH]
+            self.mask_names = [group_mask_name(g) for g in range(len(manifest[Keys.LLM_KV_GROUPS]))]
         except KeyError as err:
             raise BundleError(f"LLM entries: missing or unsupported value {err}; expected export_llm's manifest "
                               "entries") from None
@@ -162,10 +178,25 @@ class OrtLLM:
             raise BundleError(f"{decoder}: needs onnxruntime >= {needed} (GroupQueryAttention with explicit "
                               f"position ids), this is {ort.__version__}; upgrade onnxruntime or re-export with "
                               "--attention plain")
+        self.stages = stages
+        if (prefill is not None) != (stages is not None):
+            raise BundleError(f"{bundle_dir}: the manifest {'has' if prefill is not None else 'has no'} prefill graph "
+                              f"but {'no' if stages is None else 'an'} in-LLM stage was given")
+        if stages is not None and self.kv_cache != "separate":
+            raise BundleError(f"{bundle_dir}: an in-LLM stage decodes with a separate KV cache, the manifest's "
+                              f"{Keys.LLM_KV_CACHE} is {self.kv_cache!r}")
         self.providers = resolve_providers(providers)
         check_gpu_precision(self.providers, self.attention, self.dtype_name)
         opts = session_options(threads)
-        self.decoder = open_session(decoder, opts, self.providers)
+        llm_opts = [opts, opts]
+        if share_weights and stages is not None:
+            llm_opts = [self._shared_weights(bundle_dir, manifest[Keys.LLM_PREFILL_WEIGHTS] or {}, threads)] * 2
+        self.decoder = open_session(decoder, llm_opts[0], self.providers)
+        self.prefill_session = None
+        if prefill is not None:
+            if not (bundle_dir / prefill[Graph.FILE]).is_file():
+                raise BundleError(f"{bundle_dir / prefill[Graph.FILE]}: prefill graph not found")
+            self.prefill_session = open_session(bundle_dir / prefill[Graph.FILE], llm_opts[1], self.providers)
         if table is not None:
             self._embed = EmbeddingTable(bundle_dir, table)
             embed_out = {EMBED_OUTPUT: ([None, None, self._embed.dim], self._embed.dtype.name)}
@@ -190,6 +221,29 @@ class OrtLLM:
         self.past_names = past_names(self.num_layers)
         self.present_names = present_names(self.num_layers)
         self.output_names = [DECODER_LOGITS, *self.present_names]
+
+    def _shared_weights(self, bundle_dir: Path, weights: dict, threads: int | None):
+        """Session options handing ORT the tensors prefill.onnx and decoder.onnx share, read once into memory
+        (export/inllm.py share_weights records them); ORT then keeps no copy of its own, so its per-session
+        weight prepacking is off. CPU only: a GPU provider copies every initializer to its device anyway."""
+        opts = session_options(threads)
+        if provider_names(self.providers) != [PROVIDERS["cpu"]] or not weights.get("tensors"):
+            log.info("share_weights: not applied (providers %s)", provider_names(self.providers))
+            return opts
+        if not hasattr(self, "_weights"):
+            data = np.fromfile(bundle_dir / weights["file"], dtype=np.uint8)
+            try:
+                self._weights = {name: ort.OrtValue.ortvalue_from_numpy(
+                    np.frombuffer(data, dtype=np.dtype(dtype), count=int(np.prod(shape)), offset=offset).reshape(shape))
+                    for name, dtype, shape, offset in weights["tensors"]}
+            except (TypeError, ValueError) as err:
+                raise BundleError(f"{bundle_dir / weights['file']}: the shared LLM weights do not match the "
+                                  f"manifest's {Keys.LLM_PREFILL_WEIGHTS} ({err})") from None
+            self._weights_data = data   # the OrtValues point into it: it must outlive the sessions
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        for name, value in self._weights.items():
+            opts.add_initializer(name, value)
+        return opts
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """ids [B, L] int64 -> inputs_embeds [B, L, D] in the graph's dtype."""
@@ -225,9 +279,11 @@ class OrtLLM:
         return logits, present
 
     def _feeds(self, inputs_embeds, position_ids, attention_mask, deepstack) -> dict:
+        """`attention_mask`: [B, T] for every KV group, or a list with one per group (an in-LLM stage's decoder)."""
+        masks = attention_mask if isinstance(attention_mask, list) else [attention_mask] * len(self.mask_names)
         feeds = {DECODER_EMBEDS: np.ascontiguousarray(inputs_embeds, dtype=self.dtype),
                  DECODER_POSITIONS: np.ascontiguousarray(position_ids, dtype=np.int64),
-                 DECODER_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64)}
+                 **{name: np.ascontiguousarray(m, dtype=np.int64) for name, m in zip(self.mask_names, masks)}}
         if self.deepstack_layers:
             if deepstack is None:
                 b, length = inputs_embeds.shape[:2]
@@ -235,14 +291,29 @@ class OrtLLM:
             feeds[DECODER_DEEPSTACK] = np.ascontiguousarray(deepstack, dtype=self.dtype)
         return feeds
 
+    def prefill(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+                image_positions: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """The in-LLM stage's prefill graph -> (logits [B, V] of each row's last real token, present [k0, v0, ...],
+        kept slots per stage)."""
+        m = len(self.stages.stages)
+        names = [DECODER_LOGITS, *(stage_keep_name(s) for s in range(m)), *self.present_names]
+        feeds = {DECODER_EMBEDS: np.ascontiguousarray(inputs_embeds, dtype=self.dtype),
+                 DECODER_POSITIONS: np.ascontiguousarray(position_ids, dtype=np.int64),
+                 group_mask_name(0): np.ascontiguousarray(attention_mask, dtype=np.int64),
+                 PREFILL_IMAGE_POSITIONS: np.ascontiguousarray(image_positions, dtype=np.int64)}
+        logits, *rest = self.prefill_session.run(names, feeds)
+        return logits, rest[m:], rest[:m]
+
     def generate(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, *, max_new_tokens: int, eos_token_ids,
                  do_sample: bool = False, top_p: float = 1.0, temperature: float = 1.0, seed: int = 0,
                  on_token: Callable[[int, np.ndarray], None] | None = None,
-                 lengths: np.ndarray | None = None, deepstack: np.ndarray | None = None) -> Generation:
+                 lengths: np.ndarray | None = None, deepstack: np.ndarray | None = None,
+                 image_positions: np.ndarray | None = None) -> Generation:
         """Prefill `inputs_embeds` [B, L, D] at `position_ids` [B, L] ([3, B, L] for an M-RoPE decoder), then
         decode until every row has emitted an EOS or `max_new_tokens` tokens exist. Finished rows keep emitting EOS.
         `lengths` [B]: row b's prompt is its first lengths[b] tokens (right padding, contents ignored); None: all L.
-        `deepstack` [B, L, layers, D]: a DeepStack decoder's prefill features (None: zeros)."""
+        `deepstack` [B, L, layers, D]: a DeepStack decoder's prefill features (None: zeros).
+        `image_positions` [B, K]: the vision graph's positions, for a bundle with an in-LLM stage."""
         inputs_embeds, position_ids = np.asarray(inputs_embeds), np.asarray(position_ids, dtype=np.int64)
         expected = inputs_embeds.shape[:2] if self.rope == "1d" else (3, *inputs_embeds.shape[:2])
         if inputs_embeds.ndim != 3 or position_ids.shape != expected:
@@ -259,9 +330,19 @@ class OrtLLM:
         b, length = inputs_embeds.shape[:2]
         lengths = _check_lengths(lengths, b, length)
 
+        if (self.stages is None) != (image_positions is None):
+            raise EdgepruneError("image_positions [B, K]: " + ("this bundle prunes inside the LLM, generate() needs "
+                                 "them" if self.stages is not None else "given, but this bundle has no in-LLM stage"))
+
         cache = self.new_cache(b, length + max_new_tokens)
         start = time.perf_counter()
-        if (lengths == length).all():
+        keeps = []
+        if self.stages is not None:   # right padding handled inside the graph; one mask per KV group after it
+            mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
+            logits, cache.present, keeps = self.prefill(inputs_embeds, position_ids, mask, image_positions)
+            mask, last_ids = self.stages.group_masks(mask), _last_ids(position_ids, lengths)
+            cache.length = mask[0].shape[1]
+        elif (lengths == length).all():
             mask = np.ones((b, length), np.int64)
             logits = self.forward(inputs_embeds, position_ids, cache, mask, deepstack)
             last_ids = position_ids                                          # next_positions continues from these
@@ -283,11 +364,12 @@ class OrtLLM:
             if done.all() or t == max_new_tokens - 1:
                 break
             start = time.perf_counter()
-            mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
+            mask = _grow(mask)
             logits = self.forward(self.embed(nxt[:, None]), next_positions(last_ids, t), cache, mask)
             decode_s.append(time.perf_counter() - start)
         return Generation(ids=np.stack(tokens, axis=1), prefill_s=prefill_s, decode_s=decode_s,
-                          kv_bytes=cache.filled_bytes, num_prompt_tokens=length)
+                          kv_bytes=cache.filled_bytes, num_prompt_tokens=length,
+                          stage_keep=[np.asarray(k) for k in keeps])
 
     def _prefill_padded(self, inputs_embeds, position_ids, lengths, cache, deepstack=None):
         """Prefill rows of different lengths (right-padded to L): every token but each row's last in one call,
@@ -302,11 +384,25 @@ class OrtLLM:
         last_pos = position_ids[..., rows, last][..., None]                            # [B, 1] or [3, B, 1]
         tail = None if deepstack is None else deepstack[rows, last][:, None]          # [B, 1, layers, D]
         logits = self.forward(inputs_embeds[rows, last][:, None], last_pos, cache, mask, tail)
-        if position_ids.ndim == 3:   # M-RoPE continues from the row's largest id over its real tokens
-            real = np.arange(length)[None, :] < lengths[:, None]                      # [B, L]
-            top = np.where(real[None], position_ids, np.iinfo(np.int64).min).max(axis=(0, 2))
-            return logits, mask, np.broadcast_to(top[None, :, None], (3, b, 1))
-        return logits, mask, last_pos
+        return logits, mask, _last_ids(position_ids, lengths)
+
+
+def _last_ids(position_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Per row, the ids next_positions continues from over its real (unpadded) tokens: the last token's id
+    [B, 1]; M-RoPE: the row's largest id on every axis [3, B, 1]."""
+    b, length = position_ids.shape[-2:]
+    if position_ids.ndim == 3:
+        real = np.arange(length)[None, :] < lengths[:, None]                          # [B, L]
+        top = np.where(real[None], position_ids, np.iinfo(np.int64).min).max(axis=(0, 2))
+        return np.broadcast_to(top[None, :, None], (3, b, 1))
+    return position_ids[np.arange(b), lengths - 1][:, None]
+
+
+def _grow(mask):
+    """One more valid token in the mask (or in each KV group's mask)."""
+    if isinstance(mask, list):
+        return [_grow(m) for m in mask]
+    return np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
 
 
 def _check_lengths(lengths, batch: int, length: int) -> np.ndarray:
@@ -341,6 +437,10 @@ class SeparateKVCache(KVCache):
     def __init__(self, llm: OrtLLM, batch: int):
         super().__init__(llm, batch)
         self.present = None
+
+    @property
+    def filled_bytes(self) -> int:   # what the arrays hold (an in-LLM stage's KV groups differ in length)
+        return int(sum(p.nbytes for p in self.present)) if self.present is not None else 0
 
     def run(self, feeds: dict) -> np.ndarray:
         llm = self.llm

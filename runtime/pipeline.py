@@ -24,6 +24,7 @@ from edgeprune.runtime.sampling import check_sampling
 from edgeprune.runtime.preprocess import load_image, preprocess
 from edgeprune.runtime.prompt import encode_prompt
 from edgeprune.runtime.providers import requested_providers, resolve_providers
+from edgeprune.runtime.stages import StagePlan
 from edgeprune.runtime.vision import open_vision
 
 __all__ = ["Pipeline", "Result"]
@@ -47,6 +48,14 @@ class Result:
     decode_steps: list[float] = field(default_factory=list)  # seconds per decode step
     buckets: list[int] = field(default_factory=list)        # resolution bucket of each row (0 without buckets)
     prompt_lengths: list[int] = field(default_factory=list) # each row's prefill length (rows may differ)
+    stage_keep: list[np.ndarray] = field(default_factory=list)  # per in-LLM stage: [B, K_s] kept slots (0..K-1)
+
+    @property
+    def kept_positions(self) -> np.ndarray:
+        """[B, K_final] grid positions of the image tokens the last LLM layer saw (= positions without a stage)."""
+        if not self.stage_keep:
+            return self.positions
+        return np.take_along_axis(self.positions, self.stage_keep[-1], axis=1)
 
     @property
     def text(self) -> str:
@@ -63,12 +72,14 @@ class Pipeline:
     the manifest, a file or a hash is wrong, or K in the manifest differs from the vision graph's)."""
 
     def __init__(self, bundle_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 verify: bool = True, llm=None):
+                 verify: bool = True, llm=None, share_weights: bool = False):
         """`providers`: short names (cpu, cuda, tensorrt) in priority order, resolved once for every graph
         (runtime/providers.py). With tensorrt and an engine from `edgeprune build-engine`, the vision graph
         runs as that engine (runtime/vision.py); the LLM runs on ONNX Runtime. `llm`: an OrtLLM to use
         instead of loading this bundle's, shared by bundles whose LLM graphs are the same files (the
-        profiler, interleaving a sweep, keeps one LLM in memory instead of one per K; it checks the files)."""
+        profiler, interleaving a sweep, keeps one LLM in memory instead of one per K; it checks the files).
+        `share_weights`: bundles with an in-LLM stage load the LLM weights once for their prefill and decoder
+        graphs (runtime/llm.py)."""
         from tokenizers import Tokenizer
 
         from edgeprune.runtime.llm import OrtLLM
@@ -91,7 +102,9 @@ class Pipeline:
             self.tokenizer = Tokenizer.from_file(str(root / Files.TOKENIZER))
         except Exception as err:  # tokenizers raises a bare Exception on a malformed file
             raise BundleError(f"{root / Files.TOKENIZER}: cannot load ({err})") from err
-        self.llm = llm or OrtLLM(root, self.bundle.manifest, providers=self.providers, threads=threads)
+        self.stages = StagePlan.from_manifest(self.bundle.manifest)   # None: no in-LLM stage
+        self.llm = llm or OrtLLM(root, self.bundle.manifest, providers=self.providers, threads=threads,
+                                 stages=self.stages, share_weights=share_weights)
 
     @property
     def keep(self) -> int:
@@ -131,6 +144,8 @@ class Pipeline:
         chosen = self.choose_buckets(images)                                              # [B] bucket per image
         encoded = [encode_prompt(self.tokenizer, self.bundle.chat_template, prompt) for prompt in prompts]
         self._check_context(encoded, chosen, max_new_tokens)                              # before any graph runs
+        if self.stages is not None:   # the in-LLM stage was exported for one image start and needs text
+            self.stages.check_rows(len(encoded[0][0]), [len(suffix) for _, suffix in encoded])
         groups = {j: [i for i, c in enumerate(chosen) if c == j] for j in sorted(set(chosen))}
         pixels = {j: preprocess([images[i] for i in rows], replace(self.bundle.preprocess,
                                                                    size=tuple(self.buckets[j][Bucket.SIZE])))
@@ -165,7 +180,8 @@ class Pipeline:
         gen = self.llm.generate(embeds, position_ids, max_new_tokens=max_new_tokens,
                                 eos_token_ids=self.bundle.eos_token_ids, do_sample=do_sample, top_p=top_p,
                                 temperature=temperature, seed=seed, lengths=lengths,
-                                on_token=streamer.push if streamer else None, deepstack=deepstack)
+                                on_token=streamer.push if streamer else None, deepstack=deepstack,
+                                image_positions=positions if self.stages is not None else None)
         timings["prefill"] = gen.prefill_s
         timings["decode"] = float(sum(gen.decode_s))
         ids = _cut_at_eos(gen.ids, self.bundle.eos_token_ids)
@@ -174,7 +190,7 @@ class Pipeline:
             streamer.flush(texts)
         return Result(texts=texts, ids=ids, positions=positions.astype(np.int64), extras=outputs, timings=timings,
                       num_prompt_tokens=gen.num_prompt_tokens, kv_bytes=gen.kv_bytes, decode_steps=list(gen.decode_s),
-                      buckets=chosen, prompt_lengths=lengths.tolist())
+                      buckets=chosen, prompt_lengths=lengths.tolist(), stage_keep=gen.stage_keep)
 
     def _llm_inputs(self, image_tokens: np.ndarray, positions: np.ndarray, encoded: list[tuple[list[int], list[int]]],
                     chosen: list[int]):

@@ -89,12 +89,18 @@ def build_positions(rope: str, prefix_len: int, image_positions: np.ndarray, num
 
 
 def build_positions_rows(rope: str, prefix_len: int, image_positions: np.ndarray, nums: list[int],
-                         grids: list[tuple[int, int]], suffix_len: int, mode: str) -> np.ndarray:
-    """build_positions with a grid and N per row (resolution buckets: rows of one batch may come from
-    graphs of different sizes; K is the same). Same layout: [B, L] or [3, B, L]."""
+                         grids: list[tuple[int, int]], suffix_len: int | list[int], mode: str) -> np.ndarray:
+    """build_positions with a grid, N and suffix length per row (resolution buckets: rows of one batch may
+    come from graphs of different sizes; per-row prompts: suffixes of different lengths; K is the same).
+    Shorter rows are right-padded with their own last ids repeated, so a row's largest (and, for 1-D, last)
+    id is still that of its last real token: next_positions needs no mask. Same layout: [B, L] or [3, B, L]."""
     image_positions = np.asarray(image_positions, dtype=np.int64)
-    rows = [build_positions(rope, prefix_len, image_positions[i:i + 1], int(nums[i]), tuple(grids[i]), suffix_len,
-                            mode) for i in range(image_positions.shape[0])]
+    b = image_positions.shape[0]
+    lens = [int(suffix_len)] * b if np.isscalar(suffix_len) else [int(v) for v in suffix_len]
+    rows = [build_positions(rope, prefix_len, image_positions[i:i + 1], int(nums[i]),
+                            None if grids[i] is None else tuple(grids[i]), lens[i], mode) for i in range(b)]
+    width = max(r.shape[-1] for r in rows)
+    rows = [np.concatenate([r, np.repeat(r[..., -1:], width - r.shape[-1], axis=-1)], axis=-1) for r in rows]
     return np.concatenate(rows, axis=-2)
 
 

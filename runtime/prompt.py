@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from edgeprune.errors import ModelError
 
-__all__ = ["ChatTemplate", "encode_prompt"]
+# Token id written in the padding of shorter rows; the attention mask hides it, so any valid id does.
+PAD_ID = 0
+
+__all__ = ["ChatTemplate", "encode_prompt", "encode_prompts", "PAD_ID"]
 
 
 @dataclass(frozen=True)
@@ -37,3 +42,18 @@ def encode_prompt(tokenizer, template: ChatTemplate, prompt: str) -> tuple[list[
     prefix = tokenizer.encode(template.prefix, add_special_tokens=False).ids
     suffix = tokenizer.encode(template.suffix.replace("{prompt}", prompt), add_special_tokens=False).ids
     return prefix, suffix
+
+
+def encode_prompts(tokenizer, template: ChatTemplate, prompts: list[str]) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """One prompt per row -> (prefix ids shared by every row, suffix ids [B, M] int64 right-padded with
+    PAD_ID, suffix mask [B, M] int64, 1 = a real token). M is the longest row's suffix."""
+    prefix, suffixes = None, []
+    for prompt in prompts:
+        prefix, suffix = encode_prompt(tokenizer, template, prompt)
+        suffixes.append(suffix)
+    width = max(len(s) for s in suffixes)
+    ids = np.full((len(suffixes), width), PAD_ID, dtype=np.int64)
+    mask = np.zeros((len(suffixes), width), dtype=np.int64)
+    for row, suffix in enumerate(suffixes):
+        ids[row, :len(suffix)], mask[row, :len(suffix)] = suffix, 1
+    return prefix, ids, mask

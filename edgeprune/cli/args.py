@@ -10,7 +10,8 @@ from edgeprune.errors import EdgepruneError
 
 __all__ = ["add_logging_args", "setup_logging", "add_pruner_args", "pruner_options", "PrunerOptions",
            "add_bundle_args", "add_device_args", "device_profile", "add_model_arg", "add_threads_arg",
-           "add_positions_arg", "parse_key_values", "DEFAULT_MODEL", "count", "count0", "positive_float"]
+           "add_positions_arg", "parse_key_values", "DEFAULT_MODEL", "count", "count0", "positive_float",
+           "add_llm_stage_args", "llm_stage_options", "LLMStageOptions", "int_list"]
 
 DEFAULT_MODEL = "edgeprune-mini"
 
@@ -133,6 +134,63 @@ def pruner_options(args: argparse.Namespace) -> PrunerOptions:
     if args.keep is not None and args.keep < 1:
         raise EdgepruneError(f"--keep {args.keep}: expected an integer >= 1")
     return PrunerOptions(method=args.method, keep=args.keep, config=parse_key_values(args.cfg))
+
+
+def int_list(text: str, option: str) -> tuple[int, ...]:
+    """'91,64,45' -> (91, 64, 45); a clear error naming the option otherwise."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise EdgepruneError(f"{option} {text!r}: expected comma-separated integers, e.g. 91,64,45")
+    return values
+
+
+@dataclass(frozen=True)
+class LLMStageOptions:
+    method: str | None
+    keep: tuple[int, ...] | None
+    layer: tuple[int, ...] | None
+    average: float | None
+    kv_policy: str
+    config: dict
+
+    def export_kwargs(self) -> dict:
+        """Keyword arguments of export_bundle."""
+        return {"llm_method": self.method, "llm_keep": self.keep, "llm_layer": self.layer,
+                "llm_average": self.average, "llm_cfg": self.config, "kv_policy": self.kv_policy}
+
+
+def add_llm_stage_args(parser: argparse.ArgumentParser) -> None:
+    """In-LLM pruning (METHODS_INLLM.md): a second, static budget inside the LLM's prefill."""
+    from edgeprune.cli.method_names import STAGE_METHOD_NAMES   # static: no torch at parse time
+
+    group = parser.add_argument_group("in-LLM stage", "prune the image tokens again inside the LLM (see "
+                                      "`edgeprune methods`)")
+    group.add_argument("--llm-method", choices=STAGE_METHOD_NAMES, help="in-LLM method (default: none)")
+    group.add_argument("--llm-keep", metavar="K2[,K2...]",
+                       help="image tokens left after each stage, e.g. 64 or 91,64,45 (default: the method's)")
+    group.add_argument("--llm-layer", metavar="L[,L...]",
+                       help="first reduced layer of each stage, 0-based, e.g. 2 or 3,7,16 (default: the method's)")
+    group.add_argument("--llm-average", type=float, metavar="B",
+                       help="instead of --llm-keep: counts whose layer-average visual token count is B")
+    group.add_argument("--kv-policy", choices=("uniform", "faithful"), default="uniform",
+                       help="KV cache of the layers before a stage: uniform (gathered like the later layers; one "
+                            "decode mask) or faithful (kept whole, as the official code) (default: uniform)")
+    group.add_argument("--llm-cfg", action="append", metavar="KEY=VALUE",
+                       help="in-LLM method option, repeatable (e.g. bias=prior.npy for d2pruner)")
+
+
+def llm_stage_options(args: argparse.Namespace) -> LLMStageOptions:
+    keep = int_list(args.llm_keep, "--llm-keep") if args.llm_keep else None
+    layer = int_list(args.llm_layer, "--llm-layer") if args.llm_layer else None
+    if args.llm_method is None and (keep or layer or args.llm_average is not None or args.llm_cfg):
+        raise EdgepruneError("--llm-keep/--llm-layer/--llm-average/--llm-cfg need --llm-method")
+    if keep is not None and args.llm_average is not None:
+        raise EdgepruneError("--llm-keep and --llm-average: give one of them")
+    return LLMStageOptions(method=args.llm_method, keep=keep, layer=layer, average=args.llm_average,
+                           kv_policy=args.kv_policy, config=parse_key_values(args.llm_cfg))
 
 
 def add_bundle_args(parser: argparse.ArgumentParser, output: bool = False) -> None:

@@ -4,6 +4,8 @@ One (method, K): accuracy unpruned and pruned, and agreement with the unpruned a
 --sweep: every --methods x --keeps, a Markdown table, a JSON file and a plot in --out (K = N, the
 unpruned pass, only when N is in --keeps; --merge combines runs on the same images into one table).
 --cfg KEY=VALUE goes to the methods that take it (scorer=random: "autoselect (untrained)").
+--llm-method (single run): the pruned image tokens are pruned again inside the LLM (METHODS_INLLM.md);
+scripts/eval_inllm.py compares such stages with pre-LLM pruning at equal layer-average token counts.
 --probe: the LLM-free evaluation instead (DINOv2 re-run on [CLS] + the kept patches, linear probe
 on [CLS] trained on unpruned train images; top-1 vs K). Encoder signals are cached on disk.
 """
@@ -46,6 +48,9 @@ def add_parser(subparsers):
     p.add_argument("--merge", type=Path, nargs="+", metavar="RESULTS_JSON",
                    help="only combine results.json files of earlier runs on the same images (e.g. methods run in "
                         "parallel, the unpruned K=N run apart: it is the costliest point) into one table in --out")
+    from edgeprune.cli.args import add_llm_stage_args
+
+    add_llm_stage_args(p)
     return p
 
 
@@ -149,6 +154,20 @@ def run(args) -> int:
         raise EdgepruneError(f"eval: model {args.model!r} is not supported; expected edgeprune-mini (a DINOv2 adapter)")
     n_img = adapter.num_image_tokens
     llm = _exported_llm(args.llm, args.threads) if args.llm else None
+    from edgeprune.cli.args import llm_stage_options
+
+    stage_opts = llm_stage_options(args)
+    if stage_opts.method is not None and (args.sweep or args.probe):
+        raise EdgepruneError("--llm-method: single runs only (not with --sweep or --probe); see scripts/eval_inllm.py")
+    if stage_opts.method is not None and args.llm:
+        raise EdgepruneError(f"--llm-method with --llm {args.llm}: the in-LLM stage runs in the torch reference only")
+    llm_stage = None
+    if stage_opts.method is not None:
+        from edgeprune.inllm import build_for_budget
+
+        llm_stage = build_for_budget(stage_opts.method, num_image=args.keep or n_img,
+                                     num_layers=adapter.llm.config.num_hidden_layers, keep=stage_opts.keep,
+                                     layer=stage_opts.layer, average=stage_opts.average, **stage_opts.config)
     cached, labels, idx = load_eval_set(adapter, args.num_images, args.seed, args.data)
     if args.sweep:
         methods, keeps = _methods(args.methods), _keeps(args.keeps, n_img)
@@ -174,9 +193,12 @@ def run(args) -> int:
                                   options=options, llm=llm)
         else:
             full = evaluate(adapter, cached, labels, "none", None, seed=args.seed, batch=args.batch, llm=llm)
-            results = [] if keeps[0] == n_img else [evaluate(adapter, cached, labels, methods[0], keeps[0],
-                                                             reference=full.answers, seed=args.seed, batch=args.batch,
-                                                             llm=llm, **options[methods[0]])]
+            pruned = keeps[0] < n_img or llm_stage is not None
+            results = [evaluate(adapter, cached, labels, methods[0], keeps[0] if keeps[0] < n_img else None,
+                                reference=full.answers, seed=args.seed, batch=args.batch, llm=llm, llm_stage=llm_stage,
+                                kv_policy=stage_opts.kv_policy, **options[methods[0]])] if pruned else []
+            if llm_stage is not None:
+                results[0].method = f"{results[0].method} + in-LLM {llm_stage.name} {list(llm_stage.keep or [])}"
         # rows keep their answers, so runs on the same images can be merged later (--merge)
         rows, value = [{**r.row(), "answers": r.answers} for r in results], "accuracy"
         unpruned = full.accuracy if full else None

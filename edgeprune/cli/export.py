@@ -2,6 +2,8 @@
 
 Validates the graphs against torch on seeded inputs and prints the parity report.
 Example: edgeprune export --method dart --keep 64 --out bundles/mini-dart64
+In-LLM pruning (a second budget inside the LLM prefill): edgeprune export --keep 576 --llm-method dart
+--llm-keep 64 --llm-layer 2 --out bundles/mini-dart-l2-64 (several stages: --llm-keep 91,64,45 --llm-layer 3,7,16).
 """
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ import sys
 
 
 def add_parser(subparsers):
-    from edgeprune.cli.args import add_bundle_args, add_model_arg, add_positions_arg, add_pruner_args, count
+    from edgeprune.cli.args import (add_bundle_args, add_llm_stage_args, add_model_arg, add_positions_arg,
+                                    add_pruner_args, count)
     from edgeprune.runtime.format import PRECISIONS
 
     p = subparsers.add_parser("export", help=__doc__.splitlines()[0], description=__doc__)
     add_model_arg(p)
     add_pruner_args(p)
+    add_llm_stage_args(p)
     add_positions_arg(p, "the method's convention, e.g. original for dart and autoselect, else the model's")
     p.add_argument("--scorer", metavar="CKPT", help="learned scorer checkpoint (`edgeprune train`), for methods with "
                    "a `scorer` option (autoselect); default: the model's shipped one, where it ships one; "
@@ -51,9 +55,10 @@ def run(args) -> int:
     except ImportError as err:
         raise MissingDependencyError(f"export needs the full install (torch, transformers, onnx): {err}; "
                                      "this looks like a runtime-only install") from err
-    from edgeprune.cli.args import pruner_options
+    from edgeprune.cli.args import llm_stage_options, pruner_options
 
     opts = pruner_options(args)
+    stage = llm_stage_options(args)
     cfg = dict(opts.config)
     if args.scorer is not None:
         accepted = available()[opts.method].defaults
@@ -89,7 +94,8 @@ def run(args) -> int:
         manifest = export_bundle(adapter, args.out, method=opts.method, keep=opts.keep, cfg=cfg,
                                  positions=args.positions, llm_precision=precision,
                                  batch=args.batch, attention=args.attention, force=args.force, source=str(args.model),
-                                 validate=not args.no_validate, on_step=on_step, buckets=buckets)
+                                 validate=not args.no_validate, on_step=on_step, buckets=buckets,
+                                 **stage.export_kwargs())
         bar.update(1)
         bar.set_description_str("done")
     finally:
@@ -122,6 +128,10 @@ def summary(manifest: dict, out) -> str:
     lines = [f"exported {out}: {m[Keys.MODEL_SOURCE]} ({m[Keys.MODEL_FAMILY]}), method {m[Keys.PRUNER_METHOD]}, "
              f"K={m[Keys.PRUNER_KEEP]} of N={m[Keys.MODEL_NUM_IMAGE_TOKENS]}, {m[Keys.POSITIONS_MODE]} positions, "
              f"LLM {describe_precision(m)}, vision batch {m[Keys.VISION_BATCH] or 'dynamic'}"]
+    if m[Keys.LLM_STAGE_METHOD] is not None:
+        from edgeprune.cli.inspect import stage_text
+
+        lines.append(f"in-LLM stage: {stage_text(m)}")
     lines += parity_lines(m)
     return "\n".join(lines)
 
@@ -154,6 +164,13 @@ def parity_lines(manifest: dict) -> list[str]:
             lines.append(f"          greedy tokens (teacher-forced, {llm.get('greedy_tokens', '?')}): "
                          f"{_fixed(llm['greedy_agreement'])} agree with torch float32 (garbage below "
                          f"{_fixed(llm.get('min_agreement'))})")
+        stage = llm.get("prefill_stage")
+        if stage:
+            kept = ("kept slots identical" if not stage["keep_mismatch_stages"]
+                    else f"kept slots DIFFER at stage(s) {stage['keep_mismatch_stages']}")
+            lines.append(f"  in-LLM: prefill.onnx vs the torch reference loop: {kept}, max |logit diff| prefill "
+                         f"{_sci(stage.get('prefill'))}, decode {_sci(stage.get('decode'))}  "
+                         f"{'OK' if stage.get(PASSED) else 'FAILED'}")
     return lines
 
 

@@ -82,11 +82,15 @@ def summary(m: dict, path) -> str:
         lines.insert(3, f"scorer:    {_scorer(scorer)}")
     if m[Keys.MODEL_DOMAIN]:
         lines.insert(2, f"domain:    trained to recognise {m[Keys.MODEL_DOMAIN]}")
-    graphs = [("vision", m[Keys.VISION_GRAPH]), ("embed", m[Keys.LLM_EMBED_GRAPH]), ("decoder", m[Keys.LLM_DECODER_GRAPH])]
-    for name, graph in [(name, graph) for name, graph in graphs if graph is not None]:   # embed: older bundles
+    if m[Keys.LLM_STAGE_METHOD] is not None:
+        lines.append(f"in-LLM:    {stage_text(m)}")
+    graphs = [("vision", m[Keys.VISION_GRAPH]), ("embed", m[Keys.LLM_EMBED_GRAPH]),
+              ("prefill", m[Keys.LLM_PREFILL_GRAPH]), ("decoder", m[Keys.LLM_DECODER_GRAPH])]
+    # embed: older bundles only; prefill: in-LLM stage only
+    for name, graph in [(name, graph) for name, graph in graphs if graph is not None]:
         ins = "; ".join(f"{k} {_shape(v)}" for k, v in graph[Graph.INPUTS].items())
         outs = "; ".join(f"{k} {_shape(v)}" for k, v in graph[Graph.OUTPUTS].items())
-        if name == "decoder":  # dozens of past/present tensors: list the first of each kind
+        if name in ("decoder", "prefill"):  # dozens of past/present tensors: list the first of each kind
             ins = _fold(graph[Graph.INPUTS], "past_key_values", ins)
             outs = _fold(graph[Graph.OUTPUTS], "present", outs)
         lines.append(f"{name + ':':<10} {graph[Graph.FILE]}: {ins} -> {outs}")
@@ -113,6 +117,17 @@ def _scorer(record: dict) -> str:
         return f"random, untrained (seed {record[ScorerRecord.SEED]}): the baseline, not a trained scorer"
     return (f"{record[ScorerRecord.FILE] or 'in-memory module'}, sha256 {record[ScorerRecord.SHA256] or '?'}, "
             f"recipe {record[ScorerRecord.RECIPE] or '?'}")
+def stage_text(m: dict) -> str:
+    """One line on a bundle's in-LLM stage: method, stages, options, KV policy, layer average, and the graph
+    that runs it (prefill.onnx with the bundle's attention kind; decode runs decoder.onnx)."""
+    from edgeprune.runtime.format import Keys, Stage
+
+    stages = ", ".join(f"L={s[Stage.LAYER]}: {s[Stage.KEEP_IN]} -> {s[Stage.KEEP_OUT]}" for s in m[Keys.LLM_STAGE_STAGES])
+    cfg = ", ".join(f"{k}={v}" for k, v in m[Keys.LLM_STAGE_CONFIG].items()) or "-"
+    average = m[Keys.LLM_STAGE_LAYER_AVERAGE]
+    return (f"{m[Keys.LLM_STAGE_METHOD]} {stages} ({cfg}); KV policy {m[Keys.LLM_STAGE_KV_POLICY]}; layer-average "
+            f"visual tokens {'?' if average is None else f'{average:.1f}'}; prefill runs "
+            f"{m[Keys.LLM_PREFILL_GRAPH][Graph.FILE]} ({m[Keys.LLM_ATTENTION]} attention)")
 
 
 def _shape(v) -> str:

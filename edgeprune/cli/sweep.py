@@ -4,21 +4,14 @@ Example: edgeprune sweep --model edgeprune-mini --methods dart,divprune --keep 5
 All points are timed in one process, round-robin after a warm-up each, and compared with K = N round
 by round; each ratio shows its spread, and a row whose spread is too large for its comparison says
 "noisy: re-run on a quiet machine". The pruner's cost is read from ONNX Runtime's per-node profile.
+In-LLM points: --llm-methods dart,fastv --llm-keeps 64,32 (all N tokens enter the LLM; the stage keeps K2 from
+the method's default layer on; the table shows their layer-average tokens and the speedup their MACs predict).
 Writes sweep.json (stable keys), sweep.md and sweep.png / pruner_overhead.png under --out; bundles
 go to --out/bundles and are reused when a matching one is already there.
 """
 from __future__ import annotations
 
 from pathlib import Path
-
-
-def _int_list(text: str) -> list[int]:
-    from edgeprune.errors import EdgepruneError
-
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise EdgepruneError(f"--keep {text!r}: expected comma-separated integers, e.g. 576,128,64") from None
 
 
 def add_parser(subparsers):
@@ -38,13 +31,17 @@ def add_parser(subparsers):
     p.add_argument("--cfg", action="append", metavar="KEY=VALUE",
                    help="method option, repeatable, for the methods that take it (e.g. scorer=random: the "
                         "untrained autoselect baseline, reported as 'autoselect (untrained)')")
+    p.add_argument("--llm-methods", default="", help="comma-separated in-LLM methods (default: none)")
+    p.add_argument("--llm-keeps", default="", help="comma-separated in-LLM budgets K2 (needed with --llm-methods)")
+    p.add_argument("--llm-layer", type=count, metavar="L", help="stage layer of every in-LLM point (default: each "
+                   "method's first default layer; one stage)")
     return p
 
 
 def run(args) -> int:
     from tqdm import tqdm
 
-    from edgeprune.cli.args import parse_key_values
+    from edgeprune.cli.args import int_list, parse_key_values
     from edgeprune.errors import EdgepruneError
     from edgeprune.profiles.sweep import run_sweep
     from edgeprune.pruners import available
@@ -53,9 +50,17 @@ def run(args) -> int:
     unknown = [m for m in methods if m not in available()]
     if not methods or unknown:
         raise EdgepruneError(f"--methods {args.methods!r}: unknown {unknown}; available: {', '.join(available())}")
-    keeps = _int_list(args.keep)
-    if not keeps:
-        raise EdgepruneError("--keep: expected at least one budget")
+    keeps = list(int_list(args.keep, "--keep"))
+    from edgeprune.inllm import available as stage_methods
+
+    llm_methods = [m.strip() for m in args.llm_methods.split(",") if m.strip()]
+    unknown = [m for m in llm_methods if m not in stage_methods()]
+    if unknown:
+        raise EdgepruneError(f"--llm-methods {args.llm_methods!r}: unknown {unknown}; available: "
+                             f"{', '.join(stage_methods())}")
+    llm_keeps = list(int_list(args.llm_keeps, "--llm-keeps")) if args.llm_keeps else []
+    if bool(llm_methods) != bool(llm_keeps):
+        raise EdgepruneError("--llm-methods and --llm-keeps go together")
     with tqdm(desc="sweep", unit="step", disable=args.quiet) as bar:
         def progress(label: str, total: int) -> None:
             bar.total = total
@@ -64,7 +69,8 @@ def run(args) -> int:
 
         result = run_sweep(args.model, methods, keeps, args.out, runs=args.runs, warmup=args.warmup,
                            new_tokens=args.new_tokens, image=args.image, threads=args.threads,
-                           positions=args.positions, progress=progress, cfg=parse_key_values(args.cfg))
+                           positions=args.positions, progress=progress, cfg=parse_key_values(args.cfg),
+                           llm_methods=llm_methods, llm_keeps=llm_keeps, llm_layer=args.llm_layer)
     print(result["markdown"])
     print(f"written: {args.out / 'sweep.json'}, {args.out / 'sweep.md'}, " + ", ".join(result["plots"]))
     return 0

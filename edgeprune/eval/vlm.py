@@ -81,15 +81,17 @@ def method_label(method: str, pruner) -> str:
 
 @torch.no_grad()
 def answers(adapter, cached: CachedAdapter, pruner, rows, batch: int = 16, max_new_tokens: int = 8,
-            prompt: str = PROMPT, llm=None) -> list[str]:
+            prompt: str = PROMPT, llm=None, llm_stage=None, kv_policy: str = "uniform") -> list[str]:
     """Greedy answers of the reference pipeline for cached rows, `batch` images per call (`llm`: an exported
-    LLM through the runtime instead of the torch one, reference.generate)."""
+    LLM through the runtime instead of the torch one, reference.generate; with an in-LLM stage inside the
+    prefill when `llm_stage` is given)."""
     from edgeprune.reference import generate
 
     out: list[str] = []
     rows = list(rows)
     for i in range(0, len(rows), batch):
-        res = generate(cached, pruner, rows[i:i + batch], prompt, max_new_tokens=max_new_tokens, llm=llm)
+        res = generate(cached, pruner, rows[i:i + batch], prompt, max_new_tokens=max_new_tokens, llm=llm,
+                       llm_stage=llm_stage, kv_policy=kv_policy)
         out.extend(t.strip() for t in res.text)
     return out
 
@@ -121,15 +123,18 @@ def agreement(texts: list[str], ref: list[str]) -> float:
 
 
 def evaluate(adapter, cached: CachedAdapter, labels: np.ndarray, method: str, keep: int | None,
-             reference: list[str] | None = None, seed: int = 0, batch: int = 16, llm=None, **cfg) -> EvalResult:
-    """Accuracy (and agreement with `reference`, the unpruned answers) of one (method, K)."""
+             reference: list[str] | None = None, seed: int = 0, batch: int = 16, llm=None, llm_stage=None,
+             kv_policy: str = "uniform", **cfg) -> EvalResult:
+    """Accuracy (and agreement with `reference`, the unpruned answers) of one (method, K), optionally followed
+    by an in-LLM stage (`llm_stage`, built for K)."""
     n_img = adapter.num_image_tokens
     k = n_img if keep is None else keep
     start = time.time()
     try:
         pruner = build_method(adapter, method, keep, seed=seed, **cfg)
         method = method_label(method, pruner)
-        texts = answers(adapter, cached, pruner, range(len(labels)), batch=batch, llm=llm)
+        texts = answers(adapter, cached, pruner, range(len(labels)), batch=batch, llm=llm, llm_stage=llm_stage,
+                        kv_policy=kv_policy)
     except EdgepruneError as err:
         log.warning("%s K=%d failed: %s", method, k, err)
         return EvalResult(method, k, len(labels), float("nan"), None, time.time() - start, error=str(err))

@@ -270,7 +270,7 @@ def qwen_byte_tokenizer(extra: tuple[str, ...] = ()):
     return byte_tokenizer((*QWEN_SPECIALS, *extra))
 
 
-def tiny_qwen2_vl_model(seed: int = 0, dtype: torch.dtype = torch.float32):
+def tiny_qwen2_vl_model(seed: int = 0, dtype: torch.dtype = torch.float32, llm_layers: int = 2):
     """(Qwen2VLForConditionalGeneration, tokenizers.Tokenizer) of the "tiny-qwen2-vl" preset: vision
     2 blocks, width 32, 4 heads, patch 14, merge 2; LLM 2 layers, hidden 64, 4 heads / 2 KV heads,
     mrope_section [2, 3, 3] (head_dim 16); seeded random weights."""
@@ -278,7 +278,8 @@ def tiny_qwen2_vl_model(seed: int = 0, dtype: torch.dtype = torch.float32):
 
     vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    return tiny_model(Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision, seed, dtype)
+    return tiny_model(Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision, seed, dtype,
+                      text={"num_hidden_layers": llm_layers})
 
 
 def tiny_model(config_cls, model_cls, vision: dict, seed: int, dtype: torch.dtype, text: dict | None = None):
@@ -306,9 +307,10 @@ def tiny_model(config_cls, model_cls, vision: dict, seed: int, dtype: torch.dtyp
 
 
 def tiny_qwen2_vl(seed: int = 0, dtype: torch.dtype = torch.float32,
-                  image_size: tuple[int, int] = TINY_IMAGE_SIZE) -> Qwen2VLAdapter:
-    """The "tiny-qwen2-vl" preset at a fixed `image_size` (multiples of 28). Same seed, same weights."""
-    model, tokenizer = tiny_qwen2_vl_model(seed, dtype)
+                  image_size: tuple[int, int] = TINY_IMAGE_SIZE, llm_layers: int = 2) -> Qwen2VLAdapter:
+    """The "tiny-qwen2-vl" preset at a fixed `image_size` (multiples of 28). Same seed, same weights;
+    `llm_layers` for multi-stage in-LLM tests."""
+    model, tokenizer = tiny_qwen2_vl_model(seed, dtype, llm_layers)
     return tiny_adapter(Qwen2VLAdapter, model, tokenizer, image_size, "tiny-qwen2-vl")
 
 

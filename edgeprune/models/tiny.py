@@ -44,16 +44,16 @@ def byte_tokenizer(specials: tuple[str, ...] = BYTE_SPECIALS):
     return tok
 
 
-def tiny_llava_configs(image_size: int):
+def tiny_llava_configs(image_size: int, llm_layers: int = 2):
     """(tokenizer, CLIP vision config, Llama text config, image token id) shared by the tiny LLaVA-shaped
-    presets: CLIP at `image_size` / patch 14, 3 layers, hidden 64; Llama 2 layers, hidden 64."""
+    presets: CLIP at `image_size` / patch 14, 3 layers, hidden 64; Llama `llm_layers` layers (2), hidden 64."""
     from transformers import CLIPVisionConfig, LlamaConfig
 
     tokenizer = byte_tokenizer()
     bos, eos, image, pad = (tokenizer.token_to_id(t) for t in BYTE_SPECIALS)
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                               image_size=image_size, patch_size=14, projection_dim=64)
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=llm_layers, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=2048,
                        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False,
                        initializer_range=0.1)  # wider logits than 0.02: fewer near-ties between torch and ORT
@@ -73,20 +73,21 @@ def seeded_model(model_class, config, seed: int, dtype: torch.dtype):
     return model.eval()
 
 
-def tiny_llava_model(seed: int = 0, dtype: torch.dtype = torch.float32):
+def tiny_llava_model(seed: int = 0, dtype: torch.dtype = torch.float32, llm_layers: int = 2):
     """(LlavaForConditionalGeneration, tokenizers.Tokenizer) of the "tiny-llava" preset; tests save
-    it with save_pretrained to check that a LLaVA directory loads."""
+    it with save_pretrained to check that a LLaVA directory loads. `llm_layers`: deeper LLMs for
+    multi-stage in-LLM pruning tests."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    tokenizer, vision, text, image = tiny_llava_configs(336)
+    tokenizer, vision, text, image = tiny_llava_configs(336, llm_layers)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image,
                          vision_feature_layer=-2, vision_feature_select_strategy="default")
     return seeded_model(LlavaForConditionalGeneration, config, seed, dtype), tokenizer
 
 
-def tiny_llava(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlavaAdapter:
+def tiny_llava(seed: int = 0, dtype: torch.dtype = torch.float32, llm_layers: int = 2) -> LlavaAdapter:
     """The "tiny-llava" preset. Same seed, same weights."""
-    model, tokenizer = tiny_llava_model(seed, dtype)
+    model, tokenizer = tiny_llava_model(seed, dtype, llm_layers)
     preprocess = PreprocessConfig(size=(336, 336), mean=CLIP_MEAN, std=CLIP_STD, shortest_edge=336,
                                   resample="bicubic")
     eos = tokenizer.token_to_id("</s>")

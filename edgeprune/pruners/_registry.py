@@ -1,15 +1,16 @@
 """Pruner registry: `@register_pruner` at the definition, `build()` and `available()` for users."""
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 from edgeprune.errors import PrunerConfigError
 from edgeprune.pruners.base import Pruner
+from edgeprune.registry import Registry
 
 __all__ = ["register_pruner", "build", "build_for_model", "available", "PrunerInfo", "options_by_method"]
 
-_PRUNERS: dict[str, type[Pruner]] = {}
+_REGISTRY = Registry("pruner", fixed=("keep",))
+_PRUNERS: dict[str, type[Pruner]] = _REGISTRY.classes
 
 
 @dataclass(frozen=True)
@@ -25,28 +26,14 @@ class PrunerInfo:
 
 def register_pruner(name: str):
     """Class decorator: registers under `name` (= module file = --method value). Duplicates are errors."""
-    def wrap(cls: type[Pruner]) -> type[Pruner]:
-        if name in _PRUNERS:
-            raise RuntimeError(f"pruner '{name}' registered twice: {_PRUNERS[name].__qualname__} and {cls.__qualname__}")
-        cls.name = name
-        cls.description = (inspect.getdoc(cls) or "").splitlines()[0] if cls.__doc__ else ""
-        _PRUNERS[name] = cls
-        return cls
-    return wrap
-
-
-def _config_params(cls: type[Pruner]) -> dict[str, inspect.Parameter]:
-    params = dict(inspect.signature(cls.__init__).parameters)
-    params.pop("self", None)
-    params.pop("keep", None)
-    return params
+    return _REGISTRY.register(name)
 
 
 def available() -> dict[str, PrunerInfo]:
     """Every registered pruner, sorted by name."""
     return {
         name: PrunerInfo(name=name, description=cls.description, requires=cls.requires, space=cls.space,
-                         defaults={k: p.default for k, p in _config_params(cls).items()},
+                         defaults={k: p.default for k, p in _REGISTRY.options(cls).items()},
                          extra_outputs=cls.extra_outputs, default_positions=cls.default_positions)
         for name, cls in sorted(_PRUNERS.items())
     }
@@ -54,24 +41,13 @@ def available() -> dict[str, PrunerInfo]:
 
 def build(name: str, keep: int, **cfg) -> Pruner:
     """Instantiate pruner `name` with budget `keep`; unknown names or config keys are clear errors."""
-    if name not in _PRUNERS:
-        raise PrunerConfigError(f"unknown pruner {name!r}; available: {', '.join(sorted(_PRUNERS))}")
-    cls = _PRUNERS[name]
-    params = _config_params(cls)
-    unknown = sorted(set(cfg) - set(params))
-    if unknown:
-        accepted = ", ".join(params) or "none"
-        raise PrunerConfigError(f"{name}: unknown option(s) {', '.join(unknown)}; accepted: {accepted}")
-    missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in cfg]
-    if missing:
-        raise PrunerConfigError(f"{name}: missing required option(s) {', '.join(missing)}")
-    return cls(keep=keep, **cfg).eval()
+    return _REGISTRY.checked(name, cfg)(keep=keep, **cfg).eval()
 
 
 def options_by_method(methods: list[str], cfg: dict) -> dict[str, dict]:
     """Options given once for several methods (`--cfg` of eval / sweep) -> {method: the ones it takes};
     an option that none of the methods takes is an error."""
-    accepted = {m: set(_config_params(_PRUNERS[m])) if m in _PRUNERS else set() for m in methods}
+    accepted = {m: set(_REGISTRY.options(_PRUNERS[m])) if m in _PRUNERS else set() for m in methods}
     unused = sorted(k for k in cfg if not any(k in a for a in accepted.values()))
     if unused:
         raise PrunerConfigError(f"--cfg {', '.join(unused)}: none of the methods {', '.join(methods)} takes "
@@ -84,7 +60,7 @@ def build_for_model(name: str, keep: int, model_options: dict, **cfg) -> Pruner:
     method accepts; explicit `cfg` wins. The one rule export and generate use for every method."""
     if name not in _PRUNERS:
         return build(name, keep, **cfg)  # raises the unknown-pruner error
-    accepted = _config_params(_PRUNERS[name])
+    accepted = _REGISTRY.options(_PRUNERS[name])
     merged = {k: v for k, v in model_options.items() if k in accepted}
     merged.update(cfg)
     return build(name, keep, **merged)

@@ -249,3 +249,32 @@ def test_export_model_directory_families(tmp_path, capsys):
     line = next(line for line in capsys.readouterr().err.splitlines() if "is not supported" in line)  # one line
     assert "model_type 'gemma3' (Gemma3ForConditionalGeneration) is not supported; supported architectures:" in line
     assert "Qwen3VLForConditionalGeneration (qwen3_vl)" in line and "SmolVLMForConditionalGeneration (smolvlm)" in line
+def test_export_and_run_with_an_in_llm_stage(tmp_path, image, capsys):
+    out = tmp_path / "b"
+    assert main(["export", "--model", "tiny-llava", "--method", "uniform", "--keep", "64", "--llm-method", "fastv",
+                 "--llm-keep", "16", "--llm-layer", "1", "--kv-policy", "faithful", "--out", str(out), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "in-LLM stage fastv: L=1: 64 -> 16; KV policy faithful; layer-average visual tokens 40.0" in text
+    assert "in-LLM: prefill.onnx vs the torch reference loop: kept slots identical" in text and "FAILED" not in text
+    m = json.loads((out / Files.MANIFEST).read_text())
+    assert m[Keys.LLM_STAGE_STAGES] == [{"layer": 1, "keep_in": 64, "keep_out": 16}]
+    assert main(["inspect", str(out)]) == 0
+    assert "in-LLM:    fastv L=1: 64 -> 16 (ratio=0.5); KV policy faithful" in capsys.readouterr().out
+    assert main(["run", str(out), "--image", str(image), "--prompt", "What is it?", "--max-new-tokens", "2"]) == 0
+    assert "in-LLM fastv from layer 1: kept 16 of 64 image tokens; slots of row 0:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--llm-keep", "16"], "--llm-keep/--llm-layer/--llm-average/--llm-cfg need --llm-method"),
+    (["--llm-method", "fastv", "--llm-keep", "80", "--llm-layer", "1"],
+     "fastv: stage 1 L=1, K=64 -> K2=80, T=2: expected K2 <= K"),
+    (["--llm-method", "fastv", "--llm-keep", "8,4", "--llm-layer", "1"], r"2 keep value(s) [8, 4] for 1 stage layer"),
+    (["--llm-method", "dart", "--llm-keep", "x"], "--llm-keep 'x': expected comma-separated integers"),
+    (["--llm-method", "dart", "--llm-layer", "1", "--llm-average", "16"],
+     "a layer average of 16.0 visual tokens is impossible from K=64"),
+])
+def test_in_llm_options_are_checked_with_clear_errors(tmp_path, capsys, argv, message):
+    assert main(["export", "--model", "tiny-llava", "--method", "uniform", "--keep", "64", *argv,
+                 "--out", str(tmp_path / "b"), "-q"]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

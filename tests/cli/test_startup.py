@@ -55,6 +55,14 @@ def test_method_table_matches_the_registry():
         f"edgeprune/cli/method_names.py is out of date; set METHOD_NAMES = {tuple(available())!r}")
 
 
+def test_stage_method_table_matches_the_inllm_registry():
+    from edgeprune.cli.method_names import STAGE_METHOD_NAMES
+    from edgeprune.inllm import available
+
+    assert STAGE_METHOD_NAMES == tuple(available()), (
+        f"edgeprune/cli/method_names.py is out of date; set STAGE_METHOD_NAMES = {tuple(available())!r}")
+
+
 def test_unknown_method_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["export", "--method", "divprun", "--out", "x"])

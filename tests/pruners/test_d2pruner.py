@@ -10,6 +10,7 @@ import torch
 
 from edgeprune.errors import PrunerConfigError
 from edgeprune.pruners import build
+from edgeprune.pruners.d2pruner import prior_on_grid
 
 
 def ranked_attn(n: int, order: list[int]) -> torch.Tensor:
@@ -109,7 +110,7 @@ def test_bias_of_another_grid_is_resized_bilinearly():
     pruner = build("d2pruner", keep=1, bias=[1.0, 2.0, 3.0, 4.0])
     expected = torch.tensor([[1.0, 1.25, 1.75, 2.0], [1.5, 1.75, 2.25, 2.5],
                              [2.5, 2.75, 3.25, 3.5], [3.0, 3.25, 3.75, 4.0]]).reshape(-1)
-    torch.testing.assert_close(pruner.denominator((4, 4)), expected + 1e-7)
+    torch.testing.assert_close(prior_on_grid(pruner.bias, (4, 4)), expected + 1e-7)
     # Equal attention everywhere: no prior keeps cell 0 (tie to the lowest index); a prior that is
     # lowest at the bottom right (resized: 1 at cell 15) makes cell 15 the most important.
     attn = torch.full((1, 16), 1 / 16)

