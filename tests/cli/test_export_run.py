@@ -254,7 +254,8 @@ def test_export_and_run_with_an_in_llm_stage(tmp_path, image, capsys):
     assert main(["export", "--model", "tiny-llava", "--method", "uniform", "--keep", "64", "--llm-method", "fastv",
                  "--llm-keep", "16", "--llm-layer", "1", "--kv-policy", "faithful", "--out", str(out), "-q"]) == 0
     text = capsys.readouterr().out
-    assert "in-LLM stage fastv: L=1: 64 -> 16; KV policy faithful; layer-average visual tokens 40.0" in text
+    assert ("in-LLM stage: fastv L=1: 64 -> 16 (ratio=0.5); KV policy faithful; layer-average visual tokens 40.0; "
+            "prefill runs prefill.onnx (fused attention)") in text
     assert "in-LLM: prefill.onnx vs the torch reference loop: kept slots identical" in text and "FAILED" not in text
     m = json.loads((out / Files.MANIFEST).read_text())
     assert m[Keys.LLM_STAGE_STAGES] == [{"layer": 1, "keep_in": 64, "keep_out": 16}]
