@@ -288,12 +288,12 @@ def tiny_model(config_cls, model_cls, vision: dict, seed: int, dtype: torch.dtyp
     tokenizer = qwen_byte_tokenizer()
     ids = {t: tokenizer.token_to_id(t) for t in QWEN_SPECIALS}
     vocab = tokenizer.get_vocab_size()
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    text = {**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=2048,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                initializer_range=0.1,  # wider logits: fewer near-ties between torch and ORT
-                **(text or {}))
+                initializer_range=0.1),  # wider logits: fewer near-ties between torch and ORT
+            **(text or {})}
     config = config_cls(vision_config=vision, text_config=text, image_token_id=ids[IMAGE_PAD],
                            video_token_id=ids[IMAGE_PAD], vision_start_token_id=ids["<|vision_start|>"],
                            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)

@@ -211,3 +211,16 @@ def test_budget_errors_before_any_export(adapters, tmp_path):
     with pytest.raises(EdgepruneError, match="unknown in-LLM method 'dartt'"):
         export_bundle(adapter, tmp_path / "b", method="uniform", llm_method="dartt", llm_keep=[64])
     assert not (tmp_path / "b").exists()
+
+
+def test_deepstack_llm_refuses_an_in_llm_stage(tmp_path):
+    """Qwen3-VL adds image features to the residual after its first layers; a stage would have to gather them
+    with the kept tokens, which neither graph does: a clear error before anything is written."""
+    from edgeprune.errors import ModelError
+
+    adapter = models.load("tiny-qwen3-vl")
+    runner = StageRunner(build("fastv", keep=[8], layer=[1]), num_image=adapter.num_image_tokens, num_layers=2,
+                         image_start=3, kv_policy="uniform", grid=tuple(adapter.grid))
+    with pytest.raises(ModelError, match=r"in-LLM stage 'fastv' on a DeepStack LLM \(\d+ layers take image features"):
+        export_llm(adapter.llm, tmp_path, validate=False, rope=adapter.rope, stages=runner)
+    assert list(tmp_path.iterdir()) == []
