@@ -221,6 +221,6 @@ def test_deepstack_llm_refuses_an_in_llm_stage(tmp_path):
     adapter = models.load("tiny-qwen3-vl")
     runner = StageRunner(build("fastv", keep=[8], layer=[1]), num_image=adapter.num_image_tokens, num_layers=2,
                          image_start=3, kv_policy="uniform", grid=tuple(adapter.grid))
-    with pytest.raises(ModelError, match=r"in-LLM stage 'fastv' on a DeepStack LLM \(\d+ layers take image features"):
+    with pytest.raises(ModelError, match=r"an in-LLM stage on a DeepStack LLM \(\d+ layers take image features"):
         export_llm(adapter.llm, tmp_path, validate=False, rope=adapter.rope, stages=runner)
     assert list(tmp_path.iterdir()) == []
