@@ -240,6 +240,8 @@ def export_llm(llm: nn.Module, out_dir: Path, *, precision: str = "fp32", attent
         Keys.LLM_KV_CACHE: "shared" if attention == "fused" else "separate",
         Keys.LLM_MIN_ONNXRUNTIME: MIN_ORT_FUSED if attention == "fused" else None,
         Keys.LLM_NUM_PARAMETERS: sum(p.numel() for p in llm.parameters()),
+        # no in-LLM stage: one KV group, no prefill graph (export/staged_decoder.py writes the staged ones)
+        Keys.LLM_KV_GROUPS: [0], Keys.LLM_PREFILL_GRAPH: None, Keys.LLM_PREFILL_WEIGHTS: None,
     }
     if validate:
         # against the float32 model; a model loaded in float16 (--fp16, to fit memory) is never upcast for this:
