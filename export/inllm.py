@@ -210,7 +210,7 @@ def validate_prefill(llm: nn.Module, runner: StageRunner, bundle_dir: Path, entr
         logits, present = ort_llm.step(step_embeds.numpy(), step_pos, masks, present)
         decode.append(float(np.abs(logits - ref.numpy()).max()))
     errors["decode"] = max(decode) if decode else 0.0
-    errors["tolerance"] = TOLERANCE[entries[Keys.LLM_DTYPE]]
+    errors["tolerance"] = TOLERANCE[entries[Keys.LLM_PRECISION]]
     errors[PASSED] = not mismatch and max(errors["prefill"], errors["decode"]) <= errors["tolerance"]
     (log.info if errors[PASSED] else log.warning)("in-LLM prefill parity ORT vs torch: %s", errors)
     return errors

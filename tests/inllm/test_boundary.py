@@ -159,3 +159,29 @@ def test_impossible_layer_average_is_an_error():
     with pytest.raises(EdgepruneError, match="a layer average of 16 visual tokens is impossible from K=576"):
         keep_for_average("dart", 576, 32, [2], 16)     # §1: B = 16 at L = 2 from 576 on 32 layers
     assert keep_for_average("dart", 576, 32, [2], 64) == (30,)   # the worked table: 576 -> 30 averages 64
+
+
+def test_last_token_attention_equals_the_eager_attention_probabilities(llm):
+    # the one query row the last-token methods read (fastv, d2pruner, pdrop), computed from layer l's q and
+    # cached keys, against the model's own eager attention probabilities (head mean, last valid token per row)
+    model, rope = llm
+    embeds, pos, mask, _ = prompt_batch(model, rope)      # rows of 9 and 6 text tokens: different last tokens
+
+    def attention(kind):
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(kind)
+        else:                                              # the Qwen2-VL text wrapper
+            model.config._attn_implementation = kind
+
+    before = model.config._attn_implementation
+    attention("eager")
+    try:
+        with torch.no_grad():
+            out = model.model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask, output_attentions=True)
+    finally:
+        attention(before)
+    last = mask.sum(dim=1) - 1
+    for layer in (1, 2):
+        expected = out.attentions[layer].float().mean(dim=1)[torch.arange(2), last]    # [B, Lt]
+        got = StagedLM(model).last_attention(embeds, pos, mask, layer)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
