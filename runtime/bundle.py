@@ -266,6 +266,9 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     manifest = read_manifest(path)
     root = Path(path)
     _check_facts(root, manifest)
+    from edgeprune.runtime.stages import StagePlan
+
+    StagePlan.from_manifest(manifest)   # the in-LLM stage keys agree with each other and the prefill graph
     _verify_files(root, manifest, hash_them=verify)
     try:
         pre = PreprocessConfig.from_dict(json.loads((root / Files.PREPROCESS).read_text(encoding="utf-8")))
