@@ -38,6 +38,9 @@ def add_parser(subparsers):
                    "(default: autoselect.DEFAULT_WIDTH, 128; 0: the encoder width, METHODS.md's original scorer)")
     p.add_argument("--llm-tokens", type=float, default=0.0, metavar="F",
                    help="only the ceil(F*K) top-scored tokens reach the LLM (cheaper steps; default 0: all N)")
+    p.add_argument("--denoise", choices=("all", "dropped"), default="all",
+                   help="Denoiser on every token (all, METHODS.md; default) or its change weighted by 1 - alpha "
+                        "(dropped: kept tokens reach the projector unchanged, as at inference)")
     p.add_argument("--autocast", action="store_true", help="run the frozen VLM in bfloat16 autocast")
     p.add_argument("--warmup", type=int, help="learning-rate warmup steps (default: 5%% of --steps)")
     p.add_argument("--tau-start", type=float, default=1.0, help="soft top-K temperature at step 0 (default: 1.0)")
@@ -71,7 +74,7 @@ def run(args) -> int:
     config = TrainConfig(keep=keep, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                          warmup=args.warmup, grad_clip=args.grad_clip, tau_start=args.tau_start,
                          tau_end=args.tau_end, save_every=args.save_every, keeps=keeps,
-                         llm_tokens=args.llm_tokens, autocast=args.autocast)
+                         llm_tokens=args.llm_tokens, autocast=args.autocast, denoise=args.denoise)
     if args.resume and not state_path(args.out).is_file():
         raise EdgepruneError(f"--resume: {state_path(args.out)} does not exist; train without --resume first")
     if not args.resume and state_path(args.out).is_file():

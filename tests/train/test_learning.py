@@ -156,6 +156,30 @@ def test_gated_features_keeps_only_the_top_scored_tokens():
     assert gated_features(scorer, nn.Identity(), feats, keep=2, tau=1e-3, generator=gen, count=10)[2] is None
 
 
+def test_denoise_dropped_leaves_kept_tokens_as_they_are():
+    """denoise="dropped": the Denoiser's change is weighted by 1 - alpha, so a kept token (alpha ~ 1) reaches the
+    projector unchanged (as at inference) and a dropped one (alpha ~ 0) gets the Denoiser's full output."""
+    feats = torch.randn(1, 6, C)
+    feats[..., 0] = torch.tensor([[0.0, 9, 1, 8, 2, 7]])
+    scorer = lambda x: x[..., 0]                                                    # noqa: E731
+    shift = lambda x: x + 3.0                                                       # noqa: E731  a "Denoiser"
+    args = dict(keep=2, tau=1e-3, count=4)
+    noisy, alpha, positions = gated_features(scorer, nn.Identity(), feats, generator=torch.Generator().manual_seed(0),
+                                             **args)
+    out, _, _ = gated_features(scorer, shift, feats, generator=torch.Generator().manual_seed(0), denoise="dropped",
+                               **args)
+    everywhere, _, _ = gated_features(scorer, shift, feats, generator=torch.Generator().manual_seed(0), **args)
+    assert positions.tolist() == [[1, 3, 4, 5]]                                     # top-4 scores 9, 8, 7, 2
+    torch.testing.assert_close(out, noisy + 3.0 * (1 - alpha.gather(1, positions)).unsqueeze(-1))
+    torch.testing.assert_close(out[0, :2], feats[0, [1, 3]], atol=1e-3, rtol=0)    # the top-2: kept, unchanged
+    assert ((out[0, 2:] - noisy[0, 2:]) - 3.0).abs().max() < 1e-3                   # dropped: the full shift
+    torch.testing.assert_close(everywhere, noisy + 3.0)                             # "all": METHODS.md
+    from edgeprune.errors import EdgepruneError
+
+    with pytest.raises(EdgepruneError, match="denoise='some', expected 'all' or 'dropped'"):
+        TrainConfig(keep=2, steps=1, denoise="some")
+
+
 def test_budget_schedule_and_llm_count():
     c = TrainConfig(keep=8, steps=10, keeps=(2, 4, 8), llm_tokens=2.0)
     assert [c.keep_at(s) for s in range(7)] == [2, 4, 8, 2, 4, 8, 2]
