@@ -229,14 +229,8 @@ def export_llm(llm: nn.Module, out_dir: Path, *, precision: str = "fp32", attent
         log.info("quantizing %s to %s", Files.DECODER, precision)
         record = quantize_decoder(out_dir, Files.DECODER, quantization)
     entries = {
-        Keys.LLM_EMBED_GRAPH: None, Keys.LLM_EMBED_TABLE: embed_table(model, out_dir, Files.DECODER),
-        Keys.LLM_DECODER_GRAPH: {Graph.FILE: Files.DECODER, **graph_io(out_dir / Files.DECODER)},
-        Keys.LLM_DTYPE: dtype, Keys.LLM_ATTENTION: attention, Keys.POSITIONS_ROPE: rope,
-        Keys.LLM_NUM_LAYERS: n_layers, Keys.LLM_NUM_HEADS: decoder.num_heads, Keys.LLM_NUM_KV_HEADS: kv,
-        Keys.LLM_HEAD_DIM: hd, Keys.LLM_HIDDEN_SIZE: d, Keys.LLM_INTERMEDIATE_SIZE: int(cfg.intermediate_size),
-        Keys.LLM_VOCAB_SIZE: vocab, Keys.LLM_CONTEXT_LENGTH: int(cfg.max_position_embeddings),
-        Keys.LLM_DEEPSTACK_LAYERS: deep,
-        Keys.LLM_PRECISION: precision, Keys.LLM_QUANTIZATION: record,
+        **decoder_entries(model, decoder, out_dir, dtype=dtype, attention=attention, rope=rope, precision=precision),
+        Keys.LLM_DEEPSTACK_LAYERS: deep, Keys.LLM_QUANTIZATION: record,
         Keys.LLM_KV_CACHE: "shared" if attention == "fused" else "separate",
         Keys.LLM_MIN_ONNXRUNTIME: MIN_ORT_FUSED if attention == "fused" else None,
         Keys.LLM_NUM_PARAMETERS: sum(p.numel() for p in llm.parameters()),
@@ -250,6 +244,23 @@ def export_llm(llm: nn.Module, out_dir: Path, *, precision: str = "fp32", attent
         reference = llm if next(llm.parameters()).dtype == torch.float32 else model
         entries[Keys.VALIDATION_LLM] = validate_llm(reference, out_dir, entries, prompts=prompts)
     return entries
+
+
+def decoder_entries(model: nn.Module, decoder: nn.Module, out_dir: Path, *, dtype: str, attention: str, rope: str,
+                    precision: str) -> dict:
+    """The manifest entries every decoder export records (export_llm, export/staged_decoder.py) once
+    `out_dir`/decoder.onnx is written (and quantized): its files, the model facts and the precision."""
+    cfg = model.config
+    return {
+        Keys.LLM_EMBED_GRAPH: None, Keys.LLM_EMBED_TABLE: embed_table(model, out_dir, Files.DECODER),
+        Keys.LLM_DECODER_GRAPH: {Graph.FILE: Files.DECODER, **graph_io(out_dir / Files.DECODER)},
+        Keys.LLM_DTYPE: dtype, Keys.LLM_ATTENTION: attention, Keys.POSITIONS_ROPE: rope,
+        Keys.LLM_NUM_LAYERS: len(decoder.layers), Keys.LLM_NUM_HEADS: decoder.num_heads,
+        Keys.LLM_NUM_KV_HEADS: decoder.kv_heads, Keys.LLM_HEAD_DIM: decoder.head_dim,
+        Keys.LLM_HIDDEN_SIZE: cfg.hidden_size, Keys.LLM_INTERMEDIATE_SIZE: int(cfg.intermediate_size),
+        Keys.LLM_VOCAB_SIZE: decoder.lm_head.out_features, Keys.LLM_CONTEXT_LENGTH: int(cfg.max_position_embeddings),
+        Keys.LLM_PRECISION: precision,
+    }
 
 
 def _tied(llm: nn.Module) -> bool:

@@ -149,10 +149,10 @@ def export_staged_llm(model: nn.Module, out_dir: Path, *, dtype: str, precision:
     StagedDecoderGraph (one attention mask per KV group of its policy, llm.kv_groups), prefill.onnx sharing its
     weights (export/inllm.py), the embedding table; returns the manifest entries (`model`: in the export dtype)."""
     from edgeprune.export.inllm import export_prefill, validate_prefill
-    from edgeprune.export.llm import _stamp_io_dims, embed_table, validate_llm
-    from edgeprune.export.onnx_io import export_onnx, graph_io
+    from edgeprune.export.llm import _stamp_io_dims, decoder_entries, validate_llm
+    from edgeprune.export.onnx_io import export_onnx
     from edgeprune.runtime.format import (DECODER_EMBEDS, DECODER_LOGITS, DECODER_POSITIONS, DIM_BATCH, DIM_PAST,
-                                          DIM_SEQUENCE, DIM_TOTAL, PASSED, Files, Graph, Keys, group_mask_name,
+                                          DIM_SEQUENCE, DIM_TOTAL, PASSED, Files, Keys, group_mask_name,
                                           past_names, present_names)
 
     groups = stages.kv_groups()
@@ -188,14 +188,8 @@ def export_staged_llm(model: nn.Module, out_dir: Path, *, dtype: str, precision:
                 external_data=True)
     _stamp_io_dims(out_dir / Files.DECODER, {**inputs, **outputs})
     entries = {
-        Keys.LLM_EMBED_GRAPH: None, Keys.LLM_EMBED_TABLE: embed_table(model, out_dir, Files.DECODER),
-        Keys.LLM_DECODER_GRAPH: {Graph.FILE: Files.DECODER, **graph_io(out_dir / Files.DECODER)},
-        Keys.LLM_DTYPE: dtype, Keys.LLM_ATTENTION: attention, Keys.POSITIONS_ROPE: rope,
-        Keys.LLM_NUM_LAYERS: n_layers, Keys.LLM_NUM_HEADS: decoder.num_heads, Keys.LLM_NUM_KV_HEADS: kv,
-        Keys.LLM_HEAD_DIM: hd, Keys.LLM_HIDDEN_SIZE: d, Keys.LLM_INTERMEDIATE_SIZE: int(cfg.intermediate_size),
-        Keys.LLM_VOCAB_SIZE: vocab, Keys.LLM_CONTEXT_LENGTH: int(cfg.max_position_embeddings),
-        Keys.LLM_DEEPSTACK_LAYERS: 0,
-        Keys.LLM_PRECISION: precision, Keys.LLM_QUANTIZATION: None,
+        **decoder_entries(model, decoder, out_dir, dtype=dtype, attention=attention, rope=rope, precision=precision),
+        Keys.LLM_DEEPSTACK_LAYERS: 0, Keys.LLM_QUANTIZATION: None,
         Keys.LLM_KV_CACHE: "separate",   # numpy past/present: KV groups of different lengths under "faithful"
         Keys.LLM_MIN_ONNXRUNTIME: None, Keys.LLM_NUM_PARAMETERS: num_parameters,
         Keys.LLM_KV_GROUPS: list(groups), Keys.LLM_PREFILL_GRAPH: None, Keys.LLM_PREFILL_WEIGHTS: None,
