@@ -26,7 +26,7 @@ from edgeprune.serve.protocol import INPUTS, MODEL_NAME, OUTPUTS
 __all__ = ["RepoOptions", "write_repo", "config_pbtxt", "MODEL_PY"]
 
 TRITON_TYPES = {bytes: "TYPE_STRING", np.int32: "TYPE_INT32", np.int64: "TYPE_INT64", np.float32: "TYPE_FP32"}
-VENDORED = {"edgeprune": ("__init__.py", "errors.py"), "edgeprune/serve": ("__init__.py", "protocol.py", "engine.py")}
+VENDORED = {"edgeprune": ("__init__.py", "errors.py", "fileio.py"), "edgeprune/serve": ("__init__.py", "protocol.py", "engine.py")}
 
 
 @dataclass(frozen=True)

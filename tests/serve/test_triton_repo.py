@@ -114,3 +114,19 @@ def test_repository_files_and_refusals(tiny_bundle, tmp_path):
         write_repo(tiny_bundle, tmp_path / "other", RepoOptions(max_batch=0))
     assert not (tmp_path / "other").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp folder left behind
+
+
+def test_vendored_runtime_imports_on_its_own(tiny_bundle, tmp_path):
+    """The repository's edgeprune copy must be complete: every module the runtime and the serve engine import
+    comes from it, never from the edgeprune installed beside the test (an editable install would hide a file
+    missing from VENDORED; Triton's container has no edgeprune at all)."""
+    import sys
+
+    version = write_repo(tiny_bundle, tmp_path / "repo") / "edgeprune" / "1"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import edgeprune.runtime.pipeline, edgeprune.serve.engine; "
+            "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.split('.')[0] == 'edgeprune'))")
+    out = subprocess.run([sys.executable, "-c", code, str(version)], capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    outside = [f for f in out.stdout.split() if not f.startswith(str(version))]
+    assert not outside, outside
