@@ -1,7 +1,9 @@
 """Shared fixtures: seeded synthetic signals shaped like a real encoder's (METHODS.md, Common contract)."""
 from __future__ import annotations
 
+import importlib.util
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +80,12 @@ def transformers_deprecations():
         yield lambda: logged + [str(w.message) for w in caught
                                 if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     root.removeHandler(handler)
+
+
+def load_script(name: str):
+    """scripts/NAME.py imported as a module (scripts/ is not a package), for tests of its pieces."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,21 +1,15 @@
 """scripts/align_mini_projector.py: the pieces that do not need the real model (fast)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "align_mini_projector.py"
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def align():
-    spec = importlib.util.spec_from_file_location("align_mini_projector", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("align_mini_projector")
 
 
 def test_stats_warm_start_matches_the_embedding_table(align):

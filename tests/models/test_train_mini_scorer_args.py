@@ -1,20 +1,14 @@
 """scripts/train_mini_scorer.py: argument errors are one clear line naming the value (no model is loaded)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_mini_scorer.py"
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_mini_scorer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_mini_scorer")
 
 
 @pytest.mark.parametrize("argv,message", [
