@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 CANDIDATE_KEEPS = (2880, 1152, 576, 384, 256, 192, 144, 128, 96, 64, 48, 32, 16, 8)
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
+QUANTIZED = ("int8", "int4")   # LLM precisions that keep their stored size on every device (MatMulNBits)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class ModelFacts:
     vision_layers: int
     vision_tokens: int           # tokens one encoder pass attends over (N, + [CLS] where present)
     vision_views: int = 1        # encoder passes per image (LLaVA-NeXT: base view + crops)
+    llm_weight_bits: float | None = None   # a quantized LLM's stored bits per parameter (packed weights + scales);
+    llm_precision: str | None = None       # None: the LLM's weights are counted in the device precision
 
 
 def facts_from_bundle(bundle_dir: Path) -> ModelFacts:
@@ -52,7 +55,7 @@ def facts_from_bundle(bundle_dir: Path) -> ModelFacts:
     import onnx
 
     from edgeprune.runtime.bundle import load_bundle
-    from edgeprune.runtime.format import Graph, Keys
+    from edgeprune.runtime.format import Graph, Keys, llm_precision
 
     bundle = load_bundle(bundle_dir, verify=False)
     m = bundle.manifest
@@ -65,6 +68,14 @@ def facts_from_bundle(bundle_dir: Path) -> ModelFacts:
     # table is the LM head's weight), else the graphs' (bundles that predate llm.num_parameters)
     llm_params = m[Keys.LLM_NUM_PARAMETERS] or count(Keys.LLM_DECODER_GRAPH) + (
         count(Keys.LLM_EMBED_GRAPH) if m[Keys.LLM_EMBED_GRAPH] is not None else 0)
+    # A quantized LLM (--llm-precision int8/int4) runs at its own precision whatever the device's: its weights
+    # take what the bundle stores (packed blocks, scales, zero points), not llm_params at the device's bytes.
+    precision = llm_precision(m)
+    weight_bits = None
+    if precision in QUANTIZED:
+        stored = sum(path.stat().st_size for key in (Keys.LLM_DECODER_GRAPH, Keys.LLM_EMBED_GRAPH) if m[key]
+                     for path in _with_external_data(bundle.file(m[key][Graph.FILE])))
+        weight_bits = 8 * stored / llm_params
     return ModelFacts(name=str(bundle_dir), num_image_tokens=bundle.num_image_tokens,
                       vision_params=count(Keys.VISION_GRAPH), llm_params=llm_params,
                       num_layers=m[Keys.LLM_NUM_LAYERS], num_heads=bundle.known(Keys.LLM_NUM_HEADS),
@@ -72,7 +83,14 @@ def facts_from_bundle(bundle_dir: Path) -> ModelFacts:
                       hidden_size=m[Keys.LLM_HIDDEN_SIZE], intermediate_size=bundle.known(Keys.LLM_INTERMEDIATE_SIZE),
                       vocab_size=m[Keys.LLM_VOCAB_SIZE], vision_hidden=bundle.known(Keys.VISION_HIDDEN_SIZE),
                       vision_layers=bundle.known(Keys.VISION_NUM_LAYERS),
-                      vision_tokens=bundle.known(Keys.VISION_TOKENS_PER_VIEW), vision_views=bundle.known(Keys.VISION_VIEWS))
+                      vision_tokens=bundle.known(Keys.VISION_TOKENS_PER_VIEW), vision_views=bundle.known(Keys.VISION_VIEWS),
+                      llm_weight_bits=weight_bits, llm_precision=precision if weight_bits else None)
+
+
+def _with_external_data(graph: Path) -> list[Path]:
+    """The graph file and its external data file (export writes FILE.data), where present."""
+    data = graph.with_name(graph.name + ".data")
+    return [graph, data] if data.is_file() else [graph]
 
 
 def predict_memory(facts: ModelFacts, keep: int, context: int, precision: str, batch: int = 1) -> dict:
@@ -80,7 +98,8 @@ def predict_memory(facts: ModelFacts, keep: int, context: int, precision: str, b
     vision encoder's and the LLM prefill's), assuming unfused attention scores (an upper bound)."""
     b = PRECISION_BYTES[precision]
     seq = keep + context
-    weights = (facts.vision_params + facts.llm_params) * b
+    llm_bytes = facts.llm_params * (b if facts.llm_weight_bits is None else facts.llm_weight_bits / 8)
+    weights = int(facts.vision_params * b + llm_bytes)
     kv = facts.num_layers * 2 * facts.num_kv_heads * facts.head_dim * seq * b * batch
     llm_act = batch * (seq * (4 * facts.hidden_size + 2 * facts.intermediate_size) * b
                        + facts.num_heads * seq * seq * b + facts.vocab_size * 4)
@@ -182,6 +201,9 @@ def plan(facts: ModelFacts, device: DeviceProfile, *, context: int, ttft_ms: flo
     choice = next(((r, m) for r in rows for ok, m in [meets(r)] if ok), None)
     notes = ["memory: estimated from the model's shapes (weights in the device precision, KV cache for K + context "
              "tokens, activation peak with unfused attention: an upper bound)"]
+    if facts.llm_weight_bits is not None:
+        notes.append(f"LLM weights: {facts.llm_precision}, as the bundle stores them ({facts.llm_weight_bits:.2f} bits "
+                     f"per parameter with scales), not in the device precision")
     if ttft_ms is not None and not latency:
         notes.append("TTFT target given but no latency source: pass --sweep sweep.json (measured on the device) or "
                      "--calibrate BUNDLE")

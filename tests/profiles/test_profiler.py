@@ -120,6 +120,27 @@ def test_memory_prediction_kv_is_exact_and_grows_with_keep():
     assert small["total"] < large["total"]
 
 
+def test_plan_counts_a_quantized_llm_as_stored_not_in_the_device_precision(bundles, tmp_path):
+    """An int4 LLM keeps its packed size on every device: the plan's weights are the vision graph's parameters in
+    the device precision plus the LLM graph files' bytes, and a float bundle's LLM is counted in the device's."""
+    from edgeprune.export.bundle import export_bundle
+    from edgeprune.models import load
+    from edgeprune.profiles.planner import facts_from_bundle
+
+    export_bundle(load("tiny-llava"), tmp_path / "int4", method="attention", keep=64, validate=False,
+                  llm_precision="int4")
+    device = load_device_profile("jetson-orin-nano-8gb")            # fp16
+    fp32, int4 = facts_from_bundle(bundles["k64"]), facts_from_bundle(tmp_path / "int4")
+    assert fp32.llm_weight_bits is None and fp32.llm_params == int4.llm_params
+    stored = sum(f.stat().st_size for f in (tmp_path / "int4").glob("decoder.onnx*"))
+    assert int4.llm_weight_bits == pytest.approx(8 * stored / int4.llm_params) and int4.llm_weight_bits < 16
+    weights = {name: plan(f, device, context=16)["rows"][0]["memory"]["weights"] for name, f in
+               (("fp32", fp32), ("int4", int4))}
+    assert weights["fp32"] == (fp32.vision_params + fp32.llm_params) * 2
+    assert weights["int4"] == int(int4.vision_params * 2 + stored)
+    assert any("int4, as the bundle stores them" in n for n in plan(int4, device, context=16)["notes"])
+
+
 def test_plan_picks_largest_keep_meeting_memory_and_ttft(tmp_path):
     device = load_device_profile("jetson-agx-orin-64gb")
     latency = {"dart": LatencyModel([576, 64], [0.9, 0.2], "test"),
