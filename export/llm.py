@@ -162,7 +162,7 @@ def export_llm(llm: nn.Module, out_dir: Path, *, precision: str = "fp32", attent
     is. With `validate`, validation.llm is validate_llm's report (against the float32 torch model; `prompts`: token
     ids of real text for its greedy check). rope: "1d" (position_ids [B, L]) or "mrope" ([3, B, L], the adapter's
     `rope`; the LLM's rotary module must then have an mrope_section). stages: an edgeprune.inllm StageRunner
-    built for this LLM: the in-LLM stage's own graphs instead (export/staged_decoder.py: an unfused decoder with
+    built for this LLM: the in-LLM stage's own graphs instead (export/staged_decoder.py: the same layers with
     one attention mask per KV group, and prefill.onnx; float precisions only).
     """
     if rope not in ROPE_KINDS:

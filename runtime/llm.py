@@ -20,9 +20,9 @@ written before llm.embed_table run their embed.onnx.
 
 Bundles with an in-LLM stage (runtime/stages.py) prefill with prefill.onnx, which prunes inside the LLM, takes the
 right-padded rows with their attention mask (it returns each row's last real token's logits) and returns the kept
-image slots of each stage; decode then runs decoder.onnx ("separate" cache: the in-LLM export keeps its own
-unfused decoder, export/inllm.py) with one attention mask per KV group (the cache lengths of the stage's KV policy),
-each grown by one token per step.
+image slots of each stage; decode then runs decoder.onnx ("separate" cache: the in-LLM export's decoder,
+export/staged_decoder.py, has the fused layers but numpy past/present) with one attention mask per KV group (the
+cache lengths of the stage's KV policy), each grown by one token per step.
 """
 from __future__ import annotations
 

@@ -40,6 +40,9 @@ class LLMParts:
     kv_heads: int
     head_dim: int
     scale: float
+    # one fused q/k/v Linear per layer (rows q, k, v), when the caller runs those instead of the model's own
+    # q_proj/k_proj/v_proj (the exported graph, export/llm.py fused_qkv): the query rows are projected with it
+    qkv: nn.ModuleList | None = None
 
     @classmethod
     def of(cls, llm: nn.Module) -> "LLMParts":
@@ -73,7 +76,12 @@ def last_token_attention(parts: LLMParts, layer: int, layer_input: Tensor, keys:
     module = parts.layers[layer]
     last = attention_mask.sum(dim=1) - 1                                          # [B] right padding
     x = gather_rows(layer_input, last.unsqueeze(1))                               # [B, 1, D]
-    q = module.self_attn.q_proj(module.input_layernorm(x)).reshape(b, 1, parts.num_heads, parts.head_dim)
+    h = module.input_layernorm(x)
+    if parts.qkv is None:
+        q = module.self_attn.q_proj(h)
+    else:   # the whole fused row, then its q part: the graph reads the one weight the layer itself uses
+        q = parts.qkv[layer](h)[..., :parts.num_heads * parts.head_dim]
+    q = q.reshape(b, 1, parts.num_heads, parts.head_dim)
     if hasattr(module.self_attn, "q_norm"):  # Qwen3-style per-head norm before rotary
         q = module.self_attn.q_norm(q)
     if position_ids.dim() == 3:                                                   # M-RoPE [3, B, Lt]

@@ -130,6 +130,31 @@ def test_plain_attention_graphs_pass_the_tensorrt_lint(case):
         assert lint(onnx.load(str(out / graph), load_external_data=False)) == [], graph
 
 
+@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-qwen2-vl"])
+def test_identity_stage_graph_gives_the_unpruned_graph(adapters, images, preset, tmp_path):
+    """K2 = K: prefill.onnx (the stage hook, its gathers and the staged layers) gives, row by row, the logits and
+    the present K/V of export/llm.py's unpruned decoder.onnx in the same fused kernels (1D RoPE and M-RoPE)."""
+    adapter = adapters[preset]
+    inputs = prefill_inputs(adapter, None, images, PROMPTS)
+    k = adapter.num_image_tokens
+    runner = StageRunner(build("fastv", keep=[k], layer=[2]), num_image=k, num_layers=4,
+                         image_start=len(inputs.prefix), kv_policy="uniform", grid=tuple(adapter.grid))
+    staged = export_llm(adapter.llm, tmp_path / "staged", validate=False, rope=adapter.rope, stages=runner)
+    unpruned = export_llm(adapter.llm, tmp_path / "unpruned", validate=False, rope=adapter.rope)
+    embeds, pos, mask = inputs.embeds.numpy(), np.asarray(inputs.position_ids), inputs.attention_mask.numpy()
+    logits, present, keeps = OrtLLM(tmp_path / "staged", staged, providers=["cpu"], stages=runner.plan()).prefill(
+        embeds, pos, mask, inputs.image_positions.numpy())
+    np.testing.assert_array_equal(keeps[0], np.arange(k)[None].repeat(2, axis=0))
+    base = OrtLLM(tmp_path / "unpruned", unpruned, providers=["cpu"])
+    lengths = mask.sum(axis=1)
+    assert lengths[0] != lengths[1]   # the second row is right-padded
+    for b, n in enumerate(lengths):
+        ref_logits, ref_present = base.step(embeds[b:b + 1, :n], pos[..., b:b + 1, :n], mask[b:b + 1, :n], None)
+        np.testing.assert_allclose(logits[b], ref_logits[0], atol=1e-4, rtol=0)
+        for ours, theirs in zip(present, ref_present, strict=True):
+            np.testing.assert_allclose(ours[b:b + 1, :, :n], theirs, atol=1e-5, rtol=0)
+
+
 # -- whole bundles: vision graph + prefill + decoder through the runtime pipeline -----------------------------
 BUNDLES = [("tiny-llava", "dart", [24], [2], "faithful", "divprune", 200),
            ("tiny-qwen2-vl", "polymorphic", [30, 20, 12], [1, 2, 3], "uniform", None, None)]
