@@ -196,6 +196,23 @@ def test_polymorphic_mean_rater_score_is_one_over_the_text_length():
     assert s.mean().item() == pytest.approx(1 / 4, abs=1e-7)
 
 
+def test_polymorphic_raters_are_strictly_above_the_mean():
+    """§5 2c: raters are s_j > 1/M_b, strict. Saturated logits make Mx exact one-hot rows, so s_j * M_b is exact:
+    (1, 2, 1, 0) over the 4 valid text tokens (the fifth is padding). Strict: the one rater is text token 1, alpha
+    = (0, 1, 1, 0), kept {1, 2}. With >= tokens 0 and 2 (exactly at the mean) would rate too: alpha = 1/3 for
+    every image token, and the tie would keep {0, 1}."""
+    text = 100.0 * torch.eye(5)[None]                                       # [1, M=5, D=5], text token j = 100 e_j
+    image = 100.0 * torch.eye(5)[[0, 1, 1, 2]][None]                        # image token i points at text 0, 1, 1, 2
+    mask = torch.tensor([[True, True, True, True, False]])
+    mx = torch.softmax(torch.where(mask.unsqueeze(1), image @ text.transpose(1, 2) / 5 ** 0.5,
+                                   torch.tensor(-1e30)), dim=-1)
+    assert torch.equal(mx.mean(dim=1)[0, :4] * 4, torch.tensor([1.0, 2.0, 1.0, 0.0]))   # exact: two at the mean
+    assert torch.equal(rater_scores(image, text, mask), torch.tensor([[0.0, 1.0, 1.0, 0.0]]))
+    signals = StageSignals(text_mask=mask, text_hidden=text, image_hidden=image)
+    got = build("polymorphic", keep=2, layer=3, merge_pruned=False).select(signals, Stage(3, 4, 2))
+    assert sorted(got.keep[0].tolist()) == [1, 2]
+
+
 def test_polymorphic_without_merge_is_top_k_by_alpha():
     g = torch.Generator().manual_seed(4)
     signals = StageSignals(text_mask=torch.ones(1, 4, dtype=torch.bool), text_hidden=torch.randn(1, 4, 6, generator=g),
