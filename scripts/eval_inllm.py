@@ -11,7 +11,9 @@ pipeline (`reference.generate`, the in-LLM stage inside its prefill). Runs, for 
 - pre-LLM methods at K = round(layer average) of every configuration above (the one-stage comparison).
 D2Pruner's prior: mean last-token attention at layer 1 over --calib training images (`edgeprune calibrate
 --llm-layer 2`'s computation). Results append to OUT/results.jsonl (a rerun skips what is there), then
-OUT/table.md. Example (about 3-6 hours on 2 busy cores):
+OUT/table.md. Each row keeps its answers, in the order of OUT/eval_set.json (the test-split indices and labels of
+the n images), so rows can be re-scored and compared answer by answer (`rescore`). Example (about 3-6 hours on 2
+busy cores):
 
     OMP_NUM_THREADS=2 nohup .venv/bin/python scripts/eval_inllm.py -n 300 --out /work/scratch/13/eval300 &
 """
@@ -102,6 +104,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     adapter = models.load("edgeprune-mini")
     cached, labels, idx = load_eval_set(adapter, args.n, args.seed)
+    write_eval_set(args.out / "eval_set.json", args.n, args.seed, idx, labels)
     results_file = args.out / "results.jsonl"
     done = {}
     if results_file.exists():
@@ -122,7 +125,7 @@ def main() -> int:
     if "unpruned" not in done or not answers_file.exists():
         full = evaluate(adapter, cached, labels, "none", None, seed=args.seed, batch=args.batch)
         answers_file.write_text(json.dumps(full.answers))
-        record({"label": "unpruned", **full.row(), "avg": 576.0})
+        record(result_row({"label": "unpruned", "avg": 576.0}, full))
     reference = json.loads(answers_file.read_text())
 
     # D2Pruner's in-LLM prior at L = 2 (layer 1), from training images (never the test split)
@@ -150,9 +153,36 @@ def main() -> int:
         start = time.time()
         r = evaluate(adapter, cached, labels, c["pre"] or "none", c["pre_keep"] if c["pre"] else None,
                      reference=reference, seed=args.seed, batch=args.batch, llm_stage=stage)
-        record({**c, **r.row(), "seconds": time.time() - start, "threads": args.threads})
+        record(result_row(c, r, seconds=time.time() - start, threads=args.threads))
     write_table(args.out, list(done.values()))
     return 0
+
+
+def result_row(config: dict, result, **extra) -> dict:
+    """One results.jsonl row: the configuration, the scores (EvalResult.row), `extra`, and the answers in
+    eval-set order."""
+    return {**config, **result.row(), **extra, "answers": list(result.answers)}
+
+
+def write_eval_set(path: Path, n: int, seed: int, idx, labels) -> None:
+    """OUT/eval_set.json: the images the answers are in the order of (written once; a rerun must match it)."""
+    from edgeprune.fileio import atomic_write
+
+    record = {"n": n, "seed": seed, "indices": [int(i) for i in idx], "labels": [int(y) for y in labels]}
+    if path.exists():
+        if json.loads(path.read_text()) != record:
+            raise SystemExit(f"{path}: another eval set (n, seed, indices or labels differ); use another --out")
+        return
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record)))
+
+
+def rescore(row: dict, labels) -> float:
+    """Accuracy of a results.jsonl row's answers against `labels` (eval_set.json's), as evaluate scores them."""
+    from edgeprune.eval.data import match_class
+
+    if len(row.get("answers", [])) != len(labels):
+        raise ValueError(f"{row['label']}: {len(row.get('answers', []))} answers for {len(labels)} labels")
+    return float(np.mean([match_class(t) == int(y) for t, y in zip(row["answers"], labels)]))
 
 
 def write_table(out: Path, rows: list[dict]) -> None:
