@@ -3,7 +3,10 @@ predict (profiles/flops.py), and the KV cache bytes against each policy's predic
 
 SmolLM2-135M's shape (30 layers; random weights: latency depends on shapes, not values) or --real (the shipped
 weights); one prompt row of S prefix + K image + M text tokens. Systems are timed round-robin (--rounds rounds,
-one call each per round, after a warm-up), medians and minima per system, for each thread count.
+one call each per round, after a warm-up), medians and minima per system, for each thread count, with the
+machine's load average before and after and the process CPU time per call (with 1 thread the compute itself,
+which other jobs on the machine inflate far less than the wall clock; with more, it includes the idle threads'
+spinning).
 
     python -m edgeprune.profiles.bench_inllm --threads 1 2 --rounds 7 --out /tmp/bench-inllm
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 systems[name] = (root / name, graphs(name, runner), runner)
 
         spec0 = systems["unpruned"][1]
-        rows = []
+        rows, loads = [], {}
         for threads in args.threads:
             llms = {name: OrtLLM(path, spec, providers=["cpu"], threads=threads,
                                  stages=None if runner is None else runner.plan())
@@ -99,13 +103,16 @@ def main(argv: list[str] | None = None) -> int:
                     return llms[name].step(x, pos, mask, None)[1]
                 return llms[name].prefill(x, pos, mask, image_positions)[1]
 
-            times = {name: [] for name in llms}
+            times, cpu = {name: [] for name in llms}, {name: [] for name in llms}
             kv = {name: sum(p.nbytes for p in call(name)) for name in llms}   # warm-up, and the KV bytes
+            load_before = os.getloadavg()
             for _ in range(args.rounds):
                 for name in llms:
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     call(name)
                     times[name].append(time.perf_counter() - start)
+                    cpu[name].append(time.process_time() - start_cpu)
+            loads[threads] = (load_before, os.getloadavg())
             base_med, base_min = statistics.median(times["unpruned"]), min(times["unpruned"])
             for name, (_, spec, runner) in systems.items():
                 med, low = statistics.median(times[name]), min(times[name])
@@ -116,19 +123,25 @@ def main(argv: list[str] | None = None) -> int:
                 layers = [total] * t if plan is None else [total - k + n for n in plan.image_tokens_per_layer()]
                 predicted = 1 / prefill_ratio(spec0, layers, total)
                 rows.append({"system": name, "threads": threads, "median_ms": med * 1e3, "min_ms": low * 1e3,
+                             "cpu_median_ms": statistics.median(cpu[name]) * 1e3,
+                             "cpu_speedup": statistics.median(cpu["unpruned"]) / statistics.median(cpu[name]),
                              "speedup_median": base_med / med, "speedup_min": base_min / low,
                              "speedup_predicted": predicted, "of_predicted": (base_med / med) / predicted,
                              "layer_average": k if plan is None else plan.layer_average,
                              "kv_bytes": kv[name], "kv_bytes_predicted": predicted_kv})
                 log.info("%s", rows[-1])
     lines = [f"S={s}, K={k}, M={m} (prompt {total} tokens), {t} layers, ORT {args.attention}, {args.rounds} rounds "
-             f"round-robin, {'real' if args.real else 'random'} weights", "",
+             f"round-robin, {'real' if args.real else 'random'} weights; load average (1/5/15 min) before -> after: "
+             + "; ".join(f"{n} thread(s) {'/'.join(f'{v:.1f}' for v in a)} -> {'/'.join(f'{v:.1f}' for v in b)}"
+                         for n, (a, b) in loads.items()), "",
              "| system | threads | prefill ms (median / min) | speedup (median / min) | MACs predict | achieved / "
-             "predicted | layer avg | KV MiB | KV as predicted |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "predicted | CPU ms (median) | CPU speedup | layer avg | KV MiB | KV as predicted |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['system']} | {r['threads']} | {r['median_ms']:.0f} / {r['min_ms']:.0f} | "
                      f"{r['speedup_median']:.2f}x / {r['speedup_min']:.2f}x | {r['speedup_predicted']:.2f}x | "
-                     f"{r['of_predicted']:.2f} | {r['layer_average']:.1f} | {r['kv_bytes'] / 2**20:.2f} | "
+                     f"{r['of_predicted']:.2f} | {r['cpu_median_ms']:.0f} | {r['cpu_speedup']:.2f}x | "
+                     f"{r['layer_average']:.1f} | {r['kv_bytes'] / 2**20:.2f} | "
                      f"{'yes' if r['kv_bytes'] == r['kv_bytes_predicted'] else 'NO'} |")
     text = "\n".join(lines)
     print(text)
