@@ -149,25 +149,33 @@ class StageRunner(nn.Module):
         # 2. ascending slot order (TopK over the K2 kept, never over n); merged states follow their slot
         if choice.hidden is None:
             (keep,) = sort_by_position(choice.keep)
-            image = gather_rows(state.hidden[:, s:s + n], keep)                  # [B, K2, D]
         else:
             keep, image = sort_by_position(choice.keep, choice.hidden)
         h = state.hidden
 
-        # 3.-4. keep index [0..S-1] ++ (S + keep) ++ [S+n ..]: gather hidden states, positions, mask
-        hidden = torch.cat([h[:, :s], image.to(h.dtype), h[:, s + n:]], dim=1)   # [B, Lt - n + K2, D]
+        # 3.-4. keep index [0..S-1] ++ (S + keep) ++ [S+n ..], built once: gather hidden states, positions, mask
+        index = keep_index(keep, s, n, state.attention_mask)                     # [B, Lt - n + K2]
+        if choice.hidden is None:
+            hidden = gather_rows(h, index)                                       # [B, Lt - n + K2, D]
+        else:   # merged states replace the image span
+            hidden = torch.cat([h[:, :s], image.to(h.dtype), h[:, s + n:]], dim=1)
         pos = state.position_ids
-        if pos.dim() == 3:
-            index = keep.unsqueeze(0).expand(3, -1, -1)                          # [3, B, K2]
-            pos = torch.cat([pos[..., :s], torch.gather(pos[..., s:s + n], 2, index), pos[..., s + n:]], dim=2)
+        if pos.dim() == 3:                                                       # M-RoPE [3, B, Lt]
+            pos = torch.gather(pos, 2, index.unsqueeze(0).expand(3, -1, -1))
         else:
-            pos = _take_span(pos, keep, s, n)
-        mask = _take_span(state.attention_mask, keep, s, n)
+            pos = torch.gather(pos, 1, index)
+        mask = torch.gather(state.attention_mask, 1, index)
 
-        # 5. KV policy for the layers already run
+        # 5. KV policy for the layers already run: every cache holds the current sequence [B, Hkv, Lt, dh] and
+        # takes the same rows: one index into its [B*Hkv*Lt, dh] rows (a Gather copying dh values per index, where
+        # a GatherElements would index every value)
         presents = state.presents
-        if self.kv_policy == "uniform":
-            presents = [_take_span(p, keep, s, n, dim=2) for p in presents]
+        if self.kv_policy == "uniform" and presents:
+            b, hkv, dh = index.shape[0], parts.kv_heads, parts.head_dim
+            lt = state.attention_mask.shape[1]
+            heads = torch.arange(b * hkv, device=index.device).view(b, hkv, 1)         # row b*Hkv + h
+            rows = heads * lt + index.unsqueeze(1)                                        # [B, Hkv, Lt - n + K2]
+            presents = [p.reshape(-1, dh)[rows] for p in presents]                        # [B, Hkv, Lt - n + K2, dh]
         return replace(state, hidden=hidden, layer_input=None, position_ids=pos, attention_mask=mask,
                        presents=presents, slots=torch.gather(state.slots, 1, keep))
 
@@ -202,16 +210,10 @@ class StageRunner(nn.Module):
         return f"{self.method.name} [{stages}], kv_policy={self.kv_policy}, image_start={self.image_start}"
 
 
-def _take_span(x: Tensor, keep: Tensor, start: int, n: int, dim: int = 1) -> Tensor:
-    """x with its image span [start, start + n) along `dim` replaced by the slots `keep` [B, K2] of it.
-    x is [B, Lt] (dim 1), [B, Lt, D] (dim 1) or [B, Hkv, Lt, dh] (dim 2)."""
-    def part(lo, hi):
-        index = [slice(None)] * x.dim()
-        index[dim] = slice(lo, hi)
-        return x[tuple(index)]
-
-    shape = [keep.shape[0]] + [1] * (x.dim() - 1)
-    shape[dim] = keep.shape[1]
-    index = keep.view(shape).expand(*[-1 if i in (0, dim) else x.shape[i] for i in range(x.dim())])
-    return torch.cat([part(None, start), torch.gather(part(start, start + n), dim, index), part(start + n, None)],
-                     dim=dim)
+def keep_index(keep: Tensor, start: int, n: int, attention_mask: Tensor) -> Tensor:
+    """[B, Lt - n + K2]: the sequence indices the stage keeps, [0..start-1] ++ (start + keep) ++ [start+n .. Lt-1],
+    for keep [B, K2] (slots in the image span [start, start + n)); Lt is the mask's (dynamic) length."""
+    ar = torch.arange(attention_mask.shape[1], device=keep.device)                # [Lt] (a Range: dynamic Lt)
+    b = keep.shape[0]
+    return torch.cat([ar[:start].unsqueeze(0).expand(b, -1), keep + start, ar[start + n:].unsqueeze(0).expand(b, -1)],
+                     dim=1)
