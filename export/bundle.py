@@ -288,9 +288,9 @@ def export_bundle(adapter: Adapter, out: str | Path, *, method: str, keep: int |
         else:
             from edgeprune.export.llm import export_llm
 
+            prompts = validation_prompts(adapter, pruner) if validate and runner is None else None  # staged: none
             llm_entries = export_llm(adapter.llm, tmp, precision=llm_precision, attention=attention,
-                                     validate=validate, prompts=validation_prompts(adapter), rope=adapter.rope,
-                                     stages=runner)
+                                     validate=validate, prompts=prompts, rope=adapter.rope, stages=runner)
         llm_check = llm_entries.pop(Keys.VALIDATION_LLM, None) if validate else None  # (a reused bundle's report
         if llm_check is not None and not llm_check[PASSED]:                            # is not a check asked for)
             raise ParityError(f"LLM graphs ORT vs torch: {llm_check}")
@@ -395,12 +395,22 @@ def _bucket_adapters(adapter: Adapter, buckets, batch, keep) -> list[Adapter]:
     return subs
 
 
-def validation_prompts(adapter: Adapter) -> list[list[int]]:
-    """Token ids of the LLM validation's real prompts (export/llm.py VALIDATION_PROMPTS) in the model's chat
-    template, text only."""
-    from edgeprune.export.llm import VALIDATION_PROMPTS
+def validation_prompts(adapter: Adapter, pruner=None) -> list:
+    """The LLM validation's real prompts (export/llm.py): VALIDATION_PROMPTS as token ids in the model's chat
+    template, text only, then VALIDATION_IMAGE_PROMPTS about VALIDATION_IMAGE as the pipeline lays them out
+    (vision, `pruner`, projector: EmbedsPrompt with the image tokens the bundle's LLM will see). A DeepStack
+    model's image prompts also need its DeepStack features in the decoder: text prompts only there."""
+    from edgeprune.export.llm import VALIDATION_IMAGE, VALIDATION_IMAGE_PROMPTS, VALIDATION_PROMPTS, EmbedsPrompt
+    from edgeprune.reference import prefill_inputs
 
-    return [sum(encode_prompt(adapter.tokenizer, adapter.chat_template, text), []) for text in VALIDATION_PROMPTS]
+    prompts = [sum(encode_prompt(adapter.tokenizer, adapter.chat_template, text), []) for text in VALIDATION_PROMPTS]
+    with torch.no_grad():
+        for text in VALIDATION_IMAGE_PROMPTS:
+            inputs = prefill_inputs(adapter, pruner, [str(VALIDATION_IMAGE)], text)
+            if inputs.deepstack is not None:
+                break
+            prompts.append(EmbedsPrompt(inputs.embeds.float().numpy(), np.asarray(inputs.position_ids)))
+    return prompts
 
 
 def _reuse_llm(src: Path, tmp: Path, adapter: Adapter, source: str, precision: str, attention: str) -> dict:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,8 @@ from edgeprune.runtime.format import (DECODER_DEEPSTACK, DECODER_EMBEDS, DECODER
                                       PRECISIONS, EmbedTable, Files, Graph, Keys, llm_precision, past_names,
                                       present_names)
 
-__all__ = ["export_llm", "DecoderGraph", "validate_llm", "greedy_agreement", "MIN_ORT_FUSED", "VALIDATION_PROMPTS"]
+__all__ = ["export_llm", "DecoderGraph", "validate_llm", "greedy_agreement", "EmbedsPrompt", "MIN_ORT_FUSED",
+           "VALIDATION_PROMPTS", "VALIDATION_IMAGE", "VALIDATION_IMAGE_PROMPTS"]
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +62,12 @@ PRECISION_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int
 # (int4) and 0.99 (int8); a corrupted quantization scale drops to 0.0.
 TOLERANCE = {"fp32": 1e-3, "fp16": 0.05, "int8": 0.25, "int4": 1.5}
 MIN_AGREEMENT = {"fp32": 0.9, "fp16": 0.5, "int8": 0.5, "int4": 0.25}
-# real prompts for the greedy check (tokenised with the adapter's tokenizer and chat template by export_bundle)
+# real prompts for the greedy check (tokenised with the adapter's tokenizer and chat template by export_bundle;
+# VALIDATION_IMAGE_PROMPTS are asked about VALIDATION_IMAGE, with its image tokens)
 VALIDATION_PROMPTS = ("What is the capital of France?", "Describe the weather on a sunny day.",
                       "List three colours of clothing.")
+VALIDATION_IMAGE = Path(__file__).resolve().parent.parent / "profiles" / "chelsea.png"   # shipped (a cat photo)
+VALIDATION_IMAGE_PROMPTS = ("What is in this image?", "Describe this image in one sentence.")
 # GroupQueryAttention's position_ids + query_seqlens inputs (rotary with explicit ids in a batched prompt):
 # verified on 1.32; older versions either lack the inputs or apply only the first id of a prompt
 MIN_ORT_FUSED = "1.32"
@@ -72,6 +77,14 @@ MIN_ORT_FUSED = "1.32"
 # [B, L, head_dim] cos/sin, so the replay below is unchanged for M-RoPE.
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 ROPE_KINDS = ("1d", "mrope")
+
+
+@dataclass(frozen=True)
+class EmbedsPrompt:
+    """A validation prompt given as the LLM's input embeddings (text and image tokens as the pipeline lays them
+    out: reference.prefill_inputs) and their position ids: embeds [1, L, D], position_ids [1, L] or [3, 1, L]."""
+    embeds: np.ndarray
+    position_ids: np.ndarray
 
 
 class DecoderGraph(nn.Module):
@@ -150,7 +163,7 @@ def hidden(x, delta):
 
 def export_llm(llm: nn.Module, out_dir: Path, *, precision: str = "fp32", attention: str = "fused",
                validate: bool = True, rope: str = "1d", quantization: QuantSettings | None = None,
-               prompts: list[list[int]] | None = None, stages=None) -> dict:
+               prompts: list | None = None, stages=None) -> dict:
     """Write `decoder.onnx` (+ decoder.onnx.data, + embed.bin for an untied embedding table) to `out_dir`; return
     their manifest entries (runtime/format.py: the `llm.*` keys and positions.rope; with `validate`, also
     validation.llm, the ORT-vs-torch max absolute errors and the PASSED flag).
@@ -160,10 +173,11 @@ def export_llm(llm: nn.Module, out_dir: Path, *, precision: str = "fp32", attent
     llm.quantization record them). The graph record names every input/output with its dims (ints, or the DIM_*
     names for the dynamic batch, sequence and past axes) and dtype; llm.embed_table says where the embedding table
     is. With `validate`, validation.llm is validate_llm's report (against the float32 torch model; `prompts`: token
-    ids of real text for its greedy check). rope: "1d" (position_ids [B, L]) or "mrope" ([3, B, L], the adapter's
-    `rope`; the LLM's rotary module must then have an mrope_section). stages: an edgeprune.inllm StageRunner
-    built for this LLM: the in-LLM stage's own graphs instead (export/staged_decoder.py: the same layers with
-    one attention mask per KV group, and prefill.onnx; float precisions only).
+    ids of real text, or EmbedsPrompt with image tokens, for its greedy check). rope: "1d" (position_ids [B, L])
+    or "mrope" ([3, B, L], the adapter's `rope`; the LLM's rotary module must then have an mrope_section).
+    stages: an edgeprune.inllm StageRunner built for this LLM: the in-LLM stage's own graphs instead
+    (export/staged_decoder.py: the same layers with one attention mask per KV group, and prefill.onnx; float
+    precisions only).
     """
     if rope not in ROPE_KINDS:
         raise ModelError(f"rope={rope!r}; expected one of {', '.join(ROPE_KINDS)}")
@@ -334,7 +348,7 @@ def _stamp_io_dims(path: Path, dims_by_name: dict) -> None:
 
 @torch.no_grad()
 def validate_llm(llm: nn.Module, bundle_dir: Path, entries: dict, *, steps: int = 4, seed: int = 0,
-                 prompts: list[list[int]] | None = None, new_tokens: int = 16) -> dict:
+                 prompts: list | None = None, new_tokens: int = 16) -> dict:
     """The exported graph (at its precision) against the HF torch model `llm` (float32, or float16 as a --fp16
     export loaded it: export_llm never upcasts a copy for this), through the runtime's own path
     (OrtLLM.forward with its KV cache and embedding table). `entries`: export_llm's manifest entries.
@@ -344,9 +358,11 @@ def validate_llm(llm: nn.Module, bundle_dir: Path, entries: dict, *, steps: int 
        to a relative RMS error (RMS of the difference / RMS of the reference logits around their mean) of
        TOLERANCE[precision].
     2. Greedy tokens: torch's greedy continuation (`new_tokens`) of each prompt in `prompts` (token ids: real text
-       from the adapter's tokenizer; seeded ids when None), teacher-forced through the runtime: the share of steps
-       whose argmax equals torch's token. A flipped near-tie is normal below fp32; only agreement under
-       MIN_AGREEMENT[precision] (garbage) fails.
+       from the adapter's tokenizer; EmbedsPrompt: a real prompt with image tokens, export/bundle.py
+       validation_prompts; seeded ids when None), teacher-forced through the runtime: the share of steps whose
+       argmax equals torch's token, over all prompts (greedy_agreement) and over those with image tokens
+       (greedy_agreement_image). A flipped near-tie is normal below fp32; only agreement under
+       MIN_AGREEMENT[precision] (garbage), overall or with image tokens, fails.
     Returns the errors, the agreement, the tolerance and PASSED.
     """
     from edgeprune.runtime.format import optional_keys
@@ -394,11 +410,17 @@ def validate_llm(llm: nn.Module, bundle_dir: Path, entries: dict, *, steps: int 
     metric = "max_abs" if precision == "fp32" else "relative_rms"
     worst = max(errors["prefill"], errors["decode"]) if metric == "max_abs" else \
         max(errors["prefill_relative"], errors["decode_relative"])
-    agreement, tokens = greedy_agreement(llm, ort_llm, prompts or ids.tolist(), new_tokens,
-                                         rope=entries[Keys.POSITIONS_ROPE])
+    prompts = prompts or ids.tolist()
+    rope = entries[Keys.POSITIONS_ROPE]
+    agreement, tokens = greedy_agreement(llm, ort_llm, prompts, new_tokens, rope=rope)
     errors.update(metric=metric, tolerance=TOLERANCE[precision], greedy_agreement=agreement, greedy_tokens=tokens,
                   min_agreement=MIN_AGREEMENT[precision])
-    errors[PASSED] = worst <= errors["tolerance"] and agreement >= errors["min_agreement"]
+    with_images = [p for p in prompts if isinstance(p, EmbedsPrompt)]
+    if with_images:   # also on its own: the image tokens (soft embeddings) are what weight noise hurts most
+        errors["greedy_agreement_image"], errors["greedy_tokens_image"] = greedy_agreement(
+            llm, ort_llm, with_images, new_tokens, rope=rope)
+    errors[PASSED] = worst <= errors["tolerance"] and agreement >= errors["min_agreement"] and \
+        errors.get("greedy_agreement_image", 1.0) >= errors["min_agreement"]
     (log.info if errors[PASSED] else log.warning)("LLM parity ORT (%s) vs torch %s: %s", precision,
                                                   str(next(llm.parameters()).dtype).removeprefix("torch."), errors)
     return errors
@@ -413,26 +435,37 @@ def _logit_errors(ort_logits: np.ndarray, torch_logits) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def greedy_agreement(llm: nn.Module, ort_llm, prompts: list[list[int]], new_tokens: int, rope: str = "1d"
+def greedy_agreement(llm: nn.Module, ort_llm, prompts: list, new_tokens: int, rope: str = "1d"
                      ) -> tuple[float, int]:
     """Share of teacher-forced steps where the runtime's argmax equals torch's greedy token (module docstring of
-    validate_llm). Text-only prompts at positions 0..L-1 (M-RoPE: the same id on the three axes)."""
+    validate_llm). A prompt is token ids (text at positions 0..L-1; M-RoPE: the same id on the three axes), or
+    an EmbedsPrompt (a prompt with image tokens as the pipeline lays it out: the same embeddings and position ids
+    fed to both sides). Decode steps continue from the largest position id, each side embedding the token with
+    its own table."""
     matches = total = 0
+    table = llm.get_input_embeddings()
+    dtype = next(llm.parameters()).dtype
     for prompt in prompts:
-        ids = torch.tensor([prompt])
-        pos = torch.arange(len(prompt))[None]
-        if rope == "mrope":
-            pos = pos.expand(3, 1, -1)
-        kv = ort_llm.new_cache(1, len(prompt) + new_tokens)
-        logits = ort_llm.forward(ort_llm.embed(ids.numpy()), pos.numpy(), kv)
-        table = llm.get_input_embeddings()
-        out = llm(inputs_embeds=table(ids), position_ids=pos, use_cache=True)
+        if isinstance(prompt, EmbedsPrompt):
+            embeds = torch.from_numpy(np.asarray(prompt.embeds)).to(dtype)                 # [1, L, D]
+            pos = torch.from_numpy(np.asarray(prompt.position_ids, dtype=np.int64))       # [1, L] or [3, 1, L]
+            ort_embeds = embeds.numpy().astype(ort_llm.dtype)
+        else:
+            ids = torch.tensor([prompt])
+            embeds, pos = table(ids), torch.arange(len(prompt))[None]
+            if rope == "mrope":
+                pos = pos.expand(3, 1, -1)
+            ort_embeds = ort_llm.embed(ids.numpy())
+        length, start = embeds.shape[1], int(pos.max()) + 1
+        kv = ort_llm.new_cache(1, length + new_tokens)
+        logits = ort_llm.forward(ort_embeds, pos.numpy(), kv)
+        out = llm(inputs_embeds=embeds, position_ids=pos, use_cache=True)
         for t in range(new_tokens):
             want = int(out.logits[0, -1].argmax())
             matches += int(logits[0].argmax()) == want
             total += 1
             step = torch.tensor([[want]])
-            step_pos = torch.full((1, 1), len(prompt) + t) if rope == "1d" else torch.full((3, 1, 1), len(prompt) + t)
+            step_pos = torch.full((1, 1), start + t) if pos.dim() == 2 else torch.full((3, 1, 1), start + t)
             out = llm(inputs_embeds=table(step), position_ids=step_pos, cache=out.cache,
                       use_cache=True)
             logits = ort_llm.forward(ort_llm.embed(step.numpy()), step_pos.numpy(), kv)

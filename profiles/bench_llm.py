@@ -104,13 +104,13 @@ def prepare(work: Path, precisions: list[str], attention: str) -> None:
                         "-p", precision, "-e", "cpu", "-c", str(work / "genai-cache")], check=True)
 
 
-def _prompts() -> list[list[int]]:
-    from edgeprune.export.llm import VALIDATION_PROMPTS
+def _prompts() -> list:
+    """export_bundle's validation prompts for edgeprune-mini: text, and with the image tokens of its unpruned
+    576 (export/bundle.py validation_prompts)."""
+    from edgeprune.export.bundle import validation_prompts
     from edgeprune.models import load
-    from edgeprune.runtime.prompt import encode_prompt
 
-    adapter = load("edgeprune-mini")
-    return [sum(encode_prompt(adapter.tokenizer, adapter.chat_template, p), []) for p in VALIDATION_PROMPTS]
+    return validation_prompts(load("edgeprune-mini"))
 
 
 # ---- run ---------------------------------------------------------------------------------------------------------

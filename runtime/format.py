@@ -194,6 +194,7 @@ class EmbedTable:   # llm.embed_table (runtime/embedding.py): logical [V, D] row
 class Quantization:  # llm.quantization: how the decoder's MatMuls were quantized (export/quantize.py)
     METHOD, BITS, BLOCK_SIZE, SYMMETRIC = "method", "bits", "block_size", "symmetric"
     ALGORITHM, ACCURACY_LEVEL, LM_HEAD = "algorithm", "accuracy_level", "lm_head"
+    LM_HEAD_BITS, MIN_DIGITS = "lm_head_bits", "min_digits"   # absent in bundles of before: head as the rest
 
 
 # LLM weight precisions (--llm-precision): float graphs, or weight-only int8/int4 MatMuls on float32 activations

@@ -116,14 +116,20 @@ def llm_manifest(folder: str | Path) -> dict:
 
 
 def describe_precision(manifest: dict) -> str:
-    """One line for `inspect`, the export summary and logs, e.g. "int4: MatMulNBits 4-bit, block 32, symmetric,
-    rtn, accuracy level 4, LM head quantized" (a tied embedding table is the LM head's weight: quantized with it)."""
+    """One line for `inspect`, the export summary and logs, e.g. "int4: MatMulNBits 4-bit, block 32, asymmetric,
+    minmax (block minima in 2 digits), accuracy level 4, LM head 8-bit" (a tied embedding table is the LM head's
+    weight: quantized with it)."""
     q = manifest[Keys.LLM_QUANTIZATION]
     if not q:
         return llm_precision(manifest)
-    head = "LM head quantized" if q.get(Quantization.LM_HEAD) else "LM head float"
-    return (f"{llm_precision(manifest)}: MatMulNBits {q[Quantization.BITS]}-bit, block {q[Quantization.BLOCK_SIZE]}, "
-            f"{'symmetric' if q.get(Quantization.SYMMETRIC) else 'asymmetric'}, {q.get(Quantization.ALGORITHM)}, "
+    bits = q[Quantization.BITS]
+    head = f"LM head {q.get(Quantization.LM_HEAD_BITS) or bits}-bit" if q.get(Quantization.LM_HEAD) else \
+        "LM head float"
+    algorithm = q.get(Quantization.ALGORITHM)
+    if algorithm == "minmax":
+        algorithm = f"minmax (block minima in {q.get(Quantization.MIN_DIGITS)} digits)"
+    return (f"{llm_precision(manifest)}: MatMulNBits {bits}-bit, block {q[Quantization.BLOCK_SIZE]}, "
+            f"{'symmetric' if q.get(Quantization.SYMMETRIC) else 'asymmetric'}, {algorithm}, "
             f"accuracy level {q.get(Quantization.ACCURACY_LEVEL)}, {head}")
 
 

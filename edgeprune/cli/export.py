@@ -164,6 +164,9 @@ def parity_lines(manifest: dict) -> list[str]:
             lines.append(f"          greedy tokens (teacher-forced, {llm.get('greedy_tokens', '?')}): "
                          f"{_fixed(llm['greedy_agreement'])} agree with torch float32 (garbage below "
                          f"{_fixed(llm.get('min_agreement'))})")
+        if "greedy_agreement_image" in llm:
+            lines.append(f"          of them with image tokens ({llm.get('greedy_tokens_image', '?')}): "
+                         f"{_fixed(llm['greedy_agreement_image'])}")
         stage = llm.get("prefill_stage")
         if stage:
             kept = ("kept slots identical" if not stage["keep_mismatch_stages"]

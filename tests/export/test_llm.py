@@ -15,8 +15,8 @@ from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCau
 from edgeprune.errors import BundleError, EdgepruneError, ModelError
 from edgeprune.export.llm import export_llm, validate_llm
 from edgeprune.export.quantize import PRESETS, QuantSettings
-from edgeprune.runtime.llm import OrtLLM
-from edgeprune.runtime.format import PASSED, Graph, Keys
+from edgeprune.runtime.llm import OrtLLM, describe_precision
+from edgeprune.runtime.format import PASSED, Graph, Keys, optional_keys
 
 VENV_BIN = Path(sys.executable).parent
 POSITIONS = [0, 1, 2, 3, 10, 12, 20, 21, 22, 23, 24, 25]  # gaps, as after pruning
@@ -303,16 +303,30 @@ def int4(tmp_path_factory):
 
 
 def test_int4_graph_and_spec_record_the_quantization(int4):
+    """The int4 preset (minmax): per layer the 5 MatMuls become MatMulNBits 4-bit over their input joined to its
+    block sums (one MatMul + Concat per distinct input: QKV, o_proj, gate/up, down), the LM head 8-bit symmetric
+    with no zero points (the tied table's row layout)."""
     _, out, spec = int4
     assert spec[Keys.LLM_PRECISION] == "int4" and spec[Keys.LLM_QUANTIZATION] == PRESETS["int4"].record()
     model = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("MatMulNBits") == 2 * 5 + 1 and "MatMul" not in ops and "Gemm" not in ops   # LM head too
-    bits = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
-    assert bits == {4}
+    assert ops.count("MatMulNBits") == 2 * 5 + 1 and "Gemm" not in ops                     # LM head too
+    assert ops.count("MatMul") == 2 * 4                                                    # the block sums
+    nbits = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} | {"inputs": list(n.input)}
+             for n in model.graph.node if n.op_type == "MatMulNBits"]
+    head = [a for a in nbits if a["N"] == 256]
+    assert len(head) == 1 and head[0]["bits"] == 8 and len(head[0]["inputs"]) == 3         # symmetric, no zp
+    layers = [a for a in nbits if a["N"] != 256]
+    digits, block = PRESETS["int4"].min_digits, PRESETS["int4"].block_size
+    assert {a["bits"] for a in layers} == {4} and all(len(a["inputs"]) == 4 for a in layers)   # zero points
+    # K' = K + the minima digits: hidden 64 (2 blocks) or intermediate 128 (4 blocks), each digit one block
+    assert sorted({a["K"] for a in layers}) == [64 + digits * block, 128 + digits * block]
     table = spec[Keys.LLM_EMBED_TABLE]   # tied: the table is the quantized LM head, stored once
-    assert (table["file"], table["bits"], table["block_size"]) == ("decoder.onnx.data", 4, PRESETS["int4"].block_size)
+    assert (table["file"], table["bits"], table["block_size"]) == ("decoder.onnx.data", 8, block)
     assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
+    manifest = {**{key: key.default for key in optional_keys()}, **spec}                  # what inspect prints
+    assert describe_precision(manifest) == ("int4: MatMulNBits 4-bit, block 32, asymmetric, minmax (block minima in "
+                                            "2 digits), accuracy level 4, LM head 8-bit")
 
 
 def test_quantized_embedding_rows_are_the_lm_heads_weights(int4):
@@ -378,7 +392,8 @@ def _forced_agreement(ort_llm, embeds, pos, tokens) -> float:
 
 
 # teacher-forced agreement with the fp32 graph's 16 greedy tokens (2 rows) of this tiny random model: measured
-# 1.0 at int8 and 0.81 at int4 (flat logits: int4's noise flips near-ties): int8 must match exactly, int4 keeps a margin
+# 1.0 at int8 and 0.84 at int4 (minmax; the earlier symmetric RTN preset 0.81: flat logits, int4's noise flips
+# near-ties on weights off any 4-bit grid): int8 must match exactly, int4 keeps a margin
 AGREEMENT = {"int8": 1.0, "int4": 0.7}
 
 

@@ -1,0 +1,99 @@
+"""export/quantize.py's own MatMulNBits tensors, run by ONNX Runtime's kernel: minmax (the int4 preset) keeps a
+weight that already lies on a 4-bit min/scale grid (llama.cpp's Q4_1, what edgeprune-mini's SmolLM2 ships as) to
+the precision of its minima digits; the symmetric 8-bit LM head keeps a Q8_0 table exactly; settings errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeprune.errors import ModelError
+from edgeprune.export.quantize import QuantSettings, minmax_tensors, symmetric_tensors
+
+
+def _run(nodes, inits, x) -> np.ndarray:
+    import onnxruntime as ort
+
+    graph = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(a, n) for n, a in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def _minmax(w, x, digits, accuracy_level=0, bits=4, block=32) -> np.ndarray:
+    data, scales, zero, sums = minmax_tensors(w.astype(np.float64), bits, block, digits)
+    extra = {"accuracy_level": accuracy_level} if accuracy_level else {}
+    nodes = [helper.make_node("MatMul", ["x", "sums"], ["s"]), helper.make_node("Concat", ["x", "s"], ["xs"], axis=-1),
+             helper.make_node("MatMulNBits", ["xs", "q", "scales", "zp"], ["y"], domain="com.microsoft",
+                              K=data.shape[1] * block, N=w.shape[1], bits=bits, block_size=block, **extra)]
+    return _run(nodes, {"q": data, "scales": scales, "zp": zero, "sums": sums}, x)
+
+
+def _q4_1(k, n, rng) -> np.ndarray:
+    """[K, N]: blocks of 32 along K at d * q + m, q in 0..15 with both ends used (as llama.cpp's Q4_1 writes)."""
+    kb = -(-k // 32)
+    d, m = rng.uniform(0.001, 0.01, (kb, n)), -rng.uniform(3, 12, (kb, n))
+    q = rng.integers(0, 16, (kb * 32, n))
+    q[0::32], q[1::32] = 0, 15
+    return (np.repeat(d, 32, 0) * q + np.repeat(m * d, 32, 0))[:k].astype(np.float32)
+
+
+def _relative(y, ref) -> float:
+    return float(np.abs(y - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("k", [576, 1536, 100])   # 18 / 48 blocks; 100: a partial last block
+def test_minmax_keeps_a_q4_1_weight(k):
+    """Measured max relative output error at accuracy level 0: 1 digit 0.3-0.5%, 2 digits 0.02-0.03%, 3 digits
+    0.001-0.003% (the minima's rest after the integer zero point, one 4-bit digit each); a symmetric or
+    integer-zero-point 4-bit fit of the same weight: ~8% of the weights' RMS."""
+    rng = np.random.default_rng(0)
+    w, x = _q4_1(k, 48, rng), rng.normal(0, 1, (2, 3, k)).astype(np.float32)
+    ref = x @ w
+    errors = [_relative(_minmax(w, x, digits), ref) for digits in (1, 2, 3)]
+    assert errors[0] < 1e-2 and errors[1] < 1e-3 and errors[2] < 1e-4, errors
+    assert errors[0] > errors[1] > errors[2]                      # each digit carries the minima further
+    assert _relative(_minmax(w, x, 2, accuracy_level=4), ref) < 2e-2  # int8 activations in the kernel
+
+
+def test_minmax_on_an_arbitrary_weight_is_a_4_bit_fit():
+    """A weight off any grid: minmax is the Q4_1 fit (scale = range / 15, the minimum kept): ~7-9% output error
+    here, not exact, and not garbage."""
+    rng = np.random.default_rng(1)
+    w, x = rng.normal(0, 0.05, (576, 64)).astype(np.float32), rng.normal(0, 1, (4, 576)).astype(np.float32)
+    assert 0.02 < _relative(_minmax(w, x, 2), x @ w) < 0.15
+
+
+def test_symmetric_8_bit_keeps_a_q8_0_table():
+    rng = np.random.default_rng(2)
+    d = rng.uniform(0.001, 0.01, (4, 96))
+    q = rng.integers(-127, 128, (128, 96))
+    q[5::32] = 127                                                   # Q8_0: every block's absmax is 127 * d
+    w = (np.repeat(d, 32, 0) * q).astype(np.float32)
+    data, scales = symmetric_tensors(w.astype(np.float64), 8, 32)
+    x = rng.normal(0, 1, (3, 128)).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["x", "q", "scales"], ["y"], domain="com.microsoft", K=128, N=96, bits=8,
+                            block_size=32)
+    assert _relative(_run([node], {"q": data, "scales": scales}, x), x @ w) < 1e-5
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(bits=4, symmetric=True), "algorithm='minmax' fits asymmetric blocks"),
+    (dict(bits=4, lm_head_bits=None), "algorithm='minmax' with lm_head_bits=None"),
+    (dict(bits=4, lm_head_bits=2), "lm_head_bits=2; expected 4, 8 or None"),
+    (dict(bits=4, min_digits=0), "min_digits=0; expected 1-4"),
+    (dict(bits=3), "bits=3; expected 4 or 8"),
+])
+def test_settings_errors(settings, message):
+    with pytest.raises(ModelError, match=message.replace("(", r"\(")):
+        QuantSettings(**settings).check()
+
+
+def test_minmax_float_head_and_rtn_head_stay_valid():
+    QuantSettings(bits=4, lm_head=False, lm_head_bits=None).check()      # the head left float
+    QuantSettings(bits=4, algorithm="rtn", symmetric=True, lm_head_bits=None).check()   # the earlier preset
