@@ -208,11 +208,19 @@ def minmax_tensors(weight: np.ndarray, bits: int, block: int, digits: int) -> tu
     zero = np.concatenate(zeros, axis=1).astype(np.uint8)
     if bits == 4 and zero.shape[1] % 2:
         zero = np.pad(zero, ((0, 0), (0, 1)))
+    return (_pack(np.concatenate(parts, axis=1), bits), np.concatenate(scales, axis=1).astype(np.float32),
+            _pack(zero, bits), block_sums(k, block, digits))
+
+
+def block_sums(k: int, block: int, digits: int) -> np.ndarray:
+    """[K, S] 0/1: x @ sums = zeros up to whole blocks of x, then x's block sums (padded to whole blocks) once per
+    digit: the columns minmax_tensors' extra rows meet."""
+    kb = -(-k // block)
+    rows = -(-kb // block) * block
     sums = np.zeros((k, kb * block - k + digits * rows), np.float32)
     for i in range(digits):
         sums[np.arange(k), kb * block - k + i * rows + np.arange(k) // block] = 1
-    return (_pack(np.concatenate(parts, axis=1), bits), np.concatenate(scales, axis=1).astype(np.float32),
-            _pack(zero, bits), sums)
+    return sums
 
 
 def symmetric_tensors(weight: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -252,27 +260,29 @@ def _quantize_minmax(model: onnx.ModelProto, settings: QuantSettings, exclude: l
     """Every MatMul with a constant [K, N] weight but `exclude` -> (once per input x) MatMul(x, sums) and
     Concat(x, sums), then one MatMulNBits over the concatenation (minmax_tensors)."""
     bits, block, digits = settings.bits, settings.block_size, settings.min_digits
-    nodes, inputs, replaced, new = [], {}, set(), []
+    nodes, inputs, replaced, new, widths = [], {}, set(), [], {}
     for node, weight in list(_constant_matmuls(model, exclude)):
         if weight is None:
             nodes.append(node)
             continue
-        w = numpy_helper.to_array(weight).astype(np.float64)
-        k, n = w.shape
-        data, scales, zero, sums = minmax_tensors(w, bits, block, digits)
+        k, n = (int(v) for v in weight.dims)
+        names = [f"{weight.name}_Q{bits}", f"{weight.name}_scales", f"{weight.name}_zero_points"]
+        if weight.name not in replaced:                  # a weight two MatMuls share is quantized once
+            w = numpy_helper.to_array(weight).astype(np.float64)
+            data, scales, zero, _ = minmax_tensors(w, bits, block, digits)
+            new += [numpy_helper.from_array(t, name) for t, name in zip((data, scales, zero), names)]
+            widths[weight.name] = data.shape[1] * block
         x = node.input[0]
         if (x, k) not in inputs:
             sums_name = f"minmax_sums_k{k}_b{block}_d{digits}"
             if not any(t.name == sums_name for t in new):
-                new.append(numpy_helper.from_array(sums, sums_name))
+                new.append(numpy_helper.from_array(block_sums(k, block, digits), sums_name))
             summed, joined = f"{x}/minmax_sums", f"{x}/minmax_input"
             nodes += [onnx.helper.make_node("MatMul", [x, sums_name], [summed], name=summed),
                       onnx.helper.make_node("Concat", [x, summed], [joined], name=joined, axis=-1)]
             inputs[(x, k)] = joined
-        names = [f"{weight.name}_Q{bits}", f"{weight.name}_scales", f"{weight.name}_zero_points"]
-        new += [numpy_helper.from_array(t, name) for t, name in zip((data, scales, zero), names)]
         nodes.append(_matmul_nbits(node.name or weight.name, [inputs[(x, k)], *names], list(node.output),
-                                   data.shape[1] * block, n, bits, block, settings.accuracy_level))
+                                   widths[weight.name], n, bits, block, settings.accuracy_level))
         replaced.add(weight.name)
     _replace(model, nodes, replaced, new)
     return model
