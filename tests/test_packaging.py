@@ -22,3 +22,17 @@ def test_every_package_folder_is_listed():
 def test_mapped_packages_import():
     for name in ("edgeprune.export.lint", "edgeprune.runtime.positions", "edgeprune.profiles"):
         importlib.import_module(name)
+
+
+def test_model_weights_are_package_data():
+    # A non-editable install carries only what package-data names: the shipped projector and AutoSelect
+    # scorer (edgeprune/models/weights, with their recipe JSON) must match its globs, or the installed
+    # edgeprune-mini silently loses them (a seeded projector; autoselect refused for want of a scorer).
+    import fnmatch
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["edgeprune.models"]
+    files = [p.relative_to(ROOT / "edgeprune" / "models").as_posix()
+             for p in (ROOT / "edgeprune" / "models" / "weights").iterdir()]
+    assert "weights/mini_projector.safetensors" in files
+    missing = [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)]
+    assert not missing, f"model weights not in [tool.setuptools.package-data] edgeprune.models: {missing}"

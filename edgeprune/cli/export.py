@@ -8,6 +8,7 @@ In-LLM pruning (a second budget inside the LLM prefill): edgeprune export --keep
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def add_parser(subparsers):
@@ -101,7 +102,22 @@ def run(args) -> int:
     finally:
         bar.close()
     print(summary(manifest, args.out))
+    notice = shipped_scorer_notice(adapter, manifest)
+    if notice:
+        print(notice, file=sys.stderr)
     return 0
+
+
+def shipped_scorer_notice(adapter, manifest: dict) -> str | None:
+    """The quality notice of the model's shipped scorer (pruners/autoselect.py quality_notice) when the
+    bundle runs that scorer; None for any other scorer or method."""
+    from edgeprune.pruners.autoselect import quality_notice
+    from edgeprune.runtime.format import Keys, ScorerRecord
+
+    record, shipped = manifest.get(Keys.PRUNER_SCORER), adapter.pruner_options().get("scorer")
+    if not record or not isinstance(shipped, str) or record.get(ScorerRecord.FILE) != Path(shipped).name:
+        return None
+    return quality_notice(shipped, record.get(ScorerRecord.SHA256))
 
 
 def _float16():

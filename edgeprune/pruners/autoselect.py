@@ -44,7 +44,7 @@ from edgeprune.pruners.ops import gather_rows, sort_by_position, topk_indices
 from edgeprune.runtime.format import ScorerRecord
 
 __all__ = ["AutoSelect", "Scorer", "save_scorer", "load_scorer", "default_heads", "RANDOM", "DEFAULT_WIDTH",
-           "DEFAULT_DEPTH", "NO_SCORER"]
+           "DEFAULT_DEPTH", "NO_SCORER", "quality_notice"]
 
 _META = "edgeprune.scorer."  # safetensors metadata prefix: dim, depth, heads, width, format, recipe
 _FORMAT = "2"                # 2: + width (a format-1 file has none: its blocks run at dim)
@@ -167,6 +167,40 @@ def load_scorer(path: str | Path) -> Scorer:
                                 f"{config}: {e}") from e
     scorer.recipe = meta.get(_META + "recipe")
     return scorer.eval()
+
+
+def quality_notice(path: str | Path, sha256: str | None = None) -> str | None:
+    """One line when the recipe JSON beside scorer `path` records a measurement ("measured": {"accuracy":
+    {method: {K: value}}, "n", "see"}, scripts/train_mini_scorer.py --measured) in which autoselect scored
+    below another method at some K; None otherwise, or when the JSON's sha256 is not `sha256` (another
+    file). `edgeprune export` prints it for a model's shipped scorer, so a weak default misleads nobody."""
+    import json
+
+    side = Path(path).with_suffix(".json")
+    try:
+        recipe = json.loads(side.read_text())
+        measured = recipe["measured"]
+        acc = measured["accuracy"]
+        own = acc["autoselect"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if sha256 is not None and recipe.get("sha256") != sha256:
+        return None
+    others = {m: v for m, v in acc.items() if m != "autoselect" and " " not in m}   # not "autoselect (untrained)"
+    keeps = sorted((k for k in own if all(k in v for v in others.values())), key=int)
+    if not others or not keeps:
+        return None
+    best = max(others, key=lambda m: sum(others[m][k] for k in keeps))   # the best other method over these K
+    if all(own[k] >= others[best][k] for k in keeps):
+        return None
+
+    def row(values: dict) -> str:
+        return " / ".join(f"{values[k]:.3f}" for k in keeps)
+
+    return (f"notice: the {Path(path).name} scorer (recipe {recipe.get('recipe_id', '?')}) measured {row(own)} at "
+            f"K = {' / '.join(keeps)} against {best}'s {row(others[best])} (VLM exact match, "
+            f"n = {measured.get('n', '?')} held-out images; {measured.get('see', 'its recipe JSON')}): below the "
+            f"training-free methods; --method {best} is the more accurate choice")
 
 
 def _sha256(path: Path) -> str:

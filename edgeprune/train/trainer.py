@@ -21,6 +21,9 @@ Options that depart from METHODS.md, for a run that fits a small CPU (issue 12; 
   edgeprune-mini (issue 12, 240 steps), it changed clean feats by 358 % (relative L2) and the Scorer
   trained behind it scored 0.025 at K = 16 and 0.000 at K = 32 on held-out images, where the Denoiser
   is gone; the untrained scorer 0.000 / 0.000 (80 validation images of the train split).
+- `regularizer` (a Trainer argument, not in TrainConfig): a loss on the Scorer's raw scores added to the
+  NLL each step, e.g. scripts/train_mini_scorer.py's --distill-weight (a listwise loss towards DivPrune's
+  greedy order, so the Scorer keeps the coverage it was distilled to while the NLL fine-tunes it).
 - `autocast`: the frozen VLM's forward and backward in bfloat16 autocast (the Scorer's scores, alpha and
   the gate stay float32), as scripts/align_mini_projector.py trains the projector.
 
@@ -263,8 +266,10 @@ class Trainer:
     noise on any device."""
 
     def __init__(self, adapter: nn.Module, scorer: nn.Module, denoiser: Denoiser, config: TrainConfig,
-                 batches: Callable[[int], Batch]):
+                 batches: Callable[[int], Batch], regularizer: Callable[[Tensor, Batch], Tensor] | None = None):
         freeze(adapter)
+        self.regularizer = regularizer     # (scores [B, N], batch) -> scalar added to the NLL (module docstring)
+        self.regularizer_losses: list[float] = []
         self.adapter, self.scorer, self.denoiser = adapter, scorer, denoiser
         self.config, self.batches = config, batches
         self.step = 0
@@ -305,8 +310,13 @@ class Trainer:
                               prefix_cache=self._prefix_cache)
         if not torch.isfinite(loss):
             raise EdgepruneError(f"train: loss is {loss.item()} at step {self.step}; lower --lr")
+        total = loss
+        if self.regularizer is not None:
+            extra = self.regularizer(self.scorer(batch.feats.to(device)), batch)
+            self.regularizer_losses.append(float(extra.detach()))
+            total = loss + extra
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
         self.optimizer.step()
@@ -346,6 +356,7 @@ class Trainer:
         save_scorer(self.scorer, tmp, recipe=self.recipe)
         state = {
             "format": 1, "step": self.step, "config": asdict(self.config), "losses": self.losses,
+            "regularizer_losses": self.regularizer_losses,
             "denoiser": self.denoiser.state_dict(),
             "denoiser_config": {"dim": self.denoiser.dim, "heads": self.denoiser.heads,
                                 "mlp_ratio": self.denoiser.mlp_ratio},
@@ -387,5 +398,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.losses = list(state["losses"])
+        self.regularizer_losses = list(state.get("regularizer_losses", []))
         self.noise.set_state(state["noise_rng"])
         torch.set_rng_state(state["torch_rng"])

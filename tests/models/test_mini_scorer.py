@@ -8,7 +8,7 @@ import json
 import pytest
 
 from edgeprune.models.mini import SCORER_FILE
-from edgeprune.pruners.autoselect import load_scorer
+from edgeprune.pruners.autoselect import load_scorer, quality_notice
 
 RECIPE = SCORER_FILE.with_suffix(".json")
 # Until a trained scorer is shipped, edgeprune-mini has none and autoselect without --scorer is refused
@@ -31,7 +31,9 @@ def test_shipped_scorer_matches_its_recipe():
     assert scorer.recipe == r["recipe_id"] and scorer.config() == r["scorer"]
     assert scorer.dim == 384 and scorer.width < scorer.dim                    # the narrow scorer, on DINOv2-S feats
     assert isinstance(r["seed"], int) and "train split" in r["data"] and "test split only" in r["data"]
-    assert r["recipe"] == "scripts/train_mini_scorer.py" and r["progress"]["steps"] == r["args"]["steps"]
+    assert r["recipe"] == "scripts/train_mini_scorer.py"
+    assert r["progress"]["steps"] == (r["args"].get("until") or r["args"]["steps"])   # the step it was written at
+    assert r["measured"]["accuracy"]["autoselect"] and r["measured"]["n"] == 300   # docs/results.md section 5
 
 
 @pytest.mark.slow
@@ -43,6 +45,9 @@ def test_export_without_scorer_uses_and_records_the_shipped_one(tmp_path, capsys
     assert main(["export", "--method", "autoselect", "--keep", "16", "--out", str(out), "--no-validate", "-q"]) == 0
     m = json.loads((out / Files.MANIFEST).read_text())
     r = recipe()
+    notice = quality_notice(SCORER_FILE, r["sha256"])
+    # one notice on stderr exactly when the recipe's measurement is below a training-free method
+    assert capsys.readouterr().err.count("notice:") == (notice is not None)
     assert m[Keys.PRUNER_SCORER] == {"file": SCORER_FILE.name, "sha256": r["sha256"], "recipe": r["recipe_id"],
                                      "trained": True}
     capsys.readouterr()

@@ -186,3 +186,28 @@ def test_onnx_parity_with_a_deeper_scorer(tmp_path):
     expected = pruner(**sig)
     np.testing.assert_array_equal(positions, expected.positions.numpy())
     np.testing.assert_allclose(tokens, expected.tokens.numpy(), atol=1e-6, rtol=0)
+
+
+def test_quality_notice_reads_the_recipe_measurement(tmp_path):
+    import json
+
+    from edgeprune.pruners.autoselect import quality_notice
+
+    path = tmp_path / "s.safetensors"
+    save_scorer(Scorer(16, depth=0), path)
+    side = path.with_suffix(".json")
+    assert quality_notice(path) is None                                 # no JSON beside it
+    acc = {"autoselect": {"16": 0.2, "32": 0.5, "64": 0.6}, "divprune": {"16": 0.45, "32": 0.61, "64": 0.63},
+           "uniform": {"16": 0.19, "32": 0.55}, "autoselect (untrained)": {"16": 0.9, "32": 0.9, "64": 0.9}}
+    record = {"recipe_id": "r-1", "sha256": "abc", "measured": {"accuracy": acc, "n": 300, "see": "docs/x.md"}}
+    side.write_text(json.dumps(record))
+    # compared at the K every other method has (16, 32); the best of them over those K is divprune;
+    # the untrained baseline is never "the better choice"
+    assert quality_notice(path, "abc") == (
+        "notice: the s.safetensors scorer (recipe r-1) measured 0.200 / 0.500 at K = 16 / 32 against divprune's "
+        "0.450 / 0.610 (VLM exact match, n = 300 held-out images; docs/x.md): below the training-free methods; "
+        "--method divprune is the more accurate choice")
+    assert quality_notice(path, "another-sha") is None                  # the JSON describes another file
+    acc["autoselect"].update({"16": 0.5, "32": 0.7})                    # at or above every method: no notice
+    side.write_text(json.dumps(record))
+    assert quality_notice(path, "abc") is None

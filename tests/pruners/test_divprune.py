@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from edgeprune.pruners import build
+from edgeprune.pruners.divprune import max_min_order
 from edgeprune.pruners.ops import cosine_matrix
 
 # Six directions (degrees) with distinct magnitudes: d = 1 - cos depends on the angle only.
@@ -51,6 +52,17 @@ def test_selected_tokens_are_masked_not_read_off_d_jj():
 def test_greedy_order_by_hand(keep):
     # The kept sets are nested: keep=k is the first k picks of the greedy order.
     assert positions(keep, polar(ANGLES, MAGNITUDES)) == [sorted(GREEDY_ORDER[:keep])]
+
+
+def test_max_min_order_is_the_greedy_order_and_nested():
+    # The order itself (scripts/train_mini_scorer.py distils AutoSelect from it), and on random tokens its
+    # first K picks are the K-selection for every K.
+    assert max_min_order(polar(ANGLES, MAGNITUDES), 6).tolist() == [GREEDY_ORDER]
+    tokens = torch.randn(2, 40, 8, generator=torch.Generator().manual_seed(3))
+    order = max_min_order(tokens, 40)
+    assert sorted(order[0].tolist()) == list(range(40))
+    for keep in (1, 7, 20):
+        assert positions(keep, tokens) == order[:, :keep].sort(dim=-1).values.tolist()
 
 
 def test_duplicated_tokens_are_not_both_kept():
