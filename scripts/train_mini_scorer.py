@@ -128,6 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--measured", type=Path, nargs="+", metavar="RESULTS_JSON", default=None,
                    help="no training: record the accuracies of these `edgeprune eval --sweep` results.json files "
                         "(one of them runs --out as autoselect) in --out's JSON, for export's quality notice")
+    p.add_argument("--selection", default=None, metavar="TEXT",
+                   help="with --measured: how this step was chosen (e.g. its validation accuracies), into the JSON")
     p.add_argument("--val-images", type=_range, default=(59800, 59880),
                    help="train-split images for the distilled scorer's top-K overlap with DivPrune "
                         "(default 59800:59880, never trained on)")
@@ -174,6 +176,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--init {args.init}: no such file (expected a Scorer .safetensors)")
     if max(args.keeps) > 576:
         p.error(f"--keeps {','.join(map(str, args.keeps))}: every K must be <= 576 (edgeprune-mini's N)")
+    if args.selection is not None and args.measured is None:
+        p.error("--selection: only with --measured (it annotates a written scorer's JSON)")
     if args.measured is not None:
         for path in [args.out, args.out.with_suffix(".json"), *args.measured]:
             if not path.is_file():
@@ -275,7 +279,8 @@ def distill(args, adapter, feats, batches, scorer):
     return losses, (time.time() - t0) / max(len(losses), 1)
 
 
-def record_measured(out: Path, results: list[Path], see: str = "docs/results.md section 5") -> dict:
+def record_measured(out: Path, results: list[Path], see: str = "docs/results.md section 5",
+                    selection: str | None = None) -> dict:
     """--measured: add {"measured": {"accuracy": {method: {K: accuracy}}, "n", "images", "results", "see"}} to
     --out's JSON from `edgeprune eval --sweep` results. The autoselect rows must run --out itself (same sha256)."""
     from edgeprune.fileio import atomic_write
@@ -303,6 +308,8 @@ def record_measured(out: Path, results: list[Path], see: str = "docs/results.md 
     (n, seed), = sets
     recipe["measured"] = {"accuracy": accuracy, "n": n, "images": f"eval_indices({n}, {seed}) of the test split",
                           "results": [f"{p.parent.name}/{p.name}" for p in results], "see": see}
+    if selection is not None:
+        recipe["selection"] = selection
     text = json.dumps(recipe, indent=2) + "\n"
     atomic_write(side, lambda tmp: Path(tmp).write_text(text))
     return recipe["measured"]
@@ -312,7 +319,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.measured is not None:
-        log.info("measured: %s", record_measured(args.out, args.measured))
+        log.info("measured: %s", record_measured(args.out, args.measured, selection=args.selection))
         return 0
     torch.set_num_threads(args.threads)
     from edgeprune import models

@@ -26,6 +26,7 @@ def script():
     (["--objective", "distill", "--resume"], "--resume: a --objective distill run takes minutes and has no resume"),
     (["--init", "/nonexistent/s.safetensors"], "--init /nonexistent/s.safetensors: no such file"),
     (["--measured", "/nonexistent/results.json"], "--measured: "),
+    (["--selection", "step 40"], "--selection: only with --measured"),
 ])
 def test_argument_errors_name_the_value(script, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
