@@ -114,7 +114,7 @@ def shipped_scorer_notice(adapter, manifest: dict) -> str | None:
     from edgeprune.pruners.autoselect import quality_notice
     from edgeprune.runtime.format import Keys, ScorerRecord
 
-    record, shipped = manifest.get(Keys.PRUNER_SCORER), adapter.pruner_options().get("scorer")
+    record, shipped = manifest[Keys.PRUNER_SCORER], adapter.pruner_options().get("scorer")
     if not record or not isinstance(shipped, str) or record.get(ScorerRecord.FILE) != Path(shipped).name:
         return None
     return quality_notice(shipped, record.get(ScorerRecord.SHA256))
