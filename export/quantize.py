@@ -33,8 +33,12 @@ Q8_0 blocks of its GGUF):
   16 7.7%; minmax 1 digit 0.67%, 2 digits 0.05%. Every 4-bit format without the float minimum re-quantizes the
   Q4_1 blocks (twice-rounded weights); ONNX Runtime GenAI's int4 model of SmolLM2 has bit-identical blocks to
   symmetric RTN block 32.
-- edgeprune-mini exact match (edgeprune eval, divprune K=64, n=300; fp32 0.633): symmetric RTN int4 0.277, HQQ 0.587
-  (but ~30x slower decode: float zero points), int8 RTN 0.637; minmax int4: docs/llm_precision.md.
+- edgeprune-mini exact match (edgeprune eval, divprune K=64, n=300; fp32 0.633): minmax int4 (2 digits, 8-bit
+  head) 0.630, answers equal to fp32's 0.977 (unpruned, n=100: 0.670 vs 0.660); symmetric RTN int4 0.277; HQQ 0.587
+  (but ~30x slower decode: float zero points); int8 RTN 0.637. Head symmetric 4-bit with exact layers (torch
+  simulation, n=100): 0.910 of the answers equal to fp32's, so the preset keeps it 8-bit.
+- decode (1 thread, loaded machine, interleaved): minmax 2 digits 17.5 ms/token, 1 digit 16.2, symmetric RTN 14.8,
+  fp32 38.8: the 8-bit head, the minima rows and 240 more small kernels per step cost 10-20%.
 - int8 RTN block 32 symmetric: 0.995 text agreement / relRMS 0.077 (152 MB); ONNX Runtime's dynamic QDQ int8
   (quantize_dynamic, per channel) gave garbage on this graph (0.03 agreement), so int8 is MatMulNBits too.
 - accuracy_level 4 (int8 activations in the kernel) vs 1: the same agreement within a token or two, faster decode.

@@ -69,15 +69,19 @@ def test_minmax_on_an_arbitrary_weight_is_a_4_bit_fit():
     assert 0.02 < _relative(_minmax(w, x, 2), x @ w) < 0.15
 
 
-def test_symmetric_8_bit_keeps_a_q8_0_table():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_symmetric_head_keeps_a_table_on_its_grid(bits):
+    """lm_head_bits 8: llama.cpp's Q8_0 table (d * q, |q| <= 127, absmax 127 * d per block) is kept exactly; 4:
+    the same on a 4-bit grid (|q| <= 7)."""
     rng = np.random.default_rng(2)
+    qmax = 2 ** (bits - 1) - 1
     d = rng.uniform(0.001, 0.01, (4, 96))
-    q = rng.integers(-127, 128, (128, 96))
-    q[5::32] = 127                                                   # Q8_0: every block's absmax is 127 * d
+    q = rng.integers(-qmax, qmax + 1, (128, 96))
+    q[5::32] = qmax                                                  # every block's absmax is qmax * d
     w = (np.repeat(d, 32, 0) * q).astype(np.float32)
-    data, scales = symmetric_tensors(w.astype(np.float64), 8, 32)
+    data, scales = symmetric_tensors(w.astype(np.float64), bits, 32)
     x = rng.normal(0, 1, (3, 128)).astype(np.float32)
-    node = helper.make_node("MatMulNBits", ["x", "q", "scales"], ["y"], domain="com.microsoft", K=128, N=96, bits=8,
+    node = helper.make_node("MatMulNBits", ["x", "q", "scales"], ["y"], domain="com.microsoft", K=128, N=96, bits=bits,
                             block_size=32)
     assert _relative(_run([node], {"q": data, "scales": scales}, x), x @ w) < 1e-5
 
