@@ -29,7 +29,8 @@ diagonal Denoiser -> frozen projector and LLM, answer NLL), with these departure
   projector and LLM (the rest count as dropped, as at inference); alpha is still the soft top-K
   over all N = 576. The loss is the NLL of the answer tokens + EOS only.
 - float32 and --threads threads: bf16 autocast (--autocast) measured ~14x slower per step on this
-  AVX2-only CPU (87 s vs 6.1 s of CPU time at K = 8, batch 8), where bf16 has no native kernels.
+  CPU (87 s vs 6.1 s of CPU time at K = 8, batch 8) although it has AVX-512 BF16 (/proc/cpuinfo):
+  why was not investigated.
 - scorer: narrow (--width, --depth; the package default DEFAULT_WIDTH / DEFAULT_DEPTH).
 - Denoiser (--denoise dropped): its change is weighted by 1 - alpha, so kept tokens reach the frozen
   projector unchanged, as at inference where the Denoiser is gone. METHODS.md's Denoiser on every
@@ -156,7 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--denoise", choices=("all", "dropped"), default="dropped",
                    help="Denoiser on every token (all, METHODS.md) or weighted by 1 - alpha (dropped, default)")
     p.add_argument("--autocast", action="store_true", help="bf16 autocast for the frozen VLM (default: float32; "
-                   "only worth it on a CPU with native bf16, e.g. AVX-512 BF16 or AMX)")
+                   "measured ~14x slower per step on the development CPU, which has AVX-512 BF16)")
     p.add_argument("--save-every", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
