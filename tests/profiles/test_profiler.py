@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from edgeprune.errors import BundleError
 from edgeprune.profiles.device import load_device_profile
 from edgeprune.profiles.planner import LatencyModel, ModelFacts, plan, predict_memory
 from edgeprune.profiles.profiler import kv_bytes_expected, profile_bundle, soak
@@ -139,6 +140,9 @@ def test_plan_counts_a_quantized_llm_as_stored_not_in_the_device_precision(bundl
     assert weights["fp32"] == (fp32.vision_params + fp32.llm_params) * 2
     assert weights["int4"] == int(int4.vision_params * 2 + stored)
     assert any("int4, as the bundle stores them" in n for n in plan(int4, device, context=16)["notes"])
+    (tmp_path / "int4" / "decoder.onnx").unlink()                   # a damaged bundle: one line naming the file
+    with pytest.raises(BundleError, match=r"decoder.onnx: missing \(listed in manifest.json\)"):
+        facts_from_bundle(tmp_path / "int4")
 
 
 def test_plan_picks_largest_keep_meeting_memory_and_ttft(tmp_path):
