@@ -177,8 +177,8 @@ def export_llm(llm: nn.Module, out_dir: Path, *, precision: str = "fp32", attent
     ids of real text, or EmbedsPrompt with image tokens, for its greedy check). rope: "1d" (position_ids [B, L])
     or "mrope" ([3, B, L], the adapter's `rope`; the LLM's rotary module must then have an mrope_section).
     stages: an edgeprune.inllm StageRunner built for this LLM: the in-LLM stage's own graphs instead
-    (export/staged_decoder.py: the same layers with one attention mask per KV group, and prefill.onnx; float
-    precisions only).
+    (export/staged_decoder.py: the same layers with one attention mask per KV group, and prefill.onnx, both
+    quantized alike at int8/int4 so they still share one weights file).
     """
     if rope not in ROPE_KINDS:
         raise ModelError(f"rope={rope!r}; expected one of {', '.join(ROPE_KINDS)}")
@@ -201,11 +201,8 @@ def export_llm(llm: nn.Module, out_dir: Path, *, precision: str = "fp32", attent
     if stages is not None:
         from edgeprune.export.staged_decoder import export_staged_llm
 
-        if quantization is not None:
-            raise ModelError(f"precision={precision!r} with an in-LLM stage: the staged decoder is exported in float "
-                             "precisions only (fp32, fp16)")
         return export_staged_llm(model, out_dir, dtype=dtype, precision=precision, attention=attention,
-                                 validate=validate, rope=rope, stages=stages,
+                                 validate=validate, rope=rope, stages=stages, quantization=quantization,
                                  num_parameters=sum(p.numel() for p in llm.parameters()))
     decoder = DecoderGraph(model, attention=attention).eval()
     cfg = model.config

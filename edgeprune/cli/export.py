@@ -185,10 +185,16 @@ def parity_lines(manifest: dict) -> list[str]:
                          f"{_fixed(llm['greedy_agreement_image'])}")
         stage = llm.get("prefill_stage")
         if stage:
-            kept = ("kept slots identical" if not stage["keep_mismatch_stages"]
-                    else f"kept slots DIFFER at stage(s) {stage['keep_mismatch_stages']}")
-            lines.append(f"  in-LLM: prefill.onnx vs the torch reference loop: {kept}, max |logit diff| prefill "
-                         f"{_sci(stage.get('prefill'))}, decode {_sci(stage.get('decode'))}  "
+            if stage.get("metric") == "relative_rms":   # a quantized graph: overlap with the float32 slots
+                overlap = ", ".join(_fixed(v) for v in stage["keep_overlap"])
+                kept = (f"kept slots shared with float32 {overlap} (stage by stage; garbage below "
+                        f"{_fixed(stage['min_overlap'])}), relative RMS prefill {_fixed(stage['prefill_relative'])}, "
+                        f"decode {_fixed(stage['decode_relative'])} (tolerance {_fixed(stage['tolerance'])})")
+            else:
+                kept = ("kept slots identical" if not stage["keep_mismatch_stages"]
+                        else f"kept slots DIFFER at stage(s) {stage['keep_mismatch_stages']}")
+                kept += f", max |logit diff| prefill {_sci(stage.get('prefill'))}, decode {_sci(stage.get('decode'))}"
+            lines.append(f"  in-LLM: prefill.onnx vs the torch reference loop: {kept}  "
                          f"{'OK' if stage.get(PASSED) else 'FAILED'}")
     return lines
 
