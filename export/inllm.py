@@ -29,8 +29,8 @@ from edgeprune.export.onnx_io import export_onnx, graph_io
 from edgeprune.export.quantize import PRESETS, quantize_decoder
 from edgeprune.inllm.boundary import StageRunner
 from edgeprune.runtime.format import (DECODER_EMBEDS, DECODER_LOGITS, DECODER_POSITIONS, DIM_BATCH, DIM_SEQUENCE,
-                                      PASSED, PREFILL_IMAGE_POSITIONS, Files, Graph, Keys, group_mask_name,
-                                      present_name, stage_keep_name)
+                                      PASSED, PREFILL_IMAGE_POSITIONS, Files, Graph, Keys, external_data,
+                                      group_mask_name, present_name, stage_keep_name)
 from edgeprune.runtime.providers import resolve_providers
 from edgeprune.runtime.positions import build_positions_rows
 
@@ -106,7 +106,7 @@ def share_weights(prefill: Path, decoder: Path) -> dict:
     decoder's names (so a runtime can hand both sessions one copy: runtime/llm.py `share_weights`), and delete
     prefill.onnx.data. Tensors with no twin stay inline (small constants). Returns byte counts."""
     dec = onnx.load(str(decoder), load_external_data=False)
-    data_name = f"{decoder.name}.data"
+    data_name = external_data(decoder.name)
     index = {}
     with open(decoder.with_name(data_name), "rb") as f:
         for t in dec.graph.initializer:
@@ -151,7 +151,7 @@ def share_weights(prefill: Path, decoder: Path) -> dict:
     tmp = prefill.with_name(prefill.name + ".tmp")
     onnx.save_model(model, str(tmp))
     os.replace(tmp, prefill)
-    own = prefill.with_name(prefill.name + ".data")
+    own = prefill.with_name(external_data(prefill.name))
     if own.exists():
         own.unlink()
     if inline > 1 << 20:

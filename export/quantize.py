@@ -55,6 +55,7 @@ from onnx import numpy_helper
 
 from edgeprune.errors import ModelError
 from edgeprune.export.onnx_io import INLINE_BYTES
+from edgeprune.runtime.format import external_data
 
 __all__ = ["QuantSettings", "PRESETS", "quantize_decoder", "ALGORITHMS"]
 
@@ -143,7 +144,7 @@ def quantize_decoder(folder: Path, decoder_file: str, settings: QuantSettings) -
     log.info("quantized %d MatMuls to MatMulNBits (%d-bit, block %d, %s, %s; LM head %s)", n, settings.bits,
              settings.block_size, "symmetric" if settings.symmetric else "asymmetric", settings.algorithm,
              "float" if not settings.lm_head else f"{settings.lm_head_bits or settings.bits}-bit")
-    data = path.with_name(path.name + ".data")
+    data = path.with_name(external_data(path.name))
     data.unlink()
     _save(quantized, path, data.name)
     return settings.record()

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.runtime.format import external_data
 from edgeprune.profiles.device import DeviceProfile
 
 __all__ = ["ModelFacts", "facts_from_bundle", "predict_memory", "LatencyModel", "plan", "CANDIDATE_KEEPS"]
@@ -89,7 +90,7 @@ def facts_from_bundle(bundle_dir: Path) -> ModelFacts:
 
 def _with_external_data(graph: Path) -> list[Path]:
     """The graph file and its external data file (export writes FILE.data), where present."""
-    data = graph.with_name(graph.name + ".data")
+    data = graph.with_name(external_data(graph.name))
     return [graph, data] if data.is_file() else [graph]
 
 
