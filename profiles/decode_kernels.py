@@ -4,7 +4,7 @@
 
 A decode step of a small LLM is a few hundred kernels; each costs a few microseconds of launch and memory traffic
 besides the MatMuls, so their number is what graph fusion (export/decoder_ops.py) reduces. Prints the count, the
-op histogram of one step, and the step's wall time and summed kernel time (medians).
+op histogram of one step with each op's kernel time, and the step's wall time and summed kernel time (medians).
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ __all__ = ["decode_kernels", "main"]
 
 def decode_kernels(bundle_dir: Path, manifest: dict, *, past: int = 130, steps: int = 10, threads: int = 1) -> dict:
     """`manifest`: the bundle's, or export_llm's entries. Prefill `past` random tokens, then `steps` decode steps through the runtime's own path (OrtLLM.forward with
-    its KV cache), profiled. -> {"kernels": per step, "ops": {op: count in one step}, "step_ms", "kernel_ms"}."""
+    its KV cache), profiled. -> {"kernels": per step, "ops": {op: count in one step}, "op_ms": {op: its kernel ms
+    per step, median}, "step_ms", "kernel_ms"}."""
     import onnxruntime as ort
 
     from edgeprune.runtime.format import Graph, Keys
@@ -52,8 +53,11 @@ def decode_kernels(bundle_dir: Path, manifest: dict, *, past: int = 130, steps: 
     runs = [e for e in events if e.get("name") == "model_run"][1:]          # the first run is the prefill
     kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     per_step = [[e for e in kernels if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]] for r in runs]
+    op_ms = {op: 1e-3 * statistics.median(sum(e["dur"] for e in step if e["args"]["op_name"] == op)
+                                          for step in per_step)
+             for op in {e["args"]["op_name"] for e in per_step[-1]}}
     return {"kernels": len(per_step[-1]), "ops": dict(Counter(e["args"]["op_name"] for e in per_step[-1])),
-            "step_ms": 1e3 * statistics.median(wall),
+            "op_ms": op_ms, "step_ms": 1e3 * statistics.median(wall),
             "kernel_ms": 1e-3 * statistics.median(sum(e["dur"] for e in step) for step in per_step)}
 
 
@@ -70,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     out = decode_kernels(args.bundle, llm_manifest(args.bundle), past=args.past, steps=args.steps, threads=args.threads)
     print(f"decode step at {args.past} past tokens, {args.threads} thread(s): {out['kernels']} kernels, "
           f"{out['step_ms']:.2f} ms wall, {out['kernel_ms']:.2f} ms in kernels (medians of {args.steps})")
-    print(", ".join(f"{op} {n}" for op, n in sorted(out["ops"].items(), key=lambda kv: -kv[1])))
+    print(", ".join(f"{op} {n} ({out['op_ms'][op]:.2f} ms)"
+                    for op, n in sorted(out["ops"].items(), key=lambda kv: -out["op_ms"][kv[0]])))
     return 0
 
 

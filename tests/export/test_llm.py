@@ -216,6 +216,8 @@ def test_fused_decode_step_runs_ten_kernels_per_layer(tmp_path):
         "SkipSimplifiedLayerNormalization": 2, "MatMul": 5, "GroupQueryAttention": 1, "QuickGelu": 1, "Mul": 1}
     # plus a fixed part per step, whatever the depth (44: the call's rotary table, lengths, final norm and head)
     assert counts[2]["kernels"] - 2 * 10 == counts[3]["kernels"] - 3 * 10 <= 48
+    assert set(counts[3]["op_ms"]) == set(counts[3]["ops"]) and sum(counts[3]["op_ms"].values()) == \
+        pytest.approx(counts[3]["kernel_ms"], rel=0.2)   # per-op medians: about the step's kernel time
 
 
 @pytest.mark.parametrize("attention", ["fused", "plain"])
