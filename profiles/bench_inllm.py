@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--attention", default="fused", choices=["fused", "plain"])
+    ap.add_argument("--spin", action="store_true",
+                    help="let ONNX Runtime's pool threads spin after a call (its default); off by default here: "
+                         "with one pool per system, a finished system's spinning threads took the cores of the "
+                         "next one (2 threads: dart 576->32 at 105 instead of 83 ms)")
     ap.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "int8", "int4"],
                     help="LLM weights (export --llm-precision); each precision's systems are compared with its own "
                          "unpruned prefill")
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         spec0 = next(iter(systems.values()))[1]   # the model's shape, for the MACs prediction
         rows, loads = [], {}
         for threads in args.threads:
-            llms = {name: OrtLLM(path, spec, providers=["cpu"], threads=threads,
+            llms = {name: OrtLLM(path, spec, providers=["cpu"], threads=threads, spin=args.spin,
                                  stages=None if runner is None else runner.plan())
                     for name, (path, spec, runner) in systems.items()}
 
@@ -142,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                              "kv_bytes": kv[name], "kv_bytes_predicted": predicted_kv})
                 log.info("%s", rows[-1])
     lines = [f"S={s}, K={k}, M={m} (prompt {total} tokens), {t} layers, ORT {args.attention}, {args.rounds} rounds "
-             f"round-robin, {'real' if args.real else 'random'} weights, LLM {'/'.join(args.precisions)}; load average (1/5/15 min) before -> after: "
+             f"round-robin, {'real' if args.real else 'random'} weights, LLM {'/'.join(args.precisions)}, "
+             f"ORT threads {'spinning' if args.spin else 'not spinning'} between calls; "
+             "load average (1/5/15 min) before -> after: "
              + "; ".join(f"{n} thread(s) {'/'.join(f'{v:.1f}' for v in a)} -> {'/'.join(f'{v:.1f}' for v in b)}"
                          for n, (a, b) in loads.items()), "",
              "| system | threads | prefill ms (median / min) | speedup (median / min) | MACs predict | achieved / "

@@ -151,13 +151,13 @@ class OrtLLM:
     entries read through format.read's defaults)."""
 
     def __init__(self, bundle_dir: Path, manifest: dict, providers: list | None = None, threads: int | None = None,
-                 stages=None, share_weights: bool = False):
+                 stages=None, share_weights: bool = False, spin: bool = True):
         """`providers`: resolve_providers' list (the pipeline resolves once for every graph); short names are
         resolved here. CPU is always the fallback. `stages`: the bundle's in-LLM StagePlan (runtime/stages.py),
         required exactly when the manifest has a prefill graph. `share_weights` (CPU, in-LLM bundles): prefill
         and decoder sessions read one copy of the weights instead of one each, at the cost of ORT's weight
         prepacking (measured on SmolLM2-135M: 546 instead of 1058 MiB, prefill about 14 % and decode about 6 %
-        slower)."""
+        slower). `spin`: runtime/providers.session_options'."""
         bundle_dir = Path(bundle_dir)
         try:
             self.num_layers, self.kv_heads = manifest[Keys.LLM_NUM_LAYERS], manifest[Keys.LLM_NUM_KV_HEADS]
@@ -193,10 +193,11 @@ class OrtLLM:
                               f"{Keys.LLM_KV_CACHE} is {self.kv_cache!r}")
         self.providers = resolve_providers(providers)
         check_gpu_precision(self.providers, self.attention, self.dtype_name)
-        opts = session_options(threads)
+        opts = session_options(threads, spin)
         llm_opts = [opts, opts]
         if share_weights and stages is not None:
-            llm_opts = [self._shared_weights(bundle_dir, manifest[Keys.LLM_PREFILL_WEIGHTS] or {}, threads)] * 2
+            llm_opts = [self._shared_weights(bundle_dir, manifest[Keys.LLM_PREFILL_WEIGHTS] or {},
+                                             session_options(threads, spin))] * 2
         self.decoder = open_session(decoder, llm_opts[0], self.providers)
         self.prefill_session = None
         if prefill is not None:
@@ -228,11 +229,11 @@ class OrtLLM:
         self.present_names = present_names(self.num_layers)
         self.output_names = [DECODER_LOGITS, *self.present_names]
 
-    def _shared_weights(self, bundle_dir: Path, weights: dict, threads: int | None):
+    def _shared_weights(self, bundle_dir: Path, weights: dict, opts):
         """Session options handing ORT the tensors prefill.onnx and decoder.onnx share, read once into memory
         (export/inllm.py share_weights records them); ORT then keeps no copy of its own, so its per-session
-        weight prepacking is off. CPU only: a GPU provider copies every initializer to its device anyway."""
-        opts = session_options(threads)
+        weight prepacking is off. CPU only: a GPU provider copies every initializer to its device anyway.
+        `opts`: the session options to add them to."""
         if provider_names(self.providers) != [PROVIDERS["cpu"]] or not weights.get("tensors"):
             log.info("share_weights: not applied (providers %s)", provider_names(self.providers))
             return opts

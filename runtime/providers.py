@@ -100,13 +100,18 @@ def check_threads(threads) -> int | None:
     return None if threads is None else check_count("threads", threads)
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, spin: bool = True):
+    """ORT session options. spin=False: the intra-op pool's threads sleep as soon as a call ends instead of
+    spinning for work; with several sessions on few cores (a benchmark's many systems, run round-robin) a
+    finished session's spinning threads otherwise take the cores of the next one."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if check_threads(threads):
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3  # warnings about unused initializers etc. are noise to a user
     return opts
 

@@ -196,3 +196,13 @@ def test_tensorrt_runner_matches_onnx_runtime(exported, tmp_path):
     np.testing.assert_array_equal(got.positions, want.positions)     # fp32 engine: the same selection
     with pytest.raises(EdgepruneError, match="--force"):
         build_engine(out)
+
+
+def test_session_options_spin_only_when_asked_not_to():
+    from edgeprune.runtime.providers import session_options
+
+    key = "session.intra_op.allow_spinning"
+    assert session_options(2, spin=False).get_session_config_entry(key) == "0"
+    with pytest.raises(RuntimeError):   # not set: ONNX Runtime's default (spinning) applies
+        session_options(2).get_session_config_entry(key)
+    assert session_options(3, spin=False).intra_op_num_threads == 3
