@@ -152,7 +152,7 @@ def test_identity_stage_graph_gives_the_unpruned_graph(adapters, images, preset,
     lengths = mask.sum(axis=1)
     assert lengths[0] != lengths[1]   # the second row is right-padded
     # MatMulNBits' int8 activations (accuracy level 4) round per call shape: measured 0.012 / 0.019 (int8 logits /
-    # K-V) against 0.14 / 0.9 from the float32 weights, so 0.03 still tells the same weights from others
+    # K-V), while float32 weights move the logits by 0.14 (int8) to 0.9 (int4): 0.03 still tells the weights apart
     atol = (1e-4, 1e-5) if precision == "fp32" else (0.03, 0.03)
     for b, n in enumerate(lengths):
         ref_logits, ref_present = base.step(embeds[b:b + 1, :n], pos[..., b:b + 1, :n], mask[b:b + 1, :n], None)
