@@ -157,7 +157,7 @@ class OrtLLM:
         required exactly when the manifest has a prefill graph. `share_weights` (CPU, in-LLM bundles): prefill
         and decoder sessions read one copy of the weights instead of one each, at the cost of ORT's weight
         prepacking (measured on SmolLM2-135M: 546 instead of 1058 MiB, prefill about 14 % and decode about 6 %
-        slower). `spin`: runtime/providers.session_options'."""
+        slower). `spin`: False lets the pools' threads sleep between calls (runtime/providers.session_options)."""
         bundle_dir = Path(bundle_dir)
         try:
             self.num_layers, self.kv_heads = manifest[Keys.LLM_NUM_LAYERS], manifest[Keys.LLM_NUM_KV_HEADS]
