@@ -73,7 +73,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -259,14 +258,11 @@ def topk_overlap(scorer, feats, orders, keeps) -> dict[str, float]:
 def distill(args, adapter, feats, batches, scorer):
     """--objective distill: no LLM; AdamW on listmle(scorer(feats), DivPrune's order) with the lr schedule
     of the noise-gated runs (warmup, cosine). Returns (losses, seconds per step)."""
-    from edgeprune.train.trainer import TrainConfig, lr_at
+    from edgeprune.train.trainer import TrainConfig, adamw, lr_at
 
     orders = divprune_orders(adapter, feats, args.distill_rank)
     config = TrainConfig(keep=1, steps=args.steps, lr=args.lr, batch_size=args.batch, seed=args.seed)
-    decay = [p for p in scorer.parameters() if p.dim() >= 2]
-    no_decay = [p for p in scorer.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    opt = adamw([scorer], config)
     losses, t0 = [], time.time()
     scorer.train()
     for step in range(args.until or args.steps):

@@ -58,7 +58,7 @@ from edgeprune.train.denoiser import Denoiser
 from edgeprune.train.noise_gate import vp_gate
 from edgeprune.train.soft_topk import soft_topk, zscore
 
-__all__ = ["TrainConfig", "Batch", "Trainer", "tau_at", "lr_at", "gated_features", "answer_nll",
+__all__ = ["TrainConfig", "Batch", "Trainer", "tau_at", "lr_at", "adamw", "gated_features", "answer_nll",
            "state_path", "freeze"]
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,18 @@ def lr_at(step: int, config: TrainConfig) -> float:
     t = min((step - warm) / max(config.steps - warm, 1), 1.0)
     floor = config.lr * config.min_lr_ratio
     return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * t))
+
+
+def adamw(modules, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the modules' parameters at lr_at(0, config): weight decay on matrices only (none on biases
+    and LayerNorm); the training loop sets each step's lr."""
+    decay, no_decay = [], []
+    for module in modules:
+        for p in module.parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr_at(0, config))
 
 
 @dataclass
@@ -277,14 +289,9 @@ class Trainer:
         self._prefix_cache: dict = {}       # the LLM cache of a shared text prefix (answer_nll)
         self.losses: list[float] = []
         self.step_seconds: list[float] = []
-        decay, no_decay = [], []
         for module in (scorer, denoiser):
-            for p in module.parameters():
-                p.requires_grad_(True)
-                (decay if p.dim() >= 2 else no_decay).append(p)   # no decay on biases and LayerNorm
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr_at(0, config))
+            module.requires_grad_(True)
+        self.optimizer = adamw((scorer, denoiser), config)
         self.noise = torch.Generator().manual_seed(config.seed)
 
     @property
