@@ -42,10 +42,10 @@ from torch import nn
 from edgeprune.errors import ModelError
 from edgeprune.export.decoder_ops import FusedOps, PlainOps, fused_qkv, lm_head
 from edgeprune.export.onnx_io import export_onnx, graph_io
-from edgeprune.export.quantize import PRESETS, QuantSettings, quantize_decoder
+from edgeprune.export.quantize import MIN_ORT_SHORTLIST, PRESETS, SHORTLIST, QuantSettings, quantize_decoder
 from edgeprune.runtime.format import (DECODER_DEEPSTACK, DECODER_EMBEDS, DECODER_LOGITS, DECODER_MASK,
                                       DECODER_POSITIONS, DIM_BATCH, DIM_PAST, DIM_SEQUENCE, DIM_TOTAL, PASSED,
-                                      PRECISIONS, EmbedTable, Files, Graph, Keys, llm_precision, past_names,
+                                      PRECISIONS, EmbedTable, Files, Graph, Keys, Quantization, llm_precision, past_names,
                                       present_names)
 
 __all__ = ["export_llm", "DecoderGraph", "validate_llm", "greedy_agreement", "EmbedsPrompt", "MIN_ORT_FUSED",
@@ -244,7 +244,7 @@ def export_llm(llm: nn.Module, out_dir: Path, *, precision: str = "fp32", attent
         **decoder_entries(model, decoder, out_dir, dtype=dtype, attention=attention, rope=rope, precision=precision),
         Keys.LLM_DEEPSTACK_LAYERS: deep, Keys.LLM_QUANTIZATION: record,
         Keys.LLM_KV_CACHE: "shared" if attention == "fused" else "separate",
-        Keys.LLM_MIN_ONNXRUNTIME: MIN_ORT_FUSED if attention == "fused" else None,
+        Keys.LLM_MIN_ONNXRUNTIME: min_onnxruntime(attention, record),
         Keys.LLM_NUM_PARAMETERS: sum(p.numel() for p in llm.parameters()),
         # no in-LLM stage: one KV group, no prefill graph (export/staged_decoder.py writes the staged ones)
         Keys.LLM_KV_GROUPS: [0], Keys.LLM_PREFILL_GRAPH: None, Keys.LLM_PREFILL_WEIGHTS: None,
@@ -280,6 +280,14 @@ def _tied(llm: nn.Module) -> bool:
     return out is not None and out.weight.shape == inp.weight.shape and out.weight.data_ptr() == inp.weight.data_ptr()
 
 
+def min_onnxruntime(attention: str, quantization: dict | None) -> str | None:
+    """The oldest ONNX Runtime that runs the decoder's ops ("X.Y"), None when any recent one does."""
+    needed = [MIN_ORT_FUSED] if attention == "fused" else []
+    if quantization and quantization.get(Quantization.LM_HEAD_SHORTLIST):
+        needed.append(MIN_ORT_SHORTLIST)
+    return max(needed, key=lambda v: tuple(int(p) for p in v.split(".")), default=None)
+
+
 def embed_table(llm: nn.Module, out_dir: Path, decoder_file: str) -> dict:
     """The llm.embed_table record (runtime/embedding.py). A table tied to the LM head is that head's weight in
     the decoder's external data (stored once); an untied one is written to embed.bin."""
@@ -298,9 +306,15 @@ def embed_table(llm: nn.Module, out_dir: Path, decoder_file: str) -> dict:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Gemm" and node.input[1] in inits and list(inits[node.input[1]].dims) == [vocab, d]:
             heads.append(({EmbedTable.WEIGHT: inits[node.input[1]]}, {}))
-        elif node.op_type == "MatMulNBits" and (attrs.get("N"), attrs.get("K")) == (vocab, d):
+        elif node.op_type == "MatMulNBits" and (attrs.get("N"), attrs.get("K")) == (vocab, d) \
+                and not node.name.startswith(SHORTLIST):                   # a draft head is not the table
             names = dict(zip((EmbedTable.DATA, EmbedTable.SCALES, EmbedTable.ZERO_POINTS), node.input[1:4]))
             heads.append(({key: inits[name] for key, name in names.items() if name},
+                          {EmbedTable.BITS: attrs["bits"], EmbedTable.BLOCK_SIZE: attrs["block_size"]}))
+        elif node.op_type == "GatherBlockQuantized" and node.name.startswith(SHORTLIST):
+            # the draft head's exact rows: [V, K padded] uint8 here, recorded in MatMulNBits' [V, blocks, blob] layout
+            names = dict(zip((EmbedTable.DATA, EmbedTable.SCALES), node.input[0:3:2]))
+            heads.append(({key: inits[name] for key, name in names.items()},
                           {EmbedTable.BITS: attrs["bits"], EmbedTable.BLOCK_SIZE: attrs["block_size"]}))
     if len(heads) != 1:
         raise ModelError(f"{decoder_file}: expected one LM head over a [{vocab}, {d}] weight, found {len(heads)}")
@@ -309,7 +323,11 @@ def embed_table(llm: nn.Module, out_dir: Path, decoder_file: str) -> dict:
     for name, t in tensors.items():
         where = _external(t)
         files.add(where["location"])
-        records[name] = {EmbedTable.OFFSET: int(where.get("offset", 0)), EmbedTable.SHAPE: [int(v) for v in t.dims],
+        shape = [int(v) for v in t.dims]
+        if name == EmbedTable.DATA and len(shape) == 2:                    # GatherBlockQuantized's rows
+            block = extra[EmbedTable.BLOCK_SIZE]
+            shape = [shape[0], shape[1] * 8 // extra[EmbedTable.BITS] // block, block * extra[EmbedTable.BITS] // 8]
+        records[name] = {EmbedTable.OFFSET: int(where.get("offset", 0)), EmbedTable.SHAPE: shape,
                          EmbedTable.DTYPE: onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name}
     if len(files) != 1:
         raise ModelError(f"{decoder_file}: the LM head's tensors lie in {len(files)} files, expected one")

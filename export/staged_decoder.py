@@ -95,7 +95,7 @@ def export_staged_llm(model: nn.Module, out_dir: Path, *, dtype: str, precision:
     quantization (int8/int4, export/quantize.py): both graphs are quantized with the same settings; the quantizer
     is deterministic, so their weights stay byte-identical and are still stored once."""
     from edgeprune.export.inllm import export_prefill, validate_prefill
-    from edgeprune.export.llm import MIN_ORT_FUSED, _stamp_io_dims, decoder_entries, validate_llm
+    from edgeprune.export.llm import _stamp_io_dims, decoder_entries, min_onnxruntime, validate_llm
     from edgeprune.export.onnx_io import export_onnx
     from edgeprune.runtime.format import (DECODER_EMBEDS, DECODER_LOGITS, DECODER_POSITIONS, DIM_BATCH, DIM_PAST,
                                           DIM_SEQUENCE, DIM_TOTAL, PASSED, Files, Keys, group_mask_name,
@@ -141,7 +141,7 @@ def export_staged_llm(model: nn.Module, out_dir: Path, *, dtype: str, precision:
         **decoder_entries(model, decoder, out_dir, dtype=dtype, attention=attention, rope=rope, precision=precision),
         Keys.LLM_DEEPSTACK_LAYERS: 0, Keys.LLM_QUANTIZATION: record,
         Keys.LLM_KV_CACHE: "separate",   # numpy past/present: KV groups of different lengths under "faithful"
-        Keys.LLM_MIN_ONNXRUNTIME: MIN_ORT_FUSED if attention == "fused" else None,   # GroupQueryAttention's rotary
+        Keys.LLM_MIN_ONNXRUNTIME: min_onnxruntime(attention, record),   # GroupQueryAttention's rotary, the draft head
         Keys.LLM_NUM_PARAMETERS: num_parameters,
         Keys.LLM_KV_GROUPS: list(groups), Keys.LLM_PREFILL_GRAPH: None, Keys.LLM_PREFILL_WEIGHTS: None,
     }

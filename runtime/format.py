@@ -195,6 +195,7 @@ class Quantization:  # llm.quantization: how the decoder's MatMuls were quantize
     METHOD, BITS, BLOCK_SIZE, SYMMETRIC = "method", "bits", "block_size", "symmetric"
     ALGORITHM, ACCURACY_LEVEL, LM_HEAD = "algorithm", "accuracy_level", "lm_head"
     LM_HEAD_BITS, MIN_DIGITS = "lm_head_bits", "min_digits"   # absent in bundles of before: head as the rest
+    LM_HEAD_SHORTLIST = "lm_head_shortlist"   # > 0: 4-bit draft head, its top rows rescored at 8 bits (absent: 0)
 
 
 # LLM weight precisions (--llm-precision): float graphs, or weight-only int8/int4 MatMuls on float32 activations

@@ -117,14 +117,16 @@ def llm_manifest(folder: str | Path) -> dict:
 
 def describe_precision(manifest: dict) -> str:
     """One line for `inspect`, the export summary and logs, e.g. "int4: MatMulNBits 4-bit, block 32, asymmetric,
-    minmax (block minima in 2 digits), accuracy level 4, LM head 8-bit" (a tied embedding table is the LM head's
-    weight: quantized with it)."""
+    minmax (block minima in 2 digits), accuracy level 4, LM head 8-bit (4-bit draft, its top 64 rescored)" (a tied
+    embedding table is the LM head's weight: quantized with it)."""
     q = manifest[Keys.LLM_QUANTIZATION]
     if not q:
         return llm_precision(manifest)
     bits = q[Quantization.BITS]
     head = f"LM head {q.get(Quantization.LM_HEAD_BITS) or bits}-bit" if q.get(Quantization.LM_HEAD) else \
         "LM head float"
+    if q.get(Quantization.LM_HEAD_SHORTLIST):
+        head += f" (4-bit draft, its top {q[Quantization.LM_HEAD_SHORTLIST]} rescored)"
     algorithm = q.get(Quantization.ALGORITHM)
     if algorithm == "minmax":
         algorithm = f"minmax (block minima in {q.get(Quantization.MIN_DIGITS)} digits)"

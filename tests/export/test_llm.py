@@ -306,19 +306,24 @@ def int4(tmp_path_factory):
 
 def test_int4_graph_and_spec_record_the_quantization(int4):
     """The int4 preset (minmax): per layer the 5 MatMuls become MatMulNBits 4-bit over their input joined to its
-    block sums (one MatMul + Concat per distinct input: QKV, o_proj, gate/up, down), the LM head 8-bit symmetric
-    with no zero points (the tied table's row layout)."""
+    block sums (one MatMul + Concat per distinct input: QKV, o_proj, gate/up, down); the LM head is a 4-bit
+    symmetric draft whose top 64 rows are rescored from 8-bit symmetric rows with no zero points (the tied table's
+    row layout, read by GatherBlockQuantized)."""
     _, out, spec = int4
     assert spec[Keys.LLM_PRECISION] == "int4" and spec[Keys.LLM_QUANTIZATION] == PRESETS["int4"].record()
+    assert spec[Keys.LLM_QUANTIZATION]["lm_head_shortlist"] == 64 and spec[Keys.LLM_MIN_ONNXRUNTIME] == "1.32"
     model = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("MatMulNBits") == 2 * 5 + 1 and "Gemm" not in ops                     # LM head too
-    assert ops.count("MatMul") == 2 * 4                                                    # the block sums
+    assert ops.count("MatMul") == 2 * 4 + 1                                # the block sums, the head's rescoring
+    assert ops.count("TopK") == ops.count("GatherBlockQuantized") == ops.count("ScatterElements") == 1
     nbits = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} | {"inputs": list(n.input)}
-             for n in model.graph.node if n.op_type == "MatMulNBits"]
-    head = [a for a in nbits if a["N"] == 256]
-    assert len(head) == 1 and head[0]["bits"] == 8 and len(head[0]["inputs"]) == 3         # symmetric, no zp
-    layers = [a for a in nbits if a["N"] != 256]
+             for n in model.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    head = [a for a in nbits if a.get("N") == 256]
+    assert len(head) == 1 and head[0]["bits"] == 4 and len(head[0]["inputs"]) == 3         # symmetric, no zp
+    rows = [a for a in nbits if "gather_axis" in a]
+    assert len(rows) == 1 and rows[0]["bits"] == 8 and len(rows[0]["inputs"]) == 3
+    layers = [a for a in nbits if a.get("N", 256) != 256]
     digits, block = PRESETS["int4"].min_digits, PRESETS["int4"].block_size
     assert {a["bits"] for a in layers} == {4} and all(len(a["inputs"]) == 4 for a in layers)   # zero points
     # K' = K + the minima digits: hidden 64 (2 blocks) or intermediate 128 (4 blocks), each digit one block
@@ -328,34 +333,33 @@ def test_int4_graph_and_spec_record_the_quantization(int4):
     assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
     manifest = {**{key: key.default for key in optional_keys()}, **spec}                  # what inspect prints
     assert describe_precision(manifest) == ("int4: MatMulNBits 4-bit, block 32, asymmetric, minmax (block minima in "
-                                            "2 digits), accuracy level 4, LM head 8-bit")
+                                            "2 digits), accuracy level 4, LM head 8-bit (4-bit draft, its top "
+                                            "64 rescored)")
 
 
 def test_quantized_embedding_rows_are_the_lm_heads_weights(int4):
-    """The runtime's numpy dequantization of the tied table equals what MatMulNBits computes with those bytes
-    (the head applied to the identity matrix gives its weight columns), and stays near the float table."""
+    """The runtime's numpy dequantization of the tied table equals what GatherBlockQuantized (the head's 8-bit
+    rows, which rescore the draft) reads from those bytes, and stays near the float table."""
     from onnx import helper
 
     import onnxruntime as ort
 
     llm, out, spec = int4
     model = onnx.load(str(out / "decoder.onnx"))
-    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits"
-                and any(a.name == "N" and a.i == 256 for a in n.attribute))
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
     inits = {t.name: t for t in model.graph.initializer}
-    graph = helper.make_graph([helper.make_node("MatMulNBits", ["A", *head.input[1:]], ["Y"], domain="com.microsoft",
-                                                **{a.name: helper.get_attribute_value(a) for a in head.attribute
-                                                   if a.name != "accuracy_level"})],
-                              "head", [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [64, 64])],
+    graph = helper.make_graph([helper.make_node("GatherBlockQuantized", [gather.input[0], "ids", gather.input[2]],
+                                                ["Y"], domain="com.microsoft",
+                                                **{a.name: helper.get_attribute_value(a) for a in gather.attribute})],
+                              "rows", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2, 3])],
                               [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)],
-                              [inits[name] for name in head.input[1:] if name])
+                              [inits[gather.input[0]], inits[gather.input[2]]])
     session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                                            helper.make_opsetid("com.microsoft", 1)])
                                    .SerializeToString(), providers=["CPUExecutionProvider"])
-    weight_t = session.run(None, {"A": np.eye(64, dtype=np.float32)})[0]       # [D, V]
     ids = np.array([[0, 7, 255], [128, 128, 3]])
     rows = OrtLLM(out, spec).embed(ids)
-    np.testing.assert_array_equal(rows, weight_t[:, ids].transpose(1, 2, 0))
+    np.testing.assert_array_equal(rows, session.run(None, {"ids": ids})[0])
     table = llm.get_input_embeddings().weight.detach().numpy()[ids]
     assert 0 < np.abs(rows - table).mean() < 0.2 * np.abs(table).mean()
 
