@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="let ONNX Runtime's pool threads spin after a call (its default); off by default here: "
                          "with one pool per system, a finished system's spinning threads took the cores of the "
                          "next one (2 threads: dart 576->32 at 105 instead of 83 ms)")
+    ap.add_argument("--pause", type=float, default=0.0, metavar="SECONDS",
+                    help="sleep this long before each timed call, so that the previous system's spinning threads "
+                         "(--spin) have gone to sleep: each system then runs as the runtime runs it alone")
     ap.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "int8", "int4"],
                     help="LLM weights (export --llm-precision); each precision's systems are compared with its own "
                          "unpruned prefill")
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             load_before = os.getloadavg()
             for _ in range(args.rounds):
                 for name in llms:
+                    time.sleep(args.pause)
                     start, start_cpu = time.perf_counter(), time.process_time()
                     call(name)
                     times[name].append(time.perf_counter() - start)
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s", rows[-1])
     lines = [f"S={s}, K={k}, M={m} (prompt {total} tokens), {t} layers, ORT {args.attention}, {args.rounds} rounds "
              f"round-robin, {'real' if args.real else 'random'} weights, LLM {'/'.join(args.precisions)}, "
-             f"ORT threads {'spinning' if args.spin else 'not spinning'} between calls; "
+             f"ORT threads {'spinning' if args.spin else 'not spinning'} between calls"
+             f"{f', {args.pause:g} s pause before each' if args.pause else ''}; "
              "load average (1/5/15 min) before -> after: "
              + "; ".join(f"{n} thread(s) {'/'.join(f'{v:.1f}' for v in a)} -> {'/'.join(f'{v:.1f}' for v in b)}"
                          for n, (a, b) in loads.items()), "",

@@ -181,9 +181,17 @@ def systems(work: Path, names: list[str], llama_python: str | None, threads: int
     return out
 
 
-def run(work: Path, names: list[str], threads: int, rounds: int, llama_python: str | None) -> dict:
+def run(work: Path, names: list[str], threads: int, rounds: int, llama_python: str | None,
+        pause: float = 0.0) -> dict:
+    """`pause`: seconds of sleep before each timed request, so that the previous worker's spinning threads have
+    gone to sleep (ONNX Runtime's pools spin after a call; every worker is its own process on the same cores)."""
     available = systems(work, names, llama_python, threads)
     workers = {label: Worker(label, system, cfg, python) for label, (system, cfg, python, _) in available.items()}
+
+    def timed(label: str, **request) -> dict:
+        time.sleep(pause)
+        return workers[label].ask(**request)
+
     rng = np.random.default_rng(0)
     ids = {n: rng.integers(0, SMOLLM2["vocab_size"], n).tolist() for n in {*PREFILL, *DECODE_CONTEXT, E2E[0]}}
     times = {label: {} for label in workers}
@@ -196,15 +204,14 @@ def run(work: Path, names: list[str], threads: int, rounds: int, llama_python: s
             order = order[1:] + order[:1]   # rotate who goes first
             for n in PREFILL:
                 for label in order:
-                    times[label].setdefault(f"prefill {n}", []).append(workers[label].ask(cmd="prefill",
-                                                                                      ids=ids[n])["s"])
+                    times[label].setdefault(f"prefill {n}", []).append(timed(label, cmd="prefill", ids=ids[n])["s"])
             for n in DECODE_CONTEXT:
                 for label in order:
-                    steps = workers[label].ask(cmd="decode", ids=ids[n], steps=DECODE_STEPS)["s"]
+                    steps = timed(label, cmd="decode", ids=ids[n], steps=DECODE_STEPS)["s"]
                     times[label].setdefault(f"decode @{n}", []).append(statistics.median(steps))
             for label in order:
-                times[label].setdefault("e2e", []).append(workers[label].ask(cmd="generate", ids=ids[E2E[0]],
-                                                                             new=E2E[1])["s"])
+                times[label].setdefault("e2e", []).append(timed(label, cmd="generate", ids=ids[E2E[0]],
+                                                                new=E2E[1])["s"])
             log.info("threads %d: round %d/%d done (load %s)", threads, r + 1, rounds, _load())
         rss = {label: worker.ask(cmd="rss")["peak_rss"] for label, worker in workers.items()}
     finally:
@@ -271,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--rounds", type=int, default=10)
     r.add_argument("--llama-python", default=None, help="python of the environment where llama_cpp imports")
     r.add_argument("--json", type=Path, default=None, help="also write the raw times here")
+    r.add_argument("--pause", type=float, default=0.0, metavar="SECONDS",
+                   help="sleep before each timed request, so that the previous worker's spinning threads have gone "
+                        "to sleep (default: 0, back to back; 0.3 measured no smaller spread)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "prepare":
@@ -279,10 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load before: {_load()} (1, 5, 15 min averages; {os.cpu_count()} CPUs)")
     everything = {}
     for threads in args.threads:
-        results = run(args.work, args.systems, threads, args.rounds, args.llama_python)
+        results = run(args.work, args.systems, threads, args.rounds, args.llama_python, args.pause)
         everything[threads] = results
         print(markdown(results, threads) + "\n")
-    print(f"load after: {_load()}; {args.rounds} rounds, decode = median of {DECODE_STEPS} steps per round")
+    print(f"load after: {_load()}; {args.rounds} rounds, decode = median of {DECODE_STEPS} steps per round, "
+          f"{args.pause:g} s pause before each request")
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1))
     return 0
