@@ -183,9 +183,13 @@ class OrtLLM:
         if table is None and embed_graph is None:
             raise BundleError(f"{decoder}: the manifest has neither {Keys.LLM_EMBED_TABLE} nor {Keys.LLM_EMBED_GRAPH}")
         if needed and _version(ort.__version__) < _version(needed):
-            raise BundleError(f"{decoder}: needs onnxruntime >= {needed} (GroupQueryAttention with explicit "
-                              f"position ids), this is {ort.__version__}; upgrade onnxruntime or re-export with "
-                              "--attention plain")
+            why = [reason for reason, used in (
+                ("GroupQueryAttention with explicit position ids", self.attention == "fused"),
+                ("GatherBlockQuantized over the LM head's 8-bit rows",
+                 bool((manifest.get(Keys.LLM_QUANTIZATION) or {}).get(Quantization.LM_HEAD_SHORTLIST)))) if used]
+            raise BundleError(f"{decoder}: needs onnxruntime >= {needed} ({' and '.join(why) or 'its ops'}), this "
+                              f"is {ort.__version__}; upgrade onnxruntime" +
+                              (" or re-export with --attention plain" if self.attention == "fused" else ""))
         self.stages = stages
         if (prefill is not None) != (stages is not None):
             raise BundleError(f"{bundle_dir}: the manifest {'has' if prefill is not None else 'has no'} prefill graph "

@@ -271,8 +271,18 @@ def test_shared_kv_buffer_is_written_in_place(exported, llm):
 
 def test_old_onnxruntime_is_refused_with_the_version_needed(exported):
     out, spec = exported
-    with pytest.raises(BundleError, match="needs onnxruntime >= 99.0"):
+    reason = "GroupQueryAttention" if spec[Keys.LLM_ATTENTION] == "fused" else "its ops"
+    with pytest.raises(BundleError, match=f"needs onnxruntime >= 99.0 \\({reason}"):
         OrtLLM(out, {**spec, Keys.LLM_MIN_ONNXRUNTIME: "99.0"})
+
+
+def test_old_onnxruntime_is_refused_for_the_int4_draft_head(int4):
+    """The int4 preset's LM head (GatherBlockQuantized over 8-bit rows) needs onnxruntime >= 1.23; the fused
+    attention 1.32: the manifest records the larger, the error names both."""
+    _, out, spec = int4
+    manifest = {**{key: key.default for key in optional_keys()}, **spec, Keys.LLM_MIN_ONNXRUNTIME: "99.0"}
+    with pytest.raises(BundleError, match="position ids and GatherBlockQuantized over the LM head's 8-bit rows"):
+        OrtLLM(out, manifest)
 
 
 @pytest.mark.parametrize("attention", ["fused", "plain"])
