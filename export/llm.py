@@ -45,8 +45,8 @@ from edgeprune.export.onnx_io import export_onnx, graph_io
 from edgeprune.export.quantize import MIN_ORT_SHORTLIST, PRESETS, SHORTLIST, QuantSettings, quantize_decoder
 from edgeprune.runtime.format import (DECODER_DEEPSTACK, DECODER_EMBEDS, DECODER_LOGITS, DECODER_MASK,
                                       DECODER_POSITIONS, DIM_BATCH, DIM_PAST, DIM_SEQUENCE, DIM_TOTAL, PASSED,
-                                      PRECISIONS, EmbedTable, Files, Graph, Keys, Quantization, llm_precision, past_names,
-                                      present_names)
+                                      PRECISIONS, EmbedTable, Files, Graph, Keys, Quantization, llm_precision,
+                                      past_names, present_names)
 
 __all__ = ["export_llm", "DecoderGraph", "validate_llm", "greedy_agreement", "EmbedsPrompt", "MIN_ORT_FUSED",
            "VALIDATION_PROMPTS", "VALIDATION_IMAGE", "VALIDATION_IMAGE_PROMPTS"]

@@ -26,7 +26,8 @@ With lm_head_shortlist = k (the int4 preset: 64) an 8-bit head is not multiplied
 8-bit rows (GatherBlockQuantized): logits = ScatterElements(draft, top-k ids, x . rows). The k rescored logits are
 the 8-bit head's; greedy decoding picks the 8-bit head's token unless that token ranks below k in the draft (on
 SmolLM2, 371 greedy steps of 10 text prompts: the 8-bit argmax ranked 0-8 in the draft (block 64), while the
-draft's own argmax differed in 21 % of the steps); sampling sees draft values outside the k. A head with a bias is left whole.
+draft's own argmax differed in 21 % of the steps); sampling sees draft values outside the k. A head with a bias
+is left whole.
 
 The LM head is exported as Gemm(transB=1) over its [V, D] weight (export/decoder_ops.lm_head); it is turned into a
 MatMul over the transposed weight first, and MatMulNBits stores it as [V, k_blocks, blob] again: rows per token,
@@ -344,7 +345,8 @@ def _shortlist_head(model: onnx.ModelProto, name: str, settings: QuantSettings) 
     d, vocab = (int(v) for v in weight.dims)
     k, block = settings.lm_head_shortlist, settings.block_size
     if any(n.op_type == "Add" and node.output[0] in n.input for n in model.graph.node):
-        log.warning("the LM head adds a bias: no draft head (lm_head_shortlist=%d ignored), the 8-bit head runs whole", k)
+        log.warning("the LM head adds a bias: no draft head (lm_head_shortlist=%d ignored), the 8-bit head runs "
+                    "whole", k)
         return False
     if vocab <= k:
         log.info("vocabulary of %d <= lm_head_shortlist=%d: no draft head, the 8-bit head runs whole", vocab, k)
@@ -354,8 +356,8 @@ def _shortlist_head(model: onnx.ModelProto, name: str, settings: QuantSettings) 
     rows, row_scales = symmetric_tensors(w, 8, block)
     padded = rows.shape[1] * block
     p, x = SHORTLIST, node.input[0]
-    tensors = {f"{p}/draft_Q4": draft, f"{p}/draft_scales": draft_scales,
-               f"{p}/rows_Q8": rows.reshape(vocab, padded), f"{p}/rows_scales": row_scales,   # GatherBlockQuantized's [V, K]
+    tensors = {f"{p}/draft_Q4": draft, f"{p}/draft_scales": draft_scales,   # rows: GatherBlockQuantized's [V, K]
+               f"{p}/rows_Q8": rows.reshape(vocab, padded), f"{p}/rows_scales": row_scales,
                f"{p}/k": np.array([k], np.int64), f"{p}/last": np.array([-1], np.int64)}
     if padded != d:
         tensors |= {f"{p}/starts": np.array([0], np.int64), f"{p}/ends": np.array([d], np.int64)}
