@@ -174,6 +174,7 @@ class OrtLLM:
             table, embed_graph = manifest[Keys.LLM_EMBED_TABLE], manifest[Keys.LLM_EMBED_GRAPH]
             needed = manifest[Keys.LLM_MIN_ONNXRUNTIME]
             prefill = manifest[Keys.LLM_PREFILL_GRAPH]
+            quantization = manifest[Keys.LLM_QUANTIZATION] or {}
             self.mask_names = [group_mask_name(g) for g in range(len(manifest[Keys.LLM_KV_GROUPS]))]
         except KeyError as err:
             raise BundleError(f"LLM entries: missing or unsupported value {err}; expected export_llm's manifest "
@@ -186,7 +187,7 @@ class OrtLLM:
             why = [reason for reason, used in (
                 ("GroupQueryAttention with explicit position ids", self.attention == "fused"),
                 ("GatherBlockQuantized over the LM head's 8-bit rows",
-                 bool((manifest.get(Keys.LLM_QUANTIZATION) or {}).get(Quantization.LM_HEAD_SHORTLIST)))) if used]
+                 bool(quantization.get(Quantization.LM_HEAD_SHORTLIST)))) if used]
             raise BundleError(f"{decoder}: needs onnxruntime >= {needed} ({' and '.join(why) or 'its ops'}), this "
                               f"is {ort.__version__}; upgrade onnxruntime" +
                               (" or re-export with --attention plain" if self.attention == "fused" else ""))
