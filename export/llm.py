@@ -282,10 +282,12 @@ def _tied(llm: nn.Module) -> bool:
 
 def min_onnxruntime(attention: str, quantization: dict | None) -> str | None:
     """The oldest ONNX Runtime that runs the decoder's ops ("X.Y"), None when any recent one does."""
+    from edgeprune.runtime.llm import _version   # the runtime compares versions with the same rule
+
     needed = [MIN_ORT_FUSED] if attention == "fused" else []
     if quantization and quantization.get(Quantization.LM_HEAD_SHORTLIST):
         needed.append(MIN_ORT_SHORTLIST)
-    return max(needed, key=lambda v: tuple(int(p) for p in v.split(".")), default=None)
+    return max(needed, key=_version, default=None)
 
 
 def embed_table(llm: nn.Module, out_dir: Path, decoder_file: str) -> dict:

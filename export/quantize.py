@@ -402,8 +402,9 @@ def _save(model: onnx.ModelProto, path: Path, location: str) -> None:
     from onnx.external_data_helper import convert_model_to_external_data, set_external_data
 
     convert_model_to_external_data(model, all_tensors_to_one_file=True, location=location, size_threshold=INLINE_BYTES)
-    blocks = {name for node in model.graph.node if node.op_type in ("MatMulNBits", "GatherBlockQuantized")
-              for i, name in enumerate(node.input) if name and i != (0 if node.op_type == "MatMulNBits" else 1)}
+    activations = {"MatMulNBits": 0, "GatherBlockQuantized": 1}            # the input that is not a weight
+    blocks = {name for node in model.graph.node if node.op_type in activations
+              for i, name in enumerate(node.input) if name and i != activations[node.op_type]}
     for tensor in model.graph.initializer:
         if tensor.name in blocks and tensor.data_location != onnx.TensorProto.EXTERNAL:
             set_external_data(tensor, location)
